@@ -1,0 +1,49 @@
+"""The admin HTTP server: ``/healthz`` (the process lives) and ``/readyz`` (it can work)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+#: Returns (ready, details); details go into the JSON body.
+ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+
+
+class AdminServer:
+    def __init__(self, port: int, readiness: ReadinessCheck, host: str = "0.0.0.0") -> None:  # noqa: S104
+        self._port = port
+        self._host = host
+        self._readiness = readiness
+        self._runner: web.AppRunner | None = None
+        self.port = port
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        # Port 0 asks the OS for a free port (tests); report the real one.
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        # Answering at all proves the event loop turns; nothing else is checked.
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        ready, details = await self._readiness()
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", **details}, status=200 if ready else 503
+        )

@@ -1,0 +1,48 @@
+"""Wiring: settings -> state store, HTTP session, WalkMe client, engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import stamina.instrumentation
+
+from syncd.engine import Engine
+from syncd.settings import SegmentMapping, Settings
+from syncd.state import StateStore, open_store
+from syncd.walkme import WalkMeClient, log_retry, make_session
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    mappings: list[SegmentMapping]
+    store: StateStore
+    client: WalkMeClient
+    engine: Engine
+
+
+@asynccontextmanager
+async def open_runtime(
+    settings: Settings, mappings: list[SegmentMapping]
+) -> AsyncIterator[Runtime]:
+    """Everything a command needs, closed in reverse order on the way out."""
+    secret = settings.client_secret()
+    stamina.instrumentation.set_on_retry_hooks([log_retry])
+    store = await open_store(settings.state_url)
+    try:
+        async with make_session(settings.http_timeout, settings.ca_bundle) as session:
+            client = WalkMeClient(
+                session,
+                api_url=settings.walkme_api_url,
+                token_url=settings.token_url,
+                client_id=settings.walkme_client_id,
+                client_secret=secret,
+                attempts=settings.retry_attempts,
+                max_wait=settings.retry_max_wait,
+            )
+            engine = Engine(settings, store, client, mappings)
+            yield Runtime(settings, mappings, store, client, engine)
+    finally:
+        await store.close()

@@ -1,0 +1,257 @@
+"""The ``syncd`` command line: run, sync, check, status, reset, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from syncd import __version__
+from syncd.app import open_runtime
+from syncd.engine import Outcome, Plan
+from syncd.logs import configure_logging
+from syncd.scheduler import Daemon
+from syncd.settings import ConfigError, SegmentMapping, Settings, load_settings
+from syncd.state import SegmentState, StateError, open_store
+from syncd.walkme import WalkMeError
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _configured() -> tuple[Settings, list[SegmentMapping]]:
+    settings = load_settings()
+    mappings = settings.mappings()
+    configure_logging(settings.log_format, settings.log_level)
+    return settings, mappings
+
+
+def _out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+# -- run ---------------------------------------------------------------------------
+
+
+async def cmd_run(_: argparse.Namespace) -> int:
+    settings, mappings = _configured()
+    async with open_runtime(settings, mappings) as runtime:
+        return await Daemon(settings, runtime.engine, runtime.store).run()
+
+
+# -- sync --------------------------------------------------------------------------
+
+
+async def cmd_sync(args: argparse.Namespace) -> int:
+    settings, mappings = _configured()
+    known = {mapping.name for mapping in mappings}
+    for name in args.segment or []:
+        if name not in known:
+            raise ConfigError(
+                f"--segment {name!r}: no such segment in the configuration"
+                f" (configured: {', '.join(sorted(known))})"
+            )
+    async with open_runtime(settings, mappings) as runtime:
+        outcomes = await runtime.engine.sync_all(args.segment, dry_run=args.dry_run)
+    if args.dry_run:
+        for outcome in outcomes:
+            _print_plan(outcome, settings.batch_size)
+    return EXIT_OK if all(o.result in ("synced", "planned") for o in outcomes) else EXIT_FAILED
+
+
+def _requests_needed(plan: Plan, batch: int) -> int:
+    adds = math.ceil(plan.adds / batch)
+    if plan.mode == "update":
+        return adds + math.ceil(plan.removes / batch)
+    return max(1, adds)
+
+
+def _print_plan(outcome: Outcome, batch: int) -> None:
+    plan = outcome.plan
+    if plan is None:
+        _out(f"{outcome.segment}: cannot plan: {outcome.error}")
+        return
+    how = {
+        "create": "create the WalkMe segment",
+        "override": "rebuild the WalkMe segment (override, then add)",
+        "update": "update the WalkMe segment",
+    }[plan.mode]
+    _out(f"{outcome.segment}: {how}; source has {plan.staged} ids")
+    _out(f"  add    {plan.adds:>10}  {_examples(plan.add_examples, plan.adds)}")
+    _out(f"  remove {plan.removes:>10}  {_examples(plan.remove_examples, plan.removes)}")
+    if outcome.skipped.count:
+        _out(f"  skip   {outcome.skipped.count:>10}  {'; '.join(outcome.skipped.examples)}")
+    _out(f"  requests {_requests_needed(plan, batch)} (batches of at most {batch})")
+
+
+def _examples(examples: list[str], total: int) -> str:
+    if not examples:
+        return ""
+    more = ", ..." if total > len(examples) else ""
+    return "e.g. " + ", ".join(examples) + more
+
+
+# -- check -------------------------------------------------------------------------
+
+
+async def cmd_check(_: argparse.Namespace) -> int:
+    settings, mappings = _configured()
+    _out(f"ok    configuration: {len(mappings)} segment(s), schedule {settings.schedule}")
+    try:
+        async with open_runtime(settings, mappings) as runtime:
+            _out(f"ok    state store: {settings.state_url}")
+            try:
+                await runtime.client.access_token()
+                _out(f"ok    token from {settings.token_url}")
+                systems = sorted({settings.system_for(m) for m in mappings})
+                for system in systems:
+                    segments = await runtime.client.list_segments(system)
+                    _out(f"ok    system {system}: {len(segments)} segment(s) in WalkMe")
+            except WalkMeError as exc:
+                _out(f"FAIL  WalkMe: {exc}")
+                return EXIT_FAILED
+    except StateError as exc:
+        _out(f"FAIL  state store: {exc}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# -- status ------------------------------------------------------------------------
+
+
+StatusRow = dict[str, Any]
+
+
+def _status_row(state: SegmentState, configured: bool) -> StatusRow:
+    return {
+        "segment": state.name,
+        "configured": configured,
+        "segment_guid": state.segment_guid,
+        "origin": state.origin,
+        "members": state.members,
+        "needs_rebuild": state.needs_override,
+        "last_run_at": state.last_run_at.isoformat() if state.last_run_at else None,
+        "last_result": state.last_result,
+        "last_success_at": state.last_success_at.isoformat() if state.last_success_at else None,
+        "last_error": state.last_error,
+        "skipped": state.skipped,
+        "skipped_examples": state.skipped_examples,
+    }
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    settings, mappings = _configured()
+    await print_status(settings, mappings, as_json=args.json)
+    return EXIT_OK
+
+
+async def print_status(
+    settings: Settings, mappings: list[SegmentMapping], *, as_json: bool = False
+) -> None:
+    store = await open_store(settings.state_url)
+    try:
+        states = {state.name: state for state in await store.all()}
+    finally:
+        await store.close()
+    configured = [m.name for m in mappings]
+    rows: list[StatusRow] = [
+        _status_row(states[name], True)
+        if name in states
+        else {"segment": name, "configured": True, "last_result": "never run"}
+        for name in configured
+    ]
+    rows += [_status_row(s, False) for name, s in states.items() if name not in configured]
+    if as_json:
+        _out(json.dumps(rows, indent=2))
+        return
+    _out(f"{'SEGMENT':30} {'WALKME GUID':36} {'MEMBERS':>9} {'LAST RUN':25} {'RESULT':9} SKIPPED")
+    for row in rows:
+        _out(
+            f"{row['segment'][:30]:30} {row.get('segment_guid') or '-':36}"
+            f" {row.get('members', 0):>9} {row.get('last_run_at') or '-':25}"
+            f" {row.get('last_result') or '-':9} {row.get('skipped', 0)}"
+        )
+        if row.get("last_error"):
+            _out(f"    error: {row['last_error']}")
+        if row.get("skipped_examples"):
+            _out(f"    skipped ids: {'; '.join(row['skipped_examples'])}")
+        if not row["configured"]:
+            _out("    not in the configuration any more")
+
+
+# -- reset -------------------------------------------------------------------------
+
+
+async def cmd_reset(args: argparse.Namespace) -> int:
+    settings, _ = _configured()
+    store = await open_store(settings.state_url)
+    try:
+        found = await store.reset(args.segment)
+    finally:
+        await store.close()
+    if not found:
+        raise ConfigError(f"--segment {args.segment!r}: syncd has no state for this segment")
+    _out(
+        f"{args.segment}: snapshot forgotten; the next run rebuilds the WalkMe segment"
+        " with override"
+    )
+    return EXIT_OK
+
+
+# -- demo --------------------------------------------------------------------------
+
+
+async def cmd_demo(_: argparse.Namespace) -> int:
+    from syncd.demo import run_demo  # the sandbox server is only loaded for the demo
+
+    return await run_demo()
+
+
+# -- entry point -------------------------------------------------------------------
+
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncd",
+        description="Keeps WalkMe segments equal to Heap segments. Configured by SYNCD_* "
+        "environment variables (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"syncd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("run", cmd_run, "run the daemon: sync at start, then on SYNCD_SCHEDULE")
+    sync = add("sync", cmd_sync, "sync once now and exit (0 all synced, 1 any failed)")
+    sync.add_argument("--segment", action="append", metavar="NAME", help="only this segment")
+    sync.add_argument("--dry-run", action="store_true", help="print the plan, send nothing")
+    add("check", cmd_check, "check configuration, state store, token and WalkMe access")
+    status = add("status", cmd_status, "show each segment's state")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    reset = add("reset", cmd_reset, "forget a segment's snapshot; the next run rebuilds it")
+    reset.add_argument("--segment", required=True, metavar="NAME")
+    add("demo", cmd_demo, "a local sandbox WalkMe, sample segments, a few sync cycles")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        handler: Command = args.handler
+        return asyncio.run(handler(args))
+    except ConfigError as exc:
+        print(f"syncd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StateError as exc:
+        print(f"syncd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

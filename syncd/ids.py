@@ -1,0 +1,49 @@
+"""The id rules: what a user id must look like before it may be sent to WalkMe."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+MAX_ID_LENGTH = 100  # WalkMe: "Up to 100 characters per ID value"
+EXAMPLES_KEPT = 5
+# C0/C1 control characters cannot be a real user id and break WalkMe's matching.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@dataclass
+class SkippedIds:
+    """Ids that cannot be sent, counted and with a few examples kept for users."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, value: str, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES_KEPT:
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            self.examples.append(f"{shown!r}: {reason}")
+
+
+def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
+    """Apply the id rules to a chunk of source values.
+
+    Surrounding whitespace is stripped and empty values and NULLs dropped;
+    numbers become strings; ids WalkMe cannot take are counted in ``skipped``.
+    Duplicates are left to the state store, which keeps each id once.
+    """
+    kept: list[str] = []
+    for value in raw:
+        if value is None:
+            continue
+        text = (value if isinstance(value, str) else str(value)).strip()
+        if not text:
+            continue
+        if len(text) > MAX_ID_LENGTH:
+            skipped.add(text, f"longer than {MAX_ID_LENGTH} characters ({len(text)})")
+        elif _CONTROL.search(text):
+            skipped.add(text, "contains a control character")
+        else:
+            kept.append(text)
+    return kept

@@ -1,0 +1,296 @@
+"""Configuration: every ``SYNCD_*`` environment variable and the segment mappings.
+
+All validation happens here, before anything starts, so a bad setting stops the
+process with one line that names the variable (or mapping field) to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "SYNCD_"
+MAX_BATCH_SIZE = 25_000  # WalkMe's documented limit of user ids per request
+GUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_INTERVAL = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+Guid = Annotated[str, Field(pattern=GUID_PATTERN)]
+
+
+class ConfigError(Exception):
+    """A setting a user must fix; the message is one line naming it."""
+
+
+# --- segment mappings -------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileSourceConfig(_Strict):
+    """One id per line, or one named column of a CSV file with a header."""
+
+    type: Literal["file"]
+    path: Path
+    column: str | None = Field(default=None, min_length=1)
+
+
+SourceConfig = FileSourceConfig
+
+
+class SegmentMapping(_Strict):
+    """One WalkMe segment and where its members come from."""
+
+    name: str = Field(min_length=1, max_length=200)
+    source: SourceConfig
+    external_id: str | None = Field(default=None, min_length=1, max_length=100)
+    segment_guid: Guid | None = None
+    system_guid: Guid | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_trimmed(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError("must not start or end with whitespace")
+        return value
+
+
+_MAPPINGS = TypeAdapter(list[SegmentMapping])
+_SOURCE_TAGS = {"file"}  # pydantic's union tags, left out of error paths
+
+
+# --- schedule ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``SYNCD_SCHEDULE``: an interval (``90s``, ``15m``, ``1h``, ``1d``) or 5-field cron."""
+
+    text: str
+    interval_seconds: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Schedule:
+        match = _INTERVAL.match(text)
+        if match:
+            seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            if seconds <= 0:
+                raise ValueError("an interval must be longer than 0")
+            return cls(text.strip(), seconds)
+        if len(text.split()) != 5:
+            raise ValueError(
+                f"{text!r} is neither an interval like 90s, 15m, 1h nor a 5-field cron expression"
+            )
+        try:
+            CronTrigger.from_crontab(text)
+        except ValueError as exc:
+            raise ValueError(f"bad cron expression {text!r}: {exc}") from None
+        return cls(text.strip(), None)
+
+    def trigger(self) -> BaseTrigger:
+        if self.interval_seconds is not None:
+            return IntervalTrigger(seconds=self.interval_seconds)
+        return CronTrigger.from_crontab(self.text)
+
+
+# --- environment ------------------------------------------------------------------
+
+
+class Settings(BaseSettings):
+    """Everything syncd reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+    )
+
+    walkme_client_id: str = Field(min_length=1)
+    walkme_client_secret: SecretStr | None = None
+    walkme_client_secret_file: Path | None = None
+    walkme_system_guid: Guid
+    walkme_api_url: str = "https://api.walkme.com"
+    walkme_token_url: str | None = None
+    segments: str | None = None
+    segments_file: Path | None = None
+    schedule: str = "15m"
+    state_url: str = "sqlite:///syncd.db"
+    batch_size: int = Field(default=MAX_BATCH_SIZE, ge=1, le=MAX_BATCH_SIZE)
+    concurrency: int = Field(default=4, ge=1, le=64)
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    admin_port: int = Field(default=9090, ge=0, le=65535)
+    # Not named by the product issue; the knobs any HTTP client of a flaky API needs.
+    http_timeout: float = Field(default=60.0, gt=0, le=3600)
+    retry_attempts: int = Field(default=8, ge=1, le=100)
+    retry_max_wait: float = Field(default=60.0, gt=0, le=3600)
+    ca_bundle: Path | None = None
+
+    @field_validator("walkme_api_url", "walkme_token_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        Schedule.parse(value)
+        return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: str) -> str:
+        if not value.startswith("sqlite:///"):
+            raise ValueError(f"{value!r}: expected sqlite:///relative.db or sqlite:////abs.db")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_present(self) -> Settings:
+        if self.walkme_client_secret is None and self.walkme_client_secret_file is None:
+            raise ValueError(
+                "SYNCD_WALKME_CLIENT_SECRET or SYNCD_WALKME_CLIENT_SECRET_FILE must be set"
+            )
+        return self
+
+    # Derived values.
+
+    @property
+    def token_url(self) -> str:
+        return self.walkme_token_url or f"{self.walkme_api_url}/accounts/connect/token"
+
+    @property
+    def parsed_schedule(self) -> Schedule:
+        return Schedule.parse(self.schedule)
+
+    def client_secret(self) -> SecretStr:
+        """The secret, from the variable or, for Docker/Kubernetes secrets, the file."""
+        if self.walkme_client_secret is not None:
+            return self.walkme_client_secret
+        assert self.walkme_client_secret_file is not None  # checked by _secret_present
+        path = self.walkme_client_secret_file
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"SYNCD_WALKME_CLIENT_SECRET_FILE: cannot read {path}: {exc.strerror}"
+            ) from None
+        if not text:
+            raise ConfigError(f"SYNCD_WALKME_CLIENT_SECRET_FILE: {path} is empty")
+        return SecretStr(text)
+
+    def mappings(self) -> list[SegmentMapping]:
+        """The segment mappings from ``SYNCD_SEGMENTS`` or ``SYNCD_SEGMENTS_FILE``."""
+        if self.segments is not None and self.segments_file is not None:
+            raise ConfigError("SYNCD_SEGMENTS and SYNCD_SEGMENTS_FILE are both set: keep one")
+        if self.segments is not None:
+            return parse_mappings(_json_array(self.segments, "SYNCD_SEGMENTS"), "SYNCD_SEGMENTS")
+        if self.segments_file is not None:
+            return parse_mappings(_read_mappings_file(self.segments_file), "SYNCD_SEGMENTS_FILE")
+        raise ConfigError("no segments configured: set SYNCD_SEGMENTS or SYNCD_SEGMENTS_FILE")
+
+    def system_for(self, mapping: SegmentMapping) -> str:
+        return (mapping.system_guid or self.walkme_system_guid).lower()
+
+
+def _json_array(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg} at char {exc.pos})") from None
+
+
+def _read_mappings_file(path: Path) -> Any:
+    where = f"SYNCD_SEGMENTS_FILE ({path})"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            document = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+        if "segments" not in document:
+            raise ConfigError(f"{where}: expected [[segments]] tables")
+        return document["segments"]
+    return _json_array(text, where)
+
+
+def parse_mappings(raw: Any, where: str) -> list[SegmentMapping]:
+    """Validate a list of mappings; errors name the mapping and the field."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: expected a JSON array of segment mappings")
+    try:
+        mappings = _MAPPINGS.validate_python(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = list(error["loc"])
+        index = location.pop(0) if location and isinstance(location[0], int) else None
+        label = where
+        if isinstance(index, int):
+            item = raw[index]
+            name = item.get("name") if isinstance(item, dict) else None
+            label += f" mapping {index + 1}" + (f" ({name!r})" if isinstance(name, str) else "")
+        field = ".".join(str(part) for part in location if part not in _SOURCE_TAGS)
+        raise ConfigError(f"{label}: {field or 'mapping'}: {error['msg']}") from None
+    names: set[str] = set()
+    for mapping in mappings:
+        if mapping.name in names:
+            raise ConfigError(f"{where}: segment name {mapping.name!r} appears twice")
+        names.add(mapping.name)
+    return mappings
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment (plus explicit overrides); raise ConfigError on bad input."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(describe_settings_error(exc)) from None
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    message = error["msg"].removeprefix("Value error, ")
+    if not field:
+        return message
+    name = f"{ENV_PREFIX}{field.upper()}"
+    if error["type"] == "missing":
+        return f"{name} is required but not set"
+    shown = error.get("input")
+    if "secret" not in field and isinstance(shown, str | int | float):
+        return f"{name}: {message} (got {shown!r})"
+    return f"{name}: {message}"

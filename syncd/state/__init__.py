@@ -1,0 +1,13 @@
+"""State stores. ``open_store`` picks one from ``SYNCD_STATE_URL``."""
+
+from __future__ import annotations
+
+from syncd.state.base import Action, Origin, SegmentState, Stage, StateError, StateStore
+from syncd.state.sqlite import SqliteStore
+
+__all__ = ["Action", "Origin", "SegmentState", "Stage", "StateError", "StateStore", "open_store"]
+
+
+async def open_store(url: str) -> SqliteStore:
+    """Open (creating or migrating) the store; raises StateError with a clear message."""
+    return await SqliteStore.open(url)

@@ -1,0 +1,113 @@
+"""The state store contract: the snapshot of what WalkMe acknowledged, per segment.
+
+The snapshot is the only record of a segment's members on the WalkMe side
+(WalkMe offers no call to read them), so every change to it happens in the
+same transaction as the run progress that caused it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+
+from syncd.ids import SkippedIds
+
+Action = Literal["create", "override", "add", "remove"]
+Origin = Literal["created", "adopted"]
+RunResult = Literal["synced", "failed", "running"]
+
+
+class StateError(Exception):
+    """The state store cannot be used; never answered by starting afresh."""
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    name: str
+    system_guid: str
+    segment_guid: str | None
+    external_id: str | None
+    origin: Origin | None
+    needs_override: bool
+    members: int
+    last_run_at: datetime | None = None
+    last_result: RunResult | None = None
+    last_error: str | None = None
+    last_success_at: datetime | None = None
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+class Stage(Protocol):
+    """A run's desired membership, held in the store so the diff never needs RAM."""
+
+    async def add(self, ids: list[str]) -> None: ...
+
+    async def size(self) -> int:
+        """Distinct ids staged."""
+        ...
+
+    async def pending(self, action: Literal["add", "remove"]) -> int:
+        """Ids to add (staged, not in the snapshot) or remove (the reverse)."""
+        ...
+
+    async def examples(self, action: Literal["add", "remove"], limit: int) -> list[str]: ...
+
+    def batches(self, action: Literal["add", "remove"], size: int) -> AsyncIterator[list[str]]:
+        """Pending ids in batches; each batch is read after the previous one is recorded."""
+        ...
+
+
+class StateStore(Protocol):
+    async def get(self, name: str) -> SegmentState | None: ...
+
+    async def all(self) -> list[SegmentState]: ...
+
+    async def begin_run(
+        self, name: str, run_id: str, system_guid: str, external_id: str | None
+    ) -> SegmentState:
+        """Create the segment's row if new and open a run record."""
+        ...
+
+    def stage(self, name: str) -> AbstractAsyncContextManager[Stage]: ...
+
+    async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
+        """Point at an existing WalkMe segment whose members are unknown: rebuild it."""
+        ...
+
+    async def record_batch(
+        self,
+        name: str,
+        run_id: str,
+        action: Action,
+        ids: list[str],
+        segment_guid: str | None = None,
+    ) -> None:
+        """WalkMe acknowledged this batch: apply it to the snapshot, atomically."""
+        ...
+
+    async def forget_guid(self, name: str) -> None:
+        """The WalkMe segment is gone: drop its GUID and snapshot."""
+        ...
+
+    async def reset(self, name: str) -> bool:
+        """Forget the snapshot so the next run rebuilds with ``override``."""
+        ...
+
+    async def finish_run(
+        self,
+        name: str,
+        run_id: str,
+        result: RunResult,
+        error: str | None,
+        skipped: SkippedIds,
+    ) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StateError unless the store answers."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,423 @@
+"""SQLite state store: the default, for one container with one volume.
+
+All database work runs on one dedicated thread and each store call is one
+function there, so a call is one transaction that no other coroutine can
+interleave with. (aiosqlite offers a thread too, but not a way to run a whole
+transaction as one unit.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from syncd.ids import SkippedIds
+from syncd.state.base import Action, Origin, RunResult, SegmentState, StateError
+
+SCHEMA_VERSION = 1
+_T = TypeVar("_T")
+_stage_numbers = itertools.count(1)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS segments (
+    name TEXT PRIMARY KEY,
+    system_guid TEXT NOT NULL,
+    segment_guid TEXT,
+    external_id TEXT,
+    origin TEXT,
+    needs_override INTEGER NOT NULL DEFAULT 0,
+    members INTEGER NOT NULL DEFAULT 0,
+    last_run_at TEXT,
+    last_result TEXT,
+    last_error TEXT,
+    last_success_at TEXT,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    skipped_examples TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS members (
+    segment TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (segment, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    segment TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    result TEXT NOT NULL,
+    added INTEGER NOT NULL DEFAULT 0,
+    removed INTEGER NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0,
+    skipped INTEGER NOT NULL DEFAULT 0,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_by_segment ON runs (segment, started_at);
+"""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def sqlite_path(url: str) -> Path:
+    """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db`` not."""
+    return Path(url.removeprefix("sqlite:///"))
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, url: str) -> SqliteStore:
+        store = cls(sqlite_path(url))
+        await store._call(store._connect)
+        return store
+
+    # -- plumbing ----------------------------------------------------------------
+
+    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, function, *args)
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError("state store is closed")
+        return self._db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StateError(f"state store {self.path}: {exc}") from None
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _connect(self) -> None:
+        where = f"state store {self.path}"
+        if self.path.parent and not self.path.parent.exists():
+            raise StateError(f"{where}: directory {self.path.parent} does not exist")
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{where}: written by a newer syncd (schema {version}, this one knows"
+                    f" {SCHEMA_VERSION}); upgrade syncd"
+                )
+            # WAL: readers (syncd status) never block the daemon; NORMAL sync is
+            # durable across process crashes, which is what the snapshot needs.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA temp_store = FILE")
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{where}: {exc} (is it a syncd state file?)") from None
+        except OSError as exc:
+            raise StateError(f"{where}: {exc.strerror}") from None
+        self._db = conn
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._call(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    # -- segments ------------------------------------------------------------------
+
+    def _row(self, row: sqlite3.Row | tuple[Any, ...]) -> SegmentState:
+        (name, system_guid, segment_guid, external_id, origin, needs_override, members,
+         last_run_at, last_result, last_error, last_success_at, skipped, examples) = row
+        return SegmentState(
+            name=name,
+            system_guid=system_guid,
+            segment_guid=segment_guid,
+            external_id=external_id,
+            origin=origin,
+            needs_override=bool(needs_override),
+            members=members,
+            last_run_at=_time(last_run_at),
+            last_result=last_result,
+            last_error=last_error,
+            last_success_at=_time(last_success_at),
+            skipped=skipped,
+            skipped_examples=json.loads(examples),
+        )
+
+    _COLUMNS = (
+        "name, system_guid, segment_guid, external_id, origin, needs_override, members,"
+        " last_run_at, last_result, last_error, last_success_at, skipped, skipped_examples"
+    )
+
+    async def get(self, name: str) -> SegmentState | None:
+        def read() -> SegmentState | None:
+            row = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM segments WHERE name = ?", (name,)
+            ).fetchone()
+            return self._row(row) if row else None
+
+        return await self._call(read)
+
+    async def all(self) -> list[SegmentState]:
+        def read() -> list[SegmentState]:
+            rows = self._conn.execute(
+                f"SELECT {self._COLUMNS} FROM segments ORDER BY name"
+            ).fetchall()
+            return [self._row(row) for row in rows]
+
+        return await self._call(read)
+
+    async def begin_run(
+        self, name: str, run_id: str, system_guid: str, external_id: str | None
+    ) -> SegmentState:
+        def write() -> SegmentState:
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT INTO segments (name, system_guid, external_id) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET external_id = excluded.external_id",
+                    (name, system_guid, external_id),
+                )
+                conn.execute(
+                    "INSERT INTO runs (run_id, segment, started_at, result)"
+                    " VALUES (?, ?, ?, 'running')",
+                    (run_id, name, _now()),
+                )
+                row = conn.execute(
+                    f"SELECT {self._COLUMNS} FROM segments WHERE name = ?", (name,)
+                ).fetchone()
+            return self._row(row)
+
+        return await self._call(write)
+
+    async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                conn.execute(
+                    "UPDATE segments SET segment_guid = ?, origin = ?, needs_override = 1,"
+                    " members = 0 WHERE name = ?",
+                    (segment_guid, origin, name),
+                )
+
+        await self._call(write)
+
+    async def record_batch(
+        self,
+        name: str,
+        run_id: str,
+        action: Action,
+        ids: list[str],
+        segment_guid: str | None = None,
+    ) -> None:
+        rows = [(name, member) for member in ids]
+
+        def write() -> None:
+            with self._transaction() as conn:
+                if action == "remove":
+                    cursor = conn.executemany(
+                        "DELETE FROM members WHERE segment = ? AND id = ?", rows
+                    )
+                    conn.execute(
+                        "UPDATE segments SET members = members - ? WHERE name = ?",
+                        (cursor.rowcount, name),
+                    )
+                else:
+                    if action in ("create", "override"):
+                        conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                        conn.execute(
+                            "UPDATE segments SET members = 0, needs_override = 0,"
+                            " segment_guid = coalesce(?, segment_guid),"
+                            " origin = coalesce(origin, 'created') WHERE name = ?",
+                            (segment_guid, name),
+                        )
+                    cursor = conn.executemany(
+                        "INSERT OR IGNORE INTO members (segment, id) VALUES (?, ?)", rows
+                    )
+                    conn.execute(
+                        "UPDATE segments SET members = members + ? WHERE name = ?",
+                        (cursor.rowcount, name),
+                    )
+                column = "removed" if action == "remove" else "added"
+                conn.execute(
+                    f"UPDATE runs SET requests = requests + 1, {column} = {column} + ?"
+                    " WHERE run_id = ?",
+                    (len(ids), run_id),
+                )
+
+        await self._call(write)
+
+    async def forget_guid(self, name: str) -> None:
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                conn.execute(
+                    "UPDATE segments SET segment_guid = NULL, origin = NULL,"
+                    " needs_override = 0, members = 0 WHERE name = ?",
+                    (name,),
+                )
+
+        await self._call(write)
+
+    async def reset(self, name: str) -> bool:
+        def write() -> bool:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                cursor = conn.execute(
+                    "UPDATE segments SET members = 0,"
+                    " needs_override = (segment_guid IS NOT NULL) WHERE name = ?",
+                    (name,),
+                )
+                return cursor.rowcount > 0
+
+        return await self._call(write)
+
+    async def finish_run(
+        self,
+        name: str,
+        run_id: str,
+        result: RunResult,
+        error: str | None,
+        skipped: SkippedIds,
+    ) -> None:
+        def write() -> None:
+            now = _now()
+            with self._transaction() as conn:
+                conn.execute(
+                    "UPDATE runs SET ended_at = ?, result = ?, error = ?, skipped = ?"
+                    " WHERE run_id = ?",
+                    (now, result, error, skipped.count, run_id),
+                )
+                conn.execute(
+                    "UPDATE segments SET last_run_at = ?, last_result = ?, last_error = ?,"
+                    " skipped = ?, skipped_examples = ?,"
+                    " last_success_at = CASE WHEN ? = 'synced' THEN ? ELSE last_success_at END"
+                    " WHERE name = ?",
+                    (now, result, error, skipped.count, json.dumps(skipped.examples),
+                     result, now, name),
+                )
+
+        await self._call(write)
+
+    async def ping(self) -> None:
+        def read() -> None:
+            try:
+                self._conn.execute("SELECT 1 FROM segments LIMIT 1").fetchall()
+            except sqlite3.Error as exc:
+                raise StateError(f"state store {self.path}: {exc}") from None
+
+        await self._call(read)
+
+    # -- staging -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def stage(self, name: str) -> AsyncIterator[SqliteStage]:
+        # A temporary table per run: dropped whole at the end, and stored in a
+        # temp file rather than memory, so large segments do not grow the heap.
+        table = f"temp.staged_{next(_stage_numbers)}"
+
+        def create() -> None:
+            self._conn.execute(f"CREATE TABLE {table} (id TEXT PRIMARY KEY) WITHOUT ROWID")
+
+        def drop() -> None:
+            self._conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+        await self._call(create)
+        try:
+            yield SqliteStage(self, name, table)
+        finally:
+            await self._call(drop)
+
+
+class SqliteStage:
+    def __init__(self, store: SqliteStore, segment: str, table: str) -> None:
+        self._store = store
+        self._segment = segment
+        self._table = table
+
+    async def add(self, ids: list[str]) -> None:
+        def write() -> None:
+            conn = self._store._conn
+            conn.execute("BEGIN")
+            conn.executemany(
+                f"INSERT OR IGNORE INTO {self._table} (id) VALUES (?)",
+                ((member,) for member in ids),
+            )
+            conn.execute("COMMIT")
+
+        await self._store._call(write)
+
+    async def size(self) -> int:
+        def read() -> int:
+            sql = f"SELECT count(*) FROM {self._table}"
+            return int(self._store._conn.execute(sql).fetchone()[0])
+
+        return await self._store._call(read)
+
+    def _pending_sql(self, action: Literal["add", "remove"]) -> str:
+        if action == "add":
+            return (
+                f"SELECT s.id FROM {self._table} s WHERE s.id > ? AND NOT EXISTS"
+                " (SELECT 1 FROM members m WHERE m.segment = ? AND m.id = s.id)"
+                " ORDER BY s.id"
+            )
+        return (
+            "SELECT m.id FROM members m WHERE m.segment = ? AND m.id > ? AND NOT EXISTS"
+            f" (SELECT 1 FROM {self._table} s WHERE s.id = m.id) ORDER BY m.id"
+        )
+
+    def _params(self, action: Literal["add", "remove"], after: str) -> tuple[str, str]:
+        return (after, self._segment) if action == "add" else (self._segment, after)
+
+    async def pending(self, action: Literal["add", "remove"]) -> int:
+        sql = f"SELECT count(*) FROM ({self._pending_sql(action)})"
+
+        def read() -> int:
+            row = self._store._conn.execute(sql, self._params(action, "")).fetchone()
+            return int(row[0])
+
+        return await self._store._call(read)
+
+    async def examples(self, action: Literal["add", "remove"], limit: int) -> list[str]:
+        return await self._next(action, "", limit)
+
+    async def _next(self, action: Literal["add", "remove"], after: str, limit: int) -> list[str]:
+        sql = f"{self._pending_sql(action)} LIMIT ?"
+
+        def read() -> list[str]:
+            rows = self._store._conn.execute(sql, (*self._params(action, after), limit))
+            return [row[0] for row in rows]
+
+        return await self._store._call(read)
+
+    async def batches(
+        self, action: Literal["add", "remove"], size: int
+    ) -> AsyncIterator[list[str]]:
+        after = ""
+        while batch := await self._next(action, after, size):
+            yield batch
+            after = batch[-1]

@@ -1,0 +1,454 @@
+"""The WalkMe Segments API client: token, retries, and tolerant response parsing.
+
+The API is a beta with undocumented answers (see ``shared/reference``): the
+client accepts every response shape seen or plausible, retries what can be
+retried (429, 5xx, timeouts, dropped connections) with backoff that honours
+``Retry-After``, and turns everything else into an error that says what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+import stamina
+import structlog
+from pydantic import SecretStr
+from stamina.instrumentation import RetryDetails
+
+from syncd.logs import forget_redaction, redact
+
+log = structlog.get_logger("syncd.walkme")
+
+UpdateAction = Literal["add", "remove", "override"]
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+BODY_SHOWN = 500  # characters of an error body kept in logs and messages
+_GUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$", re.I)
+_LIST_KEYS = ("data", "segments", "items", "results")
+_GUID_KEYS = ("guid", "segmentGuid", "segmentId", "id")
+_T = TypeVar("_T")
+
+#: Requests sent in the current context, by kind ("create", "update", "list"...);
+#: the engine sets one per segment run so each run can report its own count.
+request_tally: ContextVar[Counter[str] | None] = ContextVar("request_tally", default=None)
+
+
+class WalkMeError(Exception):
+    """A WalkMe call failed for good; ``str()`` is safe to log and show."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class WalkMeAuthError(WalkMeError):
+    """401 after a fresh token, or 403: credentials, permissions or system are wrong."""
+
+
+class WalkMeNotFound(WalkMeError):
+    """404: the segment (or system) does not exist."""
+
+
+class WalkMeConflict(WalkMeError):
+    """409: the external id is already used by another segment."""
+
+
+class WalkMeUnavailable(WalkMeError):
+    """Retryable failures went on past the attempt budget."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(reason if status is None else f"{reason} (HTTP {status})")
+        self.reason = reason
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RemoteSegment:
+    guid: str
+    name: str | None
+    external_id: str | None
+
+
+def normalize_guid(value: str) -> str:
+    """WalkMe wants the hyphenated form (8-4-4-4-12) in paths."""
+    digits = value.replace("-", "").lower()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def is_guid(value: object) -> bool:
+    return isinstance(value, str) and bool(_GUID.match(value))
+
+
+def segment_list(payload: Any) -> list[dict[str, Any]]:
+    """The segment objects in a list answer: a bare array, or wrapped in a known key."""
+    if isinstance(payload, list):
+        return [item for item in payload if isinstance(item, dict)]
+    if isinstance(payload, dict):
+        for key in _LIST_KEYS:
+            if key in payload and isinstance(payload[key], list | dict):
+                return segment_list(payload[key])
+    return []
+
+
+def parse_segment(item: dict[str, Any]) -> RemoteSegment | None:
+    """A segment's GUID is the first GUID-shaped value under a known key."""
+    guid = next((item[key] for key in _GUID_KEYS if is_guid(item.get(key))), None)
+    if guid is None:
+        return None
+    external = item.get("externalId")
+    if external is None and "id" in item and not is_guid(item["id"]):
+        external = item["id"]
+    name = item.get("name")
+    return RemoteSegment(
+        guid=normalize_guid(guid),
+        name=name if isinstance(name, str) else None,
+        external_id=None if external is None else str(external),
+    )
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def log_retry(details: RetryDetails) -> None:
+    """stamina hook: one ``walkme.retry`` line per scheduled retry."""
+    cause = details.caused_by
+    log.warning(
+        "walkme.retry",
+        reason=getattr(cause, "reason", type(cause).__name__),
+        status=getattr(cause, "status", None),
+        retry=details.retry_num,
+        wait_s=round(details.wait_for, 2),
+    )
+
+
+def make_session(timeout: float, ca_bundle: Path | None = None) -> aiohttp.ClientSession:
+    """An HTTP session with TLS verification always on (optionally a custom CA bundle)."""
+    context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=context, limit=32),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        raise_for_status=False,
+    )
+
+
+def _excerpt(body: bytes) -> str:
+    text = body.decode("utf-8", errors="replace")
+    return text if len(text) <= BODY_SHOWN else text[:BODY_SHOWN] + "..."
+
+
+def _decode(body: bytes) -> Any:
+    if not body.strip():
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class _Token:
+    __slots__ = ("expires_at", "value")
+
+    def __init__(self, value: str, expires_at: float) -> None:
+        self.value = value
+        self.expires_at = expires_at
+
+    def __repr__(self) -> str:
+        return "<token [redacted]>"
+
+
+class WalkMeClient:
+    """One WalkMe API key's view of the Segments API."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        api_url: str,
+        token_url: str,
+        client_id: str,
+        client_secret: SecretStr,
+        attempts: int = 8,
+        max_wait: float = 60.0,
+    ) -> None:
+        self._session = session
+        self._api_url = api_url.rstrip("/")
+        self._token_url = token_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._attempts = attempts
+        self._max_wait = max_wait
+        self._token: _Token | None = None
+        self._token_lock = asyncio.Lock()
+        self.token_refreshes = 0
+        redact(client_secret.get_secret_value())
+
+    def __repr__(self) -> str:
+        return f"<WalkMeClient {self._api_url} client_id={self._client_id}>"
+
+    # -- token ---------------------------------------------------------------------
+
+    async def access_token(self) -> str:
+        """A valid token; concurrent callers share one refresh."""
+        token = self._token
+        if token is not None and time.monotonic() < token.expires_at:
+            return token.value
+        async with self._token_lock:
+            token = self._token
+            if token is None or time.monotonic() >= token.expires_at:
+                token = await self._retrying("token", self._fetch_token)
+                self._token = token
+            return token.value
+
+    def _invalidate(self, value: str) -> None:
+        if self._token is not None and self._token.value == value:
+            forget_redaction(value)
+            self._token = None
+
+    async def _fetch_token(self) -> _Token:
+        auth = aiohttp.BasicAuth(self._client_id, self._client_secret.get_secret_value())
+        started = time.monotonic()
+        status, body, _ = await self._send(
+            "token",
+            "POST",
+            self._token_url,
+            data={"grant_type": "client_credentials"},
+            auth=auth,
+        )
+        if status in (400, 401, 403):
+            raise WalkMeAuthError(
+                f"WalkMe refused the API key at {self._token_url} (HTTP {status}): check"
+                " SYNCD_WALKME_CLIENT_ID and SYNCD_WALKME_CLIENT_SECRET, and that the key"
+                " is active",
+                status,
+                _excerpt(body),
+            )
+        if status >= 300:
+            raise WalkMeError(
+                f"token call answered HTTP {status}: {_excerpt(body)}", status, _excerpt(body)
+            )
+        payload = _decode(body)
+        if not isinstance(payload, dict) or not isinstance(payload.get("access_token"), str):
+            raise WalkMeError("token call answered without an access_token", status)
+        token_type = payload.get("token_type", "Bearer")
+        if isinstance(token_type, str) and token_type.lower() != "bearer":
+            raise WalkMeError(f"token call answered an unsupported token_type {token_type!r}")
+        value = payload["access_token"]
+        redact(value)
+        try:
+            lifetime = float(payload.get("expires_in", 3600))
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        # Refresh early: a tenth of the lifetime, at most five minutes, so a
+        # request never starts with a token about to expire in flight.
+        margin = min(300.0, lifetime * 0.1)
+        self.token_refreshes += 1
+        log.info("walkme.token_refreshed", expires_in=lifetime)
+        return _Token(value, started + lifetime - margin)
+
+    # -- segment calls -------------------------------------------------------------
+
+    def _segments_url(self, system_guid: str, segment_guid: str | None = None) -> str:
+        url = f"{self._api_url}/public/v1/user/system/{system_guid}/segment"
+        return url if segment_guid is None else f"{url}/{normalize_guid(segment_guid)}"
+
+    async def list_segments(self, system_guid: str) -> list[RemoteSegment]:
+        payload = await self._retrying(
+            "list", lambda: self._call("list", "GET", self._segments_url(system_guid))
+        )
+        segments = (parse_segment(item) for item in segment_list(payload))
+        return [segment for segment in segments if segment is not None]
+
+    async def find_segment(
+        self, system_guid: str, name: str, external_id: str | None
+    ) -> RemoteSegment | None:
+        """The segment with this external id (when given) or else this name."""
+        segments = await self.list_segments(system_guid)
+        if external_id is not None:
+            return next((s for s in segments if s.external_id == external_id), None)
+        return next((s for s in segments if s.name == name), None)
+
+    async def create_segment(
+        self, system_guid: str, name: str, external_id: str | None, user_ids: list[str]
+    ) -> str:
+        """Create a segment holding ``user_ids``; returns its GUID.
+
+        A create whose answer was lost may have been applied: before each retry
+        the segment is looked up, so a retry never makes a second segment.
+        """
+        body: dict[str, Any] = {"name": name, "userIds": user_ids}
+        if external_id is not None:
+            body["id"] = external_id
+        url = self._segments_url(system_guid)
+        first = True
+
+        async def attempt() -> str:
+            nonlocal first
+            if not first:
+                existing = await self.find_segment(system_guid, name, external_id)
+                if existing is not None:
+                    return existing.guid
+            first = False
+            try:
+                payload = await self._call("create", "POST", url, body)
+            except WalkMeError as exc:
+                if exc.status == 409:
+                    raise WalkMeConflict(
+                        f"WalkMe already has a segment with external id {external_id!r}"
+                        f" (HTTP 409) but not named {name!r}: set segment_guid in the mapping"
+                        " to adopt it, or use another external_id",
+                        409,
+                        exc.body,
+                    ) from None
+                raise
+            created = (
+                parse_segment(payload) if isinstance(payload, dict) else None
+            ) or next(iter(parse_segment(item) for item in segment_list(payload)), None)
+            if created is not None:
+                return created.guid
+            # The answer carried no GUID: find the new segment by listing.
+            found = await self.find_segment(system_guid, name, external_id)
+            if found is None:
+                raise WalkMeError(f"created segment {name!r} but cannot find its GUID")
+            return found.guid
+
+        return await self._retrying("create", attempt)
+
+    async def update_segment(
+        self, system_guid: str, segment_guid: str, action: UpdateAction, user_ids: list[str]
+    ) -> None:
+        url = self._segments_url(system_guid, segment_guid)
+        body = {"action": action, "userIds": user_ids}
+        await self._retrying("update", lambda: self._call("update", "PUT", url, body))
+
+    async def delete_segment(self, system_guid: str, segment_guid: str) -> None:
+        url = self._segments_url(system_guid, segment_guid)
+        await self._retrying("delete", lambda: self._call("delete", "DELETE", url))
+
+    # -- plumbing ------------------------------------------------------------------
+
+    async def _retrying(self, kind: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        try:
+            async for attempt in stamina.retry_context(
+                on=_backoff,
+                attempts=self._attempts,
+                timeout=None,
+                wait_initial=0.5,
+                wait_max=self._max_wait,
+                wait_jitter=1.0,
+            ):
+                with attempt:
+                    return await call()
+        except _Retryable as exc:
+            raise WalkMeUnavailable(
+                f"WalkMe {kind} call failed {self._attempts} times; last: {exc}", exc.status
+            ) from None
+        raise AssertionError("stamina ended without a result")  # pragma: no cover
+
+    async def _call(self, kind: str, method: str, url: str, body: Any = None) -> Any:
+        """One authenticated call; a 401 gets one fresh token and one more try."""
+        token = await self.access_token()
+        status, raw, retry_after = await self._send(kind, method, url, json_body=body, token=token)
+        if status == 401:
+            self._invalidate(token)
+            token = await self.access_token()
+            status, raw, retry_after = await self._send(
+                kind, method, url, json_body=body, token=token
+            )
+            if status == 401:
+                raise WalkMeAuthError(
+                    "WalkMe answered 401 to a fresh token: the API key may have been revoked"
+                    " or rotated (check SYNCD_WALKME_CLIENT_ID/SECRET)",
+                    401,
+                    _excerpt(raw),
+                )
+        if status < 300:
+            return _decode(raw)
+        excerpt = _excerpt(raw)
+        if status in RETRY_STATUSES:
+            wait = None if retry_after is None else min(retry_after, self._max_wait)
+            raise _Retryable("throttled" if status == 429 else "server error", status, wait)
+        log.warning("walkme.rejected", kind=kind, status=status, body=excerpt)
+        if status == 403:
+            raise WalkMeAuthError(
+                "WalkMe answered 403: the API key is valid but not allowed here; check that"
+                " the key has the Segments API with Read and Write, and that"
+                " SYNCD_WALKME_SYSTEM_GUID (or the mapping's system_guid) is right",
+                403,
+                excerpt,
+            )
+        if status == 404:
+            raise WalkMeNotFound(f"WalkMe answered 404 for {kind}: {excerpt}", 404, excerpt)
+        raise WalkMeError(f"WalkMe answered HTTP {status} to {kind}: {excerpt}", status, excerpt)
+
+    async def _send(
+        self,
+        kind: str,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        data: dict[str, str] | None = None,
+        token: str | None = None,
+        auth: aiohttp.BasicAuth | None = None,
+    ) -> tuple[int, bytes, float | None]:
+        headers = {"Accept": "application/json"}
+        payload: bytes | dict[str, str] | None = data
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+            payload = json.dumps(json_body, separators=(",", ":")).encode()
+        tally = request_tally.get()
+        if tally is not None:
+            tally[kind] += 1
+        try:
+            async with self._session.request(
+                method, url, data=payload, headers=headers, auth=auth
+            ) as response:
+                body = await response.read()
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                return response.status, body, retry_after
+        except TimeoutError:
+            raise _Retryable("timeout") from None
+        except aiohttp.ClientConnectionError as exc:
+            raise _Retryable(f"connection error: {type(exc).__name__}") from None
+        except aiohttp.ClientPayloadError as exc:
+            raise _Retryable(f"broken response: {type(exc).__name__}") from None
+
+
+def _backoff(exc: Exception) -> bool | float:
+    """stamina's decision: retry transient failures, after Retry-After when given."""
+    if isinstance(exc, _Retryable):
+        return exc.retry_after if exc.retry_after is not None else True
+    return False
