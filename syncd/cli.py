@@ -47,14 +47,14 @@ async def cmd_run(_: argparse.Namespace) -> int:
 
 async def cmd_sync(args: argparse.Namespace) -> int:
     settings, mappings = _configured()
-    known = {mapping.name for mapping in mappings}
-    for name in args.segment or []:
-        if name not in known:
-            raise ConfigError(
-                f"--segment {name!r}: no such segment in the configuration"
-                f" (configured: {', '.join(sorted(known))})"
-            )
     async with open_runtime(settings, mappings) as runtime:
+        known = await runtime.engine.mappings()
+        for name in args.segment or []:
+            if name not in known:
+                raise ConfigError(
+                    f"--segment {name!r}: no such segment in the configuration"
+                    f" (configured: {', '.join(sorted(known))})"
+                )
         outcomes = await runtime.engine.sync_all(args.segment, dry_run=args.dry_run)
     if args.dry_run:
         for outcome in outcomes:

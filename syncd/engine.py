@@ -22,7 +22,7 @@ from typing import Literal
 import structlog
 
 from syncd.ids import SkippedIds, clean_ids
-from syncd.settings import SegmentMapping, Settings
+from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import SourceError, build_source
 from syncd.state import Stage, StateError, StateStore
 from syncd.state.base import RunResult
@@ -77,7 +77,7 @@ class Engine:
         self._settings = settings
         self._store = store
         self._client = client
-        self.mappings = {mapping.name: mapping for mapping in mappings}
+        self._configured = {mapping.name: mapping for mapping in mappings}
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = False
@@ -86,10 +86,45 @@ class Engine:
         """Finish the batches in flight, then end every run."""
         self._stopping = True
 
+    async def mappings(self) -> dict[str, SegmentMapping]:
+        """The configured mappings, plus Heap segments auto-mapped by the webhook."""
+        mappings = dict(self._configured)
+        if not self._settings.auto_map:
+            return mappings
+        taken = {
+            m.source.heap_segment_id
+            for m in mappings.values()
+            if isinstance(m.source, HeapWebhookSourceConfig)
+        }
+        for heap in await self._store.heap_segments():
+            if heap.heap_segment_id in taken:
+                continue
+            if heap.mapping_name in mappings:
+                log.warning(
+                    "heap.auto_map_conflict",
+                    heap_segment_id=heap.heap_segment_id,
+                    name=heap.mapping_name,
+                    reason="a configured segment already has this name",
+                )
+                continue
+            mappings[heap.mapping_name] = auto_mapping(heap.heap_segment_id, heap.mapping_name)
+        return mappings
+
+    async def mapping_for_heap_segment(self, heap_segment_id: int) -> SegmentMapping | None:
+        for mapping in (await self.mappings()).values():
+            source = mapping.source
+            if (
+                isinstance(source, HeapWebhookSourceConfig)
+                and source.heap_segment_id == heap_segment_id
+            ):
+                return mapping
+        return None
+
     async def sync_all(
         self, names: Sequence[str] | None = None, *, dry_run: bool = False
     ) -> list[Outcome]:
-        chosen = [self.mappings[name] for name in names] if names else list(self.mappings.values())
+        known = await self.mappings()
+        chosen = [known[name] for name in names] if names else list(known.values())
         return list(
             await asyncio.gather(*(self.sync_segment(m, dry_run=dry_run) for m in chosen))
         )
@@ -114,7 +149,7 @@ class Engine:
 
     async def _run(self, mapping: SegmentMapping, outcome: Outcome, dry_run: bool) -> None:
         system = self._settings.system_for(mapping)
-        source = build_source(mapping.source)
+        source = build_source(mapping.source, self._settings, self._store)
         try:
             if dry_run:
                 state = await self._store.get(mapping.name)
@@ -264,6 +299,15 @@ class Engine:
             log.info("segment.synced", **fields)
         else:
             log.error("segment.failed", error=outcome.error, **fields)
+
+
+def auto_mapping(heap_segment_id: int, name: str) -> SegmentMapping:
+    """The mapping a Heap segment gets when it arrives unconfigured (SYNCD_HEAP_AUTO_MAP)."""
+    return SegmentMapping(
+        name=name,
+        external_id=str(heap_segment_id),
+        source=HeapWebhookSourceConfig(type="heap_webhook", heap_segment_id=heap_segment_id),
+    )
 
 
 def _action(mode: Mode) -> Literal["create", "override", "add"]:

@@ -118,7 +118,7 @@ class Faults:
             raise ValueError(f"unknown fault fields: {', '.join(unknown)}")
         values: dict[str, Any] = {}
         for name, value in data.items():
-            if name in ("faults_on_token",):
+            if name == "faults_on_token":
                 ok = isinstance(value, bool)
             elif name == "retry_after_http_date":
                 ok = value is None or isinstance(value, bool)
@@ -530,18 +530,21 @@ class WalkMeSandbox:
         queue = self._token_script if on_token else self._script
         with self._lock:
             scripted = queue.popleft() if queue else None
-            # Roll under the lock: concurrent requests on another thread share the RNG.
-            error = faults.error_rate > 0 and self._rng.random() < faults.error_rate
-            error_status = self._rng.choice(_SERVER_ERRORS) if error else 0
+        if scripted is not None:
+            # Scripted answers take no random draws, so they leave the seeded sequence alone.
+            self._apply_script(call, scripted)
+            return
+        with self._lock:
+            # Draw under the lock: requests served from another thread share the RNG.
+            rng = self._rng
+            error = faults.error_rate > 0 and rng.random() < faults.error_rate
+            error_status = rng.choice(_SERVER_ERRORS) if error else 0
             throttle = (
-                not error and faults.throttle_rate > 0 and self._rng.random() < faults.throttle_rate
+                not error and faults.throttle_rate > 0 and rng.random() < faults.throttle_rate
             )
             http_date = faults.retry_after_http_date
             if throttle and http_date is None:
-                http_date = self._rng.random() < 0.5
-        if scripted is not None:
-            self._apply_script(call, scripted)
-            return
+                http_date = rng.random() < 0.5
         if error:
             raise _Answer(self._server_error(error_status))
         if throttle:
@@ -551,7 +554,7 @@ class WalkMeSandbox:
         if scripted.drop:
             call.drop = True
             return
-        headers = {"Retry-After": scripted.retry_after} if scripted.retry_after else None
+        headers = None if scripted.retry_after is None else {"Retry-After": scripted.retry_after}
         if scripted.body is not None:
             raise _Answer(web.json_response(scripted.body, status=scripted.status, headers=headers))
         if scripted.status == 502:
@@ -625,20 +628,21 @@ class WalkMeSandbox:
         return self._finish(request, call, response)
 
     def _authorize(self, request: web.Request) -> None:
+        """Raise 401 for a missing, unknown, expired or revoked token; 403 if forbidden."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        invalid = _Answer(
-            web.json_response(
-                {"error": "invalid_token"},
-                status=401,
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
-        )
-        if scheme.lower() != "bearer" or not token.strip():
-            raise invalid
-        with self._lock:
-            entry = self._tokens.get(token.strip())
+        token = token.strip()
+        entry = None
+        if scheme.lower() == "bearer" and token:
+            with self._lock:
+                entry = self._tokens.get(token)
         if entry is None or entry.expires_at <= time.monotonic():
-            raise invalid
+            raise _Answer(
+                web.json_response(
+                    {"error": "invalid_token"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
+            )
         if entry.client_id in self.forbidden_clients:
             raise _error(403, "forbidden", "client is not allowed to use the Segments API")
 

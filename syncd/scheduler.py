@@ -18,6 +18,7 @@ from syncd.admin import AdminServer
 from syncd.engine import Engine
 from syncd.settings import Settings
 from syncd.state import StateError, StateStore
+from syncd.webhook import HeapWebhookReceiver
 
 log = structlog.get_logger("syncd.scheduler")
 
@@ -28,15 +29,32 @@ class Daemon:
         self._engine = engine
         self._store = store
         self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._cycles: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._debounce: dict[int, asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
         self.admin = AdminServer(settings.admin_port, self._readiness)
+        secret = settings.webhook_secret()
+        self.receiver = (
+            None
+            if secret is None
+            else HeapWebhookReceiver(
+                store,
+                secret=secret,
+                port=settings.webhook_port,
+                path=settings.heap_webhook_path,
+                tolerance_s=settings.heap_webhook_tolerance,
+                max_body=settings.heap_webhook_max_body,
+                on_task_complete=self._heap_task_complete,
+            )
+        )
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         await self.admin.start()
+        if self.receiver is not None:
+            await self.receiver.start()
         schedule = self._settings.parsed_schedule
         self._scheduler.add_job(
             self._cycle,
@@ -51,14 +69,18 @@ class Daemon:
         log.info(
             "daemon.started",
             schedule=schedule.text,
-            segments=len(self._engine.mappings),
+            segments=len(await self._engine.mappings()),
             admin_port=self.admin.port,
         )
         await self._stop.wait()
         self._engine.stop()
         self._scheduler.shutdown(wait=False)
-        if self._cycles:
-            await asyncio.gather(*self._cycles, return_exceptions=True)
+        for handle in self._debounce.values():
+            handle.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.receiver is not None:
+            await self.receiver.stop()
         await self.admin.stop()
         log.info("daemon.stopped")
         return 0
@@ -70,13 +92,43 @@ class Daemon:
     async def _cycle(self) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._cycles.add(task)
+        self._tasks.add(task)
         try:
             outcomes = await self._engine.sync_all()
             failed = sum(1 for outcome in outcomes if outcome.result != "synced")
             log.info("cycle.finished", segments=len(outcomes), failed=failed)
         finally:
-            self._cycles.discard(task)
+            self._tasks.discard(task)
+
+    def _heap_task_complete(self, heap_segment_id: int) -> None:
+        """Sync soon after Heap's last page; pages arriving meanwhile push it back."""
+        if self._stop.is_set():
+            return
+        pending = self._debounce.pop(heap_segment_id, None)
+        if pending is not None:
+            pending.cancel()
+        self._debounce[heap_segment_id] = asyncio.get_running_loop().call_later(
+            self._settings.heap_webhook_debounce, self._start_heap_sync, heap_segment_id
+        )
+
+    def _start_heap_sync(self, heap_segment_id: int) -> None:
+        self._debounce.pop(heap_segment_id, None)
+        if self._stop.is_set():
+            return
+        task = asyncio.create_task(self._sync_heap_segment(heap_segment_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sync_heap_segment(self, heap_segment_id: int) -> None:
+        mapping = await self._engine.mapping_for_heap_segment(heap_segment_id)
+        if mapping is None:
+            log.warning(
+                "heap.segment_unmapped",
+                heap_segment_id=heap_segment_id,
+                hint="add a mapping with this heap_segment_id, or set SYNCD_HEAP_AUTO_MAP=true",
+            )
+            return
+        await self._engine.sync_segment(mapping)
 
     async def _readiness(self) -> tuple[bool, dict[str, Any]]:
         try:

@@ -34,6 +34,8 @@ GUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0
 _INTERVAL = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
+WAREHOUSE_SCHEMES = ("postgresql", "postgres", "redshift", "snowflake")
+
 Guid = Annotated[str, Field(pattern=GUID_PATTERN)]
 
 
@@ -56,7 +58,24 @@ class FileSourceConfig(_Strict):
     column: str | None = Field(default=None, min_length=1)
 
 
-SourceConfig = FileSourceConfig
+class HeapWebhookSourceConfig(_Strict):
+    """Membership Heap pushes to the webhook receiver (Heap Segments Sync)."""
+
+    type: Literal["heap_webhook"]
+    heap_segment_id: int = Field(ge=0)
+
+
+class WarehouseSourceConfig(_Strict):
+    """A SQL query against ``SYNCD_WAREHOUSE_URL`` returning one column of user ids."""
+
+    type: Literal["warehouse"]
+    query: str = Field(min_length=1)
+
+
+SourceConfig = Annotated[
+    FileSourceConfig | HeapWebhookSourceConfig | WarehouseSourceConfig,
+    Field(discriminator="type"),
+]
 
 
 class SegmentMapping(_Strict):
@@ -77,7 +96,8 @@ class SegmentMapping(_Strict):
 
 
 _MAPPINGS = TypeAdapter(list[SegmentMapping])
-_SOURCE_TAGS = {"file"}  # pydantic's union tags, left out of error paths
+# pydantic's union tags, left out of error paths: users never typed them.
+_SOURCE_TAGS = {"file", "heap_webhook", "warehouse"}
 
 
 # --- schedule ---------------------------------------------------------------------
@@ -144,6 +164,17 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=8, ge=1, le=100)
     retry_max_wait: float = Field(default=60.0, gt=0, le=3600)
     ca_bundle: Path | None = None
+    # Heap Segments Sync webhook receiver: on when a secret is set.
+    heap_webhook_secret: SecretStr | None = None
+    heap_webhook_secret_file: Path | None = None
+    webhook_port: int = Field(default=8080, ge=0, le=65535)
+    heap_webhook_path: str = Field(default="/heap/webhook", pattern=r"^/\S*$")
+    heap_webhook_tolerance: float = Field(default=300.0, gt=0, le=86400)
+    heap_webhook_max_body: int = Field(default=32 * 1024 * 1024, ge=1024)
+    heap_webhook_debounce: float = Field(default=10.0, ge=0, le=3600)
+    heap_auto_map: bool | None = None
+    # Heap Connect tables: postgresql:// (PostgreSQL, Amazon Redshift) or snowflake://.
+    warehouse_url: SecretStr | None = None
 
     @field_validator("walkme_api_url", "walkme_token_url")
     @classmethod
@@ -172,6 +203,18 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r}: expected sqlite:///relative.db or sqlite:////abs.db")
         return value
 
+    @field_validator("warehouse_url")
+    @classmethod
+    def _warehouse_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().split("://", 1)[0]
+            if scheme not in WAREHOUSE_SCHEMES:
+                raise ValueError(
+                    f"unsupported scheme {scheme!r}: use postgresql:// (PostgreSQL, Redshift)"
+                    " or snowflake://"
+                )
+        return value
+
     @model_validator(mode="after")
     def _secret_present(self) -> Settings:
         if self.walkme_client_secret is None and self.walkme_client_secret_file is None:
@@ -192,32 +235,82 @@ class Settings(BaseSettings):
 
     def client_secret(self) -> SecretStr:
         """The secret, from the variable or, for Docker/Kubernetes secrets, the file."""
-        if self.walkme_client_secret is not None:
-            return self.walkme_client_secret
-        assert self.walkme_client_secret_file is not None  # checked by _secret_present
-        path = self.walkme_client_secret_file
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"SYNCD_WALKME_CLIENT_SECRET_FILE: cannot read {path}: {exc.strerror}"
-            ) from None
-        if not text:
-            raise ConfigError(f"SYNCD_WALKME_CLIENT_SECRET_FILE: {path} is empty")
-        return SecretStr(text)
+        secret = _secret_value(
+            self.walkme_client_secret, self.walkme_client_secret_file, "SYNCD_WALKME_CLIENT_SECRET"
+        )
+        assert secret is not None  # one of the two is set: checked by _secret_present
+        return secret
+
+    def webhook_secret(self) -> SecretStr | None:
+        """The Heap webhook secret (variable or file); None leaves the receiver off."""
+        return _secret_value(
+            self.heap_webhook_secret, self.heap_webhook_secret_file, "SYNCD_HEAP_WEBHOOK_SECRET"
+        )
+
+    @property
+    def receiver_on(self) -> bool:
+        """The Heap webhook receiver runs when its secret is configured."""
+        return self.heap_webhook_secret is not None or self.heap_webhook_secret_file is not None
+
+    @property
+    def auto_map(self) -> bool:
+        """``SYNCD_HEAP_AUTO_MAP``: default on whenever the receiver is on."""
+        return self.receiver_on and self.heap_auto_map is not False
 
     def mappings(self) -> list[SegmentMapping]:
         """The segment mappings from ``SYNCD_SEGMENTS`` or ``SYNCD_SEGMENTS_FILE``."""
         if self.segments is not None and self.segments_file is not None:
             raise ConfigError("SYNCD_SEGMENTS and SYNCD_SEGMENTS_FILE are both set: keep one")
         if self.segments is not None:
-            return parse_mappings(_json_array(self.segments, "SYNCD_SEGMENTS"), "SYNCD_SEGMENTS")
-        if self.segments_file is not None:
-            return parse_mappings(_read_mappings_file(self.segments_file), "SYNCD_SEGMENTS_FILE")
-        raise ConfigError("no segments configured: set SYNCD_SEGMENTS or SYNCD_SEGMENTS_FILE")
+            raw = _json_array(self.segments, "SYNCD_SEGMENTS")
+            mappings = parse_mappings(raw, "SYNCD_SEGMENTS")
+        elif self.segments_file is not None:
+            where = "SYNCD_SEGMENTS_FILE"
+            mappings = parse_mappings(_read_mappings_file(self.segments_file), where)
+        elif self.auto_map:
+            return []  # segments arrive from Heap's webhook and are mapped then
+        else:
+            raise ConfigError("no segments configured: set SYNCD_SEGMENTS or SYNCD_SEGMENTS_FILE")
+        self._check_sources(mappings)
+        return mappings
+
+    def _check_sources(self, mappings: list[SegmentMapping]) -> None:
+        seen: dict[int, str] = {}
+        for mapping in mappings:
+            source = mapping.source
+            if isinstance(source, WarehouseSourceConfig) and self.warehouse_url is None:
+                raise ConfigError(
+                    f"segment {mapping.name!r} reads a warehouse: set SYNCD_WAREHOUSE_URL"
+                )
+            if isinstance(source, HeapWebhookSourceConfig):
+                if not self.receiver_on:
+                    raise ConfigError(
+                        f"segment {mapping.name!r} takes Heap's webhook: set"
+                        " SYNCD_HEAP_WEBHOOK_SECRET (or _FILE) to turn the receiver on"
+                    )
+                if source.heap_segment_id in seen:
+                    raise ConfigError(
+                        f"segments {seen[source.heap_segment_id]!r} and {mapping.name!r} both"
+                        f" take Heap segment {source.heap_segment_id}"
+                    )
+                seen[source.heap_segment_id] = mapping.name
 
     def system_for(self, mapping: SegmentMapping) -> str:
         return (mapping.system_guid or self.walkme_system_guid).lower()
+
+
+def _secret_value(value: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:
+    if value is not None:
+        return value
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise ConfigError(f"{name}_FILE: {path} is empty")
+    return SecretStr(text)
 
 
 def _json_array(text: str, where: str) -> Any:

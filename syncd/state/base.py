@@ -41,6 +41,35 @@ class SegmentState:
     skipped_examples: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class HeapPage:
+    """One page of a Heap Segments Sync call, already verified and parsed."""
+
+    heap_segment_id: int
+    segment_name: str
+    sync_task_id: str
+    page_number: int
+    total_pages: int
+    add: list[str]
+    remove: list[str]
+
+
+@dataclass(frozen=True)
+class PageReceipt:
+    duplicate: bool  # seen before: nothing changed
+    task_complete: bool  # this page was the task's last outstanding one
+    mapping_name: str  # the syncd segment this Heap segment feeds when auto-mapped
+
+
+@dataclass(frozen=True)
+class HeapSegment:
+    heap_segment_id: int
+    name: str  # Heap's current name
+    mapping_name: str  # the name first seen: WalkMe has no rename, so it stays
+    members: int
+    complete_tasks: int
+
+
 class Stage(Protocol):
     """A run's desired membership, held in the store so the diff never needs RAM."""
 
@@ -105,6 +134,16 @@ class StateStore(Protocol):
         error: str | None,
         skipped: SkippedIds,
     ) -> None: ...
+
+    async def store_heap_page(self, page: HeapPage) -> PageReceipt:
+        """Apply a page to the Heap segment's desired membership, once, durably."""
+        ...
+
+    async def heap_segments(self) -> list[HeapSegment]: ...
+
+    def heap_members(self, heap_segment_id: int, size: int) -> AsyncIterator[list[str]]:
+        """The desired membership Heap pushed, in chunks."""
+        ...
 
     async def ping(self) -> None:
         """Raise StateError unless the store answers."""

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from syncd.ids import SkippedIds
-from syncd.state.base import Action, Origin, RunResult, SegmentState, StateError
+from syncd.state.base import (
+    Action,
+    HeapPage,
+    HeapSegment,
+    Origin,
+    PageReceipt,
+    RunResult,
+    SegmentState,
+    StateError,
+)
 
 SCHEMA_VERSION = 1
 _T = TypeVar("_T")
@@ -60,6 +69,27 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_segment ON runs (segment, started_at);
+CREATE TABLE IF NOT EXISTS heap_segments (
+    heap_segment_id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    mapping_name TEXT NOT NULL,
+    members INTEGER NOT NULL DEFAULT 0,
+    complete_tasks INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS heap_members (
+    heap_segment_id INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (heap_segment_id, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS heap_pages (
+    sync_task_id TEXT NOT NULL,
+    page_number INTEGER NOT NULL,
+    heap_segment_id INTEGER NOT NULL,
+    total_pages INTEGER NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (sync_task_id, page_number)
+);
 """
 
 
@@ -322,6 +352,76 @@ class SqliteStore:
                 )
 
         await self._call(write)
+
+    # -- Heap webhook pages ------------------------------------------------------------
+
+    async def store_heap_page(self, page: HeapPage) -> PageReceipt:
+        segment = page.heap_segment_id
+
+        def write() -> PageReceipt:
+            now = _now()
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT INTO heap_segments (heap_segment_id, name, mapping_name, updated_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (heap_segment_id) DO UPDATE"
+                    " SET name = excluded.name, updated_at = excluded.updated_at",
+                    (segment, page.segment_name, page.segment_name, now),
+                )
+                mapping_name = conn.execute(
+                    "SELECT mapping_name FROM heap_segments WHERE heap_segment_id = ?", (segment,)
+                ).fetchone()[0]
+                inserted = conn.execute(
+                    "INSERT OR IGNORE INTO heap_pages (sync_task_id, page_number,"
+                    " heap_segment_id, total_pages, received_at) VALUES (?, ?, ?, ?, ?)",
+                    (page.sync_task_id, page.page_number, segment, page.total_pages, now),
+                ).rowcount
+                if not inserted:
+                    return PageReceipt(True, False, mapping_name)
+                removed = conn.executemany(
+                    "DELETE FROM heap_members WHERE heap_segment_id = ? AND id = ?",
+                    ((segment, member) for member in page.remove),
+                ).rowcount
+                added = conn.executemany(
+                    "INSERT OR IGNORE INTO heap_members (heap_segment_id, id) VALUES (?, ?)",
+                    ((segment, member) for member in page.add),
+                ).rowcount
+                received = conn.execute(
+                    "SELECT count(*) FROM heap_pages WHERE sync_task_id = ?",
+                    (page.sync_task_id,),
+                ).fetchone()[0]
+                complete = received >= page.total_pages
+                conn.execute(
+                    "UPDATE heap_segments SET members = members + ? - ?,"
+                    " complete_tasks = complete_tasks + ? WHERE heap_segment_id = ?",
+                    (max(added, 0), max(removed, 0), int(complete), segment),
+                )
+            return PageReceipt(False, complete, mapping_name)
+
+        return await self._call(write)
+
+    async def heap_segments(self) -> list[HeapSegment]:
+        def read() -> list[HeapSegment]:
+            rows = self._conn.execute(
+                "SELECT heap_segment_id, name, mapping_name, members, complete_tasks"
+                " FROM heap_segments ORDER BY heap_segment_id"
+            ).fetchall()
+            return [HeapSegment(*row) for row in rows]
+
+        return await self._call(read)
+
+    async def heap_members(self, heap_segment_id: int, size: int) -> AsyncIterator[list[str]]:
+        def read(after: str) -> list[str]:
+            rows = self._conn.execute(
+                "SELECT id FROM heap_members WHERE heap_segment_id = ? AND id > ?"
+                " ORDER BY id LIMIT ?",
+                (heap_segment_id, after, size),
+            )
+            return [row[0] for row in rows]
+
+        after = ""
+        while chunk := await self._call(read, after):
+            yield chunk
+            after = chunk[-1]
 
     async def ping(self) -> None:
         def read() -> None:
