@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from syncd import __version__
-from syncd.app import open_runtime
-from syncd.engine import Outcome, Plan
+from syncd.app import Runtime, open_runtime
+from syncd.engine import Outcome, Plan, current_mappings
 from syncd.logs import configure_logging
 from syncd.scheduler import Daemon
 from syncd.settings import ConfigError, SegmentMapping, Settings, load_settings
@@ -56,6 +57,8 @@ async def cmd_sync(args: argparse.Namespace) -> int:
                     f" (configured: {', '.join(sorted(known))})"
                 )
         outcomes = await runtime.engine.sync_all(args.segment, dry_run=args.dry_run)
+        if not args.dry_run:
+            await runtime.engine.report_orphans()
     if args.dry_run:
         for outcome in outcomes:
             _print_plan(outcome, settings.batch_size)
@@ -139,6 +142,7 @@ def _status_row(state: SegmentState, configured: bool) -> StatusRow:
         "last_error": state.last_error,
         "skipped": state.skipped,
         "skipped_examples": state.skipped_examples,
+        "orphaned_at": state.orphaned_at.isoformat() if state.orphaned_at else None,
     }
 
 
@@ -153,20 +157,28 @@ async def print_status(
 ) -> None:
     store = await open_store(settings.state_url)
     try:
+        current = await current_mappings(settings, mappings, store)
         states = {state.name: state for state in await store.all()}
     finally:
         await store.close()
-    configured = [m.name for m in mappings]
     rows: list[StatusRow] = [
         _status_row(states[name], True)
         if name in states
         else {"segment": name, "configured": True, "last_result": "never run"}
-        for name in configured
+        for name in current
     ]
-    rows += [_status_row(s, False) for name, s in states.items() if name not in configured]
+    orphans = [_status_row(s, False) for name, s in states.items() if name not in current]
     if as_json:
-        _out(json.dumps(rows, indent=2))
+        _out(json.dumps({"segments": rows, "orphans": orphans}, indent=2))
         return
+    _print_table(rows)
+    if orphans:
+        _out("\nOrphans: WalkMe segments syncd wrote to that no mapping names any more")
+        _print_table(orphans)
+        _out("  `syncd prune` shows what would be deleted; `syncd prune --yes` deletes them.")
+
+
+def _print_table(rows: list[StatusRow]) -> None:
     _out(f"{'SEGMENT':30} {'WALKME GUID':36} {'MEMBERS':>9} {'LAST RUN':25} {'RESULT':9} SKIPPED")
     for row in rows:
         _out(
@@ -178,8 +190,60 @@ async def print_status(
             _out(f"    error: {row['last_error']}")
         if row.get("skipped_examples"):
             _out(f"    skipped ids: {'; '.join(row['skipped_examples'])}")
-        if not row["configured"]:
-            _out("    not in the configuration any more")
+        if row.get("orphaned_at"):
+            _out(f"    orphaned since {row['orphaned_at']} ({row.get('origin')})")
+
+
+# -- delete, prune -----------------------------------------------------------------
+
+
+async def cmd_delete(args: argparse.Namespace) -> int:
+    settings, mappings = _configured()
+    async with open_runtime(settings, mappings) as runtime:
+        state = await runtime.store.get(args.segment)
+        if state is None:
+            raise ConfigError(f"--segment {args.segment!r}: syncd has no state for this segment")
+        if args.segment in await runtime.engine.mappings():
+            _out(f"note: {args.segment!r} is still configured; the next run creates it again")
+        return await _delete([state], runtime, yes=args.yes)
+
+
+async def cmd_prune(args: argparse.Namespace) -> int:
+    settings, mappings = _configured()
+    async with open_runtime(settings, mappings) as runtime:
+        orphans = await runtime.engine.report_orphans()
+        chosen = [o for o in orphans if o.origin != "adopted" or args.include_adopted]
+        for kept in (o for o in orphans if o not in chosen):
+            _out(
+                f"keep   {kept.name!r} ({kept.segment_guid}): adopted, not created by syncd;"
+                " --include-adopted deletes it too"
+            )
+        if not chosen:
+            _out("nothing to prune")
+            return EXIT_OK
+        return await _delete(chosen, runtime, yes=args.yes)
+
+
+async def _delete(states: list[SegmentState], runtime: Runtime, *, yes: bool) -> int:
+    if not yes:
+        for state in states:
+            _out(
+                f"would delete {state.name!r}: WalkMe segment {state.segment_guid},"
+                f" {state.members} members delivered"
+            )
+        _out("nothing deleted: add --yes to delete")
+        return EXIT_OK
+    failed = False
+    for state in states:
+        try:
+            existed = await runtime.engine.delete(state)
+        except WalkMeError as exc:
+            _out(f"FAIL   {state.name!r}: {exc}")
+            failed = True
+            continue
+        gone = "deleted" if existed else "was already gone in WalkMe; state forgotten"
+        _out(f"{state.name!r} ({state.segment_guid}): {gone}")
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # -- reset -------------------------------------------------------------------------
@@ -238,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     reset = add("reset", cmd_reset, "forget a segment's snapshot; the next run rebuilds it")
     reset.add_argument("--segment", required=True, metavar="NAME")
+    delete = add("delete", cmd_delete, "delete a segment in WalkMe and forget it")
+    delete.add_argument("--segment", required=True, metavar="NAME")
+    delete.add_argument("--yes", action="store_true", help="really delete (else show the plan)")
+    prune = add("prune", cmd_prune, "delete orphaned segments (no longer configured)")
+    prune.add_argument("--yes", action="store_true", help="really delete (else show the plan)")
+    prune.add_argument(
+        "--include-adopted", action="store_true", help="also segments syncd adopted, not created"
+    )
     add("demo", cmd_demo, "a local sandbox WalkMe, sample segments, a few sync cycles")
     return parser
 
@@ -255,3 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error worth a traceback.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
+        return EXIT_OK

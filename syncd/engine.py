@@ -15,7 +15,7 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +24,7 @@ import structlog
 from syncd.ids import SkippedIds, clean_ids
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import SourceError, build_source
-from syncd.state import Stage, StateError, StateStore
+from syncd.state import SegmentState, Stage, StateError, StateStore
 from syncd.state.base import RunResult
 from syncd.walkme import WalkMeClient, WalkMeError, WalkMeNotFound, normalize_guid, request_tally
 
@@ -88,27 +88,7 @@ class Engine:
 
     async def mappings(self) -> dict[str, SegmentMapping]:
         """The configured mappings, plus Heap segments auto-mapped by the webhook."""
-        mappings = dict(self._configured)
-        if not self._settings.auto_map:
-            return mappings
-        taken = {
-            m.source.heap_segment_id
-            for m in mappings.values()
-            if isinstance(m.source, HeapWebhookSourceConfig)
-        }
-        for heap in await self._store.heap_segments():
-            if heap.heap_segment_id in taken:
-                continue
-            if heap.mapping_name in mappings:
-                log.warning(
-                    "heap.auto_map_conflict",
-                    heap_segment_id=heap.heap_segment_id,
-                    name=heap.mapping_name,
-                    reason="a configured segment already has this name",
-                )
-                continue
-            mappings[heap.mapping_name] = auto_mapping(heap.heap_segment_id, heap.mapping_name)
-        return mappings
+        return await current_mappings(self._settings, self._configured.values(), self._store)
 
     async def mapping_for_heap_segment(self, heap_segment_id: int) -> SegmentMapping | None:
         for mapping in (await self.mappings()).values():
@@ -125,9 +105,7 @@ class Engine:
     ) -> list[Outcome]:
         known = await self.mappings()
         chosen = [known[name] for name in names] if names else list(known.values())
-        return list(
-            await asyncio.gather(*(self.sync_segment(m, dry_run=dry_run) for m in chosen))
-        )
+        return list(await asyncio.gather(*(self.sync_segment(m, dry_run=dry_run) for m in chosen)))
 
     async def sync_segment(self, mapping: SegmentMapping, *, dry_run: bool = False) -> Outcome:
         lock = self._locks.setdefault(mapping.name, asyncio.Lock())
@@ -159,8 +137,19 @@ class Engine:
                 )
             async with self._store.stage(mapping.name) as stage:
                 log.debug("segment.reading", source=source.describe())
+                source_ids = 0
                 async for chunk in source.chunks():
-                    await stage.add(clean_ids(chunk, outcome.skipped))
+                    ids = clean_ids(chunk, outcome.skipped)
+                    source_ids += len(ids)
+                    await stage.add(ids)
+                if source_ids == 0 and state is not None and state.members > 0:
+                    # An empty or half-loaded table looks exactly like this.
+                    log.warning(
+                        "segment.source_empty",
+                        source=source.describe(),
+                        source_ids=0,
+                        snapshot_members=state.members,
+                    )
                 if state is None or state.segment_guid is None:
                     mode: Mode = "create"
                 else:
@@ -255,8 +244,11 @@ class Engine:
             return wanted, "override"
         if state.segment_guid is not None:
             return state.segment_guid, "override" if state.needs_override else "update"
+        owned = {s.segment_guid: s for s in await self._store.all() if s.name != mapping.name}
+        self._notice_rename(mapping, owned.values())
         found = await self._client.find_segment(system, mapping.name, mapping.external_id)
-        if found is None:
+        if found is None or found.guid in owned:
+            # Never write into a segment another (maybe orphaned) mapping owns.
             return None, "create"
         # WalkMe cannot show what it holds, so an adopted segment is rebuilt.
         await self._store.adopt(mapping.name, found.guid, "adopted")
@@ -266,6 +258,52 @@ class Engine:
             by="external_id" if mapping.external_id else "name",
         )
         return found.guid, "override"
+
+    def _notice_rename(self, mapping: SegmentMapping, others: Iterable[SegmentState]) -> None:
+        if mapping.external_id is None:
+            return
+        for old in others:
+            if old.external_id == mapping.external_id and old.name not in self._configured:
+                log.warning(
+                    "segment.renamed",
+                    old_segment=old.name,
+                    old_segment_guid=old.segment_guid,
+                    external_id=mapping.external_id,
+                    hint=f"WalkMe has no rename: the old segment {old.name!r} is now an orphan;"
+                    f" `syncd delete --segment {old.name!r} --yes` (or `syncd prune --yes`)"
+                    " deletes it and frees its external_id",
+                )
+
+    async def report_orphans(self) -> list[SegmentState]:
+        """One ``segment.orphaned`` line per segment syncd wrote to but no longer maps."""
+        orphans = await self._store.mark_orphans(set(await self.mappings()))
+        for orphan in orphans:
+            log.warning(
+                "segment.orphaned",
+                segment=orphan.name,
+                segment_guid=orphan.segment_guid,
+                members=orphan.members,
+                origin=orphan.origin,
+                since=orphan.orphaned_at.isoformat() if orphan.orphaned_at else None,
+            )
+        return orphans
+
+    async def delete(self, state: SegmentState) -> bool:
+        """Delete the WalkMe segment and forget it; False when WalkMe had it gone already."""
+        existed = True
+        if state.segment_guid is not None:
+            try:
+                await self._client.delete_segment(state.system_guid, state.segment_guid)
+            except WalkMeNotFound:
+                existed = False
+        await self._store.forget(state.name)
+        log.info(
+            "segment.deleted",
+            segment=state.name,
+            segment_guid=state.segment_guid,
+            already_gone=not existed,
+        )
+        return existed
 
     def _check_stopping(self) -> None:
         if self._stopping:
@@ -299,6 +337,33 @@ class Engine:
             log.info("segment.synced", **fields)
         else:
             log.error("segment.failed", error=outcome.error, **fields)
+
+
+async def current_mappings(
+    settings: Settings, configured: Iterable[SegmentMapping], store: StateStore
+) -> dict[str, SegmentMapping]:
+    """The configured mappings, plus Heap segments auto-mapped by the webhook."""
+    mappings = {mapping.name: mapping for mapping in configured}
+    if not settings.auto_map:
+        return mappings
+    taken = {
+        m.source.heap_segment_id
+        for m in mappings.values()
+        if isinstance(m.source, HeapWebhookSourceConfig)
+    }
+    for heap in await store.heap_segments():
+        if heap.heap_segment_id in taken:
+            continue
+        if heap.mapping_name in mappings:
+            log.warning(
+                "heap.auto_map_conflict",
+                heap_segment_id=heap.heap_segment_id,
+                name=heap.mapping_name,
+                reason="a configured segment already has this name",
+            )
+            continue
+        mappings[heap.mapping_name] = auto_mapping(heap.heap_segment_id, heap.mapping_name)
+    return mappings
 
 
 def auto_mapping(heap_segment_id: int, name: str) -> SegmentMapping:

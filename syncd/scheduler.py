@@ -95,6 +95,10 @@ class Daemon:
         self._tasks.add(task)
         try:
             outcomes = await self._engine.sync_all()
+            try:
+                await self._engine.report_orphans()
+            except StateError as exc:
+                log.error("state.unavailable", error=str(exc))
             failed = sum(1 for outcome in outcomes if outcome.result != "synced")
             log.info("cycle.finished", segments=len(outcomes), failed=failed)
         finally:

@@ -331,9 +331,9 @@ class WalkMeClient:
                         exc.body,
                     ) from None
                 raise
-            created = (
-                parse_segment(payload) if isinstance(payload, dict) else None
-            ) or next(iter(parse_segment(item) for item in segment_list(payload)), None)
+            created = (parse_segment(payload) if isinstance(payload, dict) else None) or next(
+                iter(parse_segment(item) for item in segment_list(payload)), None
+            )
             if created is not None:
                 return created.guid
             # The answer carried no GUID: find the new segment by listing.

@@ -39,6 +39,7 @@ class SegmentState:
     last_success_at: datetime | None = None
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
+    orphaned_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,14 @@ class StateStore(Protocol):
 
     async def forget_guid(self, name: str) -> None:
         """The WalkMe segment is gone: drop its GUID and snapshot."""
+        ...
+
+    async def mark_orphans(self, configured: set[str]) -> list[SegmentState]:
+        """Segments with a WalkMe GUID but no mapping: record since when, return them."""
+        ...
+
+    async def forget(self, name: str) -> bool:
+        """Drop everything known about a segment (after it was deleted in WalkMe)."""
         ...
 
     async def reset(self, name: str) -> bool:

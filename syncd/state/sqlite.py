@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS segments (
     last_error TEXT,
     last_success_at TEXT,
     skipped INTEGER NOT NULL DEFAULT 0,
-    skipped_examples TEXT NOT NULL DEFAULT '[]'
+    skipped_examples TEXT NOT NULL DEFAULT '[]',
+    orphaned_at TEXT
 );
 CREATE TABLE IF NOT EXISTS members (
     segment TEXT NOT NULL,
@@ -181,8 +182,22 @@ class SqliteStore:
     # -- segments ------------------------------------------------------------------
 
     def _row(self, row: sqlite3.Row | tuple[Any, ...]) -> SegmentState:
-        (name, system_guid, segment_guid, external_id, origin, needs_override, members,
-         last_run_at, last_result, last_error, last_success_at, skipped, examples) = row
+        (
+            name,
+            system_guid,
+            segment_guid,
+            external_id,
+            origin,
+            needs_override,
+            members,
+            last_run_at,
+            last_result,
+            last_error,
+            last_success_at,
+            skipped,
+            examples,
+            orphaned_at,
+        ) = row
         return SegmentState(
             name=name,
             system_guid=system_guid,
@@ -197,11 +212,13 @@ class SqliteStore:
             last_success_at=_time(last_success_at),
             skipped=skipped,
             skipped_examples=json.loads(examples),
+            orphaned_at=_time(orphaned_at),
         )
 
     _COLUMNS = (
         "name, system_guid, segment_guid, external_id, origin, needs_override, members,"
-        " last_run_at, last_result, last_error, last_success_at, skipped, skipped_examples"
+        " last_run_at, last_result, last_error, last_success_at, skipped, skipped_examples,"
+        " orphaned_at"
     )
 
     async def get(self, name: str) -> SegmentState | None:
@@ -313,6 +330,41 @@ class SqliteStore:
 
         await self._call(write)
 
+    async def mark_orphans(self, configured: set[str]) -> list[SegmentState]:
+        def write() -> list[SegmentState]:
+            now = _now()
+            with self._transaction() as conn:
+                rows = conn.execute(
+                    f"SELECT {self._COLUMNS} FROM segments ORDER BY name"
+                ).fetchall()
+                for row in rows:
+                    name, guid, since = row[0], row[2], row[-1]
+                    orphan = name not in configured and guid is not None
+                    if orphan and since is None:
+                        conn.execute(
+                            "UPDATE segments SET orphaned_at = ? WHERE name = ?", (now, name)
+                        )
+                    elif not orphan and since is not None:
+                        conn.execute(
+                            "UPDATE segments SET orphaned_at = NULL WHERE name = ?", (name,)
+                        )
+                rows = conn.execute(
+                    f"SELECT {self._COLUMNS} FROM segments"
+                    " WHERE orphaned_at IS NOT NULL ORDER BY name"
+                ).fetchall()
+            return [self._row(row) for row in rows]
+
+        return await self._call(write)
+
+    async def forget(self, name: str) -> bool:
+        def write() -> bool:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM runs WHERE segment = ?", (name,))
+                return conn.execute("DELETE FROM segments WHERE name = ?", (name,)).rowcount > 0
+
+        return await self._call(write)
+
     async def reset(self, name: str) -> bool:
         def write() -> bool:
             with self._transaction() as conn:
@@ -347,8 +399,16 @@ class SqliteStore:
                     " skipped = ?, skipped_examples = ?,"
                     " last_success_at = CASE WHEN ? = 'synced' THEN ? ELSE last_success_at END"
                     " WHERE name = ?",
-                    (now, result, error, skipped.count, json.dumps(skipped.examples),
-                     result, now, name),
+                    (
+                        now,
+                        result,
+                        error,
+                        skipped.count,
+                        json.dumps(skipped.examples),
+                        result,
+                        now,
+                        name,
+                    ),
                 )
 
         await self._call(write)

@@ -1,0 +1,148 @@
+"""Adopting segments that already exist in WalkMe, and `syncd reset` (issue case 3)."""
+
+from __future__ import annotations
+
+from tests.integration.conftest import (
+    SEGMENTS_PATH,
+    Harness,
+    cli_env,
+    make_ids,
+    raw_call,
+    run_cli_async,
+    seed_segment,
+    segment_requests,
+    segments_named,
+)
+
+STALE = ["stale1@example.com", "stale2@example.com", "user0000001@example.com"]
+
+
+async def test_adopts_existing_segment_by_name(harness: Harness) -> None:
+    sandbox = harness.sandbox
+    guid = await seed_segment(sandbox, "Existing", STALE)
+    sandbox.clear_requests()
+    source = make_ids(2_500)
+    settings = harness.settings([harness.mapping("Existing", source)], batch_size=1_000)
+
+    outcome = await harness.sync_one(settings)
+    assert outcome.result == "synced", outcome.error
+    sent = segment_requests(sandbox)
+    assert [(r.kind, r.action) for r in sent] == [
+        ("update", "override"),
+        ("update", "add"),
+        ("update", "add"),
+    ]
+    assert all(guid in r.path for r in sent)
+    assert sandbox.count("create") == 0
+    assert len(segments_named(sandbox, "Existing")) == 1
+    assert sandbox.members(guid) == set(source)  # stale members are gone
+
+    # Adopted and rebuilt: from now on plain updates.
+    changed = [*source[10:], "late@example.com"]
+    harness.source("Existing", changed)
+    sandbox.clear_requests()
+    outcome = await harness.sync_one(settings)
+    assert outcome.result == "synced", outcome.error
+    assert [r.action for r in segment_requests(sandbox)] == ["remove", "add"]
+    assert sandbox.members(guid) == set(changed)
+
+
+async def test_adopts_by_external_id_when_the_mapping_has_one(harness: Harness) -> None:
+    sandbox = harness.sandbox
+    # Same name, other external id: must not be taken.
+    decoy = await seed_segment(sandbox, "Customers", ["decoy@example.com"], external_id="other")
+    # Other name, same external id: this is the one.
+    guid = await seed_segment(sandbox, "Old customers name", STALE, external_id="heap-42")
+    sandbox.clear_requests()
+    source = make_ids(1_500)
+    mapping = harness.mapping("Customers", source, external_id="heap-42")
+    settings = harness.settings([mapping], batch_size=1_000)
+
+    outcome = await harness.sync_one(settings)
+    assert outcome.result == "synced", outcome.error
+    sent = segment_requests(sandbox)
+    assert [r.action for r in sent] == ["override", "add"]
+    assert all(guid in r.path for r in sent)
+    assert sandbox.members(guid) == set(source)
+    assert sandbox.members(decoy) == {"decoy@example.com"}
+    assert len(sandbox.state()["segments"]) == 2
+
+
+async def test_segment_guid_in_mapping_adopts_that_guid(harness: Harness) -> None:
+    sandbox = harness.sandbox
+    guid = await seed_segment(sandbox, "Named differently in WalkMe", STALE)
+    other = await seed_segment(sandbox, "Pinned", ["other@example.com"])  # same name, wrong one
+    sandbox.clear_requests()
+    source = make_ids(1_200)
+    # Upper case: the GUID is matched and sent in the canonical hyphenated lower form.
+    mapping = harness.mapping("Pinned", source, segment_guid=guid.upper())
+    settings = harness.settings([mapping], batch_size=1_000)
+
+    outcome = await harness.sync_one(settings)
+    assert outcome.result == "synced", outcome.error
+    sent = segment_requests(sandbox)
+    assert [r.action for r in sent] == ["override", "add"]
+    assert all(r.path.endswith(guid) for r in sent)
+    assert sandbox.count("create") == 0
+    assert sandbox.members(guid) == set(source)
+    assert sandbox.members(other) == {"other@example.com"}
+
+    sandbox.clear_requests()
+    again = await harness.sync_one(settings)
+    assert again.result == "synced", again.error
+    assert segment_requests(sandbox) == []
+
+
+async def test_segment_guid_unknown_to_walkme_fails_without_creating(harness: Harness) -> None:
+    sandbox = harness.sandbox
+    missing = "0a0b0c0d-1111-4222-8333-444455556666"
+    mapping = harness.mapping("Ghost", make_ids(10), segment_guid=missing)
+    outcome = await harness.sync_one(harness.settings([mapping]))
+    assert outcome.result == "failed"
+    assert outcome.error and "404" in outcome.error
+    assert sandbox.count("create") == 0
+    assert sandbox.state()["segments"] == []
+
+
+async def test_reset_makes_the_next_run_override(harness: Harness) -> None:
+    sandbox = harness.sandbox
+    source = make_ids(2_100)
+    mapping = harness.mapping("Resettable", source)
+    settings = harness.settings([mapping], batch_size=1_000)
+    assert (await harness.sync_one(settings)).result == "synced"
+    guid = harness.guid("Resettable")
+
+    # Someone edits the segment behind syncd's back; a reset repairs it.
+    status, _ = await raw_call(
+        sandbox, "PUT", f"{SEGMENTS_PATH}/{guid}", {"action": "add", "userIds": ["intruder@x.com"]}
+    )
+    assert status == 200
+    env = cli_env(sandbox.url, harness.folder, [mapping])
+    code, out, err = await run_cli_async("reset", "--segment", "Resettable", env=env)
+    assert code == 0, err
+    assert "Resettable" in out
+
+    sandbox.clear_requests()
+    outcome = await harness.sync_one(settings)
+    assert outcome.result == "synced", outcome.error
+    sent = segment_requests(sandbox)
+    assert [(r.kind, r.action) for r in sent] == [
+        ("update", "override"),
+        ("update", "add"),
+        ("update", "add"),
+    ]
+    assert all(r.path.endswith(guid) for r in sent)
+    assert sandbox.members(guid) == set(source)
+
+    # After the rebuild: back to plain updates.
+    sandbox.clear_requests()
+    assert (await harness.sync_one(settings)).result == "synced"
+    assert segment_requests(sandbox) == []
+
+
+async def test_reset_of_unknown_segment_is_a_config_error(harness: Harness) -> None:
+    mapping = harness.mapping("Known", make_ids(1))
+    env = cli_env(harness.sandbox.url, harness.folder, [mapping])
+    code, out, err = await run_cli_async("reset", "--segment", "Nope", env=env)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -1,0 +1,177 @@
+"""``syncd.sources.file.FileSource``: plain id lists and CSV columns, and bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncd.ids import SkippedIds, clean_ids
+from syncd.sources.base import CHUNK_SIZE, SourceError
+from syncd.sources.file import MAX_LINE_BYTES, FileSource
+
+
+async def read(path: Path, column: str | None = None) -> list[list[object]]:
+    return [chunk async for chunk in FileSource(path, column).chunks()]
+
+
+async def read_ids(path: Path, column: str | None = None) -> list[str]:
+    skipped = SkippedIds()
+    ids: list[str] = []
+    for chunk in await read(path, column):
+        ids += clean_ids(chunk, skipped)
+    assert skipped.count == 0, skipped.examples
+    return ids
+
+
+def write(tmp_path: Path, data: bytes, name: str = "ids.txt") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+async def test_one_id_per_line(tmp_path: Path) -> None:
+    path = write(tmp_path, b"a@x.com\nb@x.com\n\n  c@x.com  \nd@x.com")
+    assert await read_ids(path) == ["a@x.com", "b@x.com", "c@x.com", "d@x.com"]
+
+
+async def test_crlf(tmp_path: Path) -> None:
+    path = write(tmp_path, b"a@x.com\r\nb@x.com\r\n")
+    assert await read_ids(path) == ["a@x.com", "b@x.com"]
+
+
+async def test_bom(tmp_path: Path) -> None:
+    path = write(tmp_path, "\ufeffa@x.com\nb@x.com\n".encode())
+    assert await read_ids(path) == ["a@x.com", "b@x.com"]
+
+
+async def test_utf8_ids(tmp_path: Path) -> None:
+    path = write(tmp_path, "jürgen@beispiel.de\n用户42\n".encode())
+    assert await read_ids(path) == ["jürgen@beispiel.de", "用户42"]
+
+
+async def test_empty_file(tmp_path: Path) -> None:
+    assert await read(write(tmp_path, b"")) == []
+
+
+async def test_csv_column_with_quoting(tmp_path: Path) -> None:
+    data = (
+        "\ufeffname,email,plan\r\n"
+        '"Doe, Jane",jane@x.com,pro\r\n'
+        '"Smith ""Bob""","bob@x.com",free\r\n'
+        '"multi\r\nline",multi@x.com,pro\r\n'
+        "\r\n"
+        "Eve,eve@x.com,free\r\n"
+    ).encode()
+    path = write(tmp_path, data, "users.csv")
+    assert await read_ids(path, "email") == [
+        "jane@x.com",
+        "bob@x.com",
+        "multi@x.com",
+        "eve@x.com",
+    ]
+    names = [value for chunk in await read(path, "name") for value in chunk]
+    assert names == ["Doe, Jane", 'Smith "Bob"', "multi\r\nline", "Eve"]
+
+
+async def test_csv_header_names_are_stripped(tmp_path: Path) -> None:
+    path = write(tmp_path, b" id , email \n1,a@x.com\n", "users.csv")
+    assert await read_ids(path, "email") == ["a@x.com"]
+
+
+async def test_csv_missing_column(tmp_path: Path) -> None:
+    path = write(tmp_path, b"name,mail\nJane,jane@x.com\n", "users.csv")
+    with pytest.raises(SourceError, match="email") as info:
+        await read(path, "email")
+    assert "mail" in str(info.value)  # the columns there are shown
+
+
+async def test_csv_empty_file(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="header"):
+        await read(write(tmp_path, b"", "users.csv"), "email")
+
+
+async def test_csv_unterminated_quote_is_an_error(tmp_path: Path) -> None:
+    # An unclosed quote swallows every later line into one field: a partial set,
+    # which would remove members from WalkMe. It must fail the read instead.
+    data = b'email\n"a@x.com\nb@x.com\nc@x.com\n'
+    with pytest.raises(SourceError):
+        await read(write(tmp_path, data, "users.csv"), "email")
+
+
+async def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, b"a@x.com\nb@x.com\n\xff\xfe@x.com\nd@x.com\n")
+    with pytest.raises(SourceError, match="line 3") as info:
+        await read(path)
+    assert "UTF-8" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+async def test_invalid_utf8_in_csv_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, b"email\na@x.com\nb\xc3(@x.com\n", "users.csv")
+    with pytest.raises(SourceError, match="line 3"):
+        await read(path, "email")
+
+
+async def test_nul_bytes(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="NUL"):
+        await read(write(tmp_path, b"a@x.com\nb\x00c\n"))
+
+
+async def test_binary_file(tmp_path: Path) -> None:
+    junk = bytes(range(256)) * 64
+    with pytest.raises(SourceError):
+        await read(write(tmp_path, junk, "image.png"))
+
+
+async def test_line_over_1_mib(tmp_path: Path) -> None:
+    assert MAX_LINE_BYTES == 1 << 20
+    data = b"a@x.com\n" + b"x" * 1_100_000 + b"\nb@x.com\n"
+    with pytest.raises(SourceError, match="line 2"):
+        await read(write(tmp_path, data))
+
+
+async def test_line_over_1_mib_without_newline(tmp_path: Path) -> None:
+    with pytest.raises(SourceError):
+        await read(write(tmp_path, b"y" * 1_100_000))
+
+
+async def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.txt"
+    with pytest.raises(SourceError) as info:
+        await read(path)
+    assert str(path) in str(info.value)
+
+
+async def test_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError):
+        await read(tmp_path)
+
+
+async def test_chunks_of_more_than_10000_lines(tmp_path: Path) -> None:
+    total = 2 * CHUNK_SIZE + 1234
+    path = write(tmp_path, "".join(f"user{i}@x.com\n" for i in range(total)).encode())
+    chunks = await read(path)
+    assert CHUNK_SIZE == 10_000
+    assert [len(chunk) for chunk in chunks] == [CHUNK_SIZE, CHUNK_SIZE, 1234]
+    ids = await read_ids(path)
+    assert ids == [f"user{i}@x.com" for i in range(total)]
+
+
+async def test_chunks_exact_multiple(tmp_path: Path) -> None:
+    path = write(tmp_path, "".join(f"u{i}\n" for i in range(CHUNK_SIZE)).encode())
+    assert [len(chunk) for chunk in await read(path)] == [CHUNK_SIZE]
+
+
+async def test_csv_chunks(tmp_path: Path) -> None:
+    total = CHUNK_SIZE + 5
+    text = "id,email\n" + "".join(f"{i},u{i}@x.com\n" for i in range(total))
+    path = write(tmp_path, text.encode(), "users.csv")
+    chunks = await read(path, "email")
+    assert [len(chunk) for chunk in chunks] == [CHUNK_SIZE, 5]
+    assert chunks[1][-1] == f"u{total - 1}@x.com"
+
+
+def test_describe(tmp_path: Path) -> None:
+    assert str(tmp_path) in FileSource(tmp_path / "a.csv", "email").describe()
+    assert "email" in FileSource(tmp_path / "a.csv", "email").describe()

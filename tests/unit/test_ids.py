@@ -1,0 +1,85 @@
+"""``syncd.ids.clean_ids``: the id rules applied before anything reaches WalkMe."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncd.ids import EXAMPLES_KEPT, MAX_ID_LENGTH, SkippedIds, clean_ids
+
+
+def clean(values: list[object]) -> tuple[list[str], SkippedIds]:
+    skipped = SkippedIds()
+    return clean_ids(values, skipped), skipped
+
+
+def test_strip_and_keep_order() -> None:
+    kept, skipped = clean(["  a@x.com ", "b@x.com\n", "\tc@x.com", "d@x.com\r\n"])
+    assert kept == ["a@x.com", "b@x.com", "c@x.com", "d@x.com"]
+    assert skipped.count == 0 and skipped.examples == []
+
+
+def test_empty_and_none_dropped_without_counting() -> None:
+    kept, skipped = clean(["", "   ", None, "\n", "a"])
+    assert kept == ["a"]
+    assert skipped.count == 0
+
+
+def test_numbers_become_strings() -> None:
+    kept, _ = clean([42, 0, 1234567890123, "7"])
+    assert kept == ["42", "0", "1234567890123", "7"]
+
+
+def test_duplicates_left_to_the_store() -> None:
+    kept, _ = clean(["a", "a", " a "])
+    assert kept == ["a", "a", "a"]
+
+
+def test_internal_spaces_and_unicode_kept() -> None:
+    kept, skipped = clean(["Jane Doe", "jürgen@beispiel.de", "用户42"])
+    assert kept == ["Jane Doe", "jürgen@beispiel.de", "用户42"]
+    assert skipped.count == 0
+
+
+def test_100_characters_ok_101_skipped() -> None:
+    ok = "a" * MAX_ID_LENGTH
+    too_long = "b" * (MAX_ID_LENGTH + 1)
+    kept, skipped = clean([ok, too_long])
+    assert MAX_ID_LENGTH == 100
+    assert kept == [ok]
+    assert skipped.count == 1
+    [example] = skipped.examples
+    assert "101" in example and "100" in example
+
+
+def test_length_counted_after_strip() -> None:
+    kept, skipped = clean(["  " + "a" * 100 + "  "])
+    assert kept == ["a" * 100]
+    assert skipped.count == 0
+
+
+def test_examples_capped_at_five_and_short() -> None:
+    long_ids = [f"{i}" + "x" * 200 for i in range(12)]
+    kept, skipped = clean(long_ids)
+    assert kept == []
+    assert skipped.count == 12
+    assert EXAMPLES_KEPT == 5
+    assert len(skipped.examples) == 5
+    assert all(len(example) < 150 for example in skipped.examples)
+
+
+def test_skipped_counts_accumulate_across_chunks() -> None:
+    skipped = SkippedIds()
+    for _ in range(3):
+        clean_ids(["ok", "z" * 101, "bad\x00id"], skipped)
+    assert skipped.count == 6
+    assert len(skipped.examples) == 5
+
+
+@pytest.mark.parametrize(
+    "value", ["a\x00b", "a\tb", "a\nb", "a\rb", "a\x1bb", "a\x7fb", "a\x9fb", "a\x85b"]
+)
+def test_control_characters_skipped(value: str) -> None:
+    kept, skipped = clean([value, "fine"])
+    assert kept == ["fine"]
+    assert skipped.count == 1
+    assert "control" in skipped.examples[0]

@@ -1,0 +1,503 @@
+"""``syncd.settings``: every SYNCD_* variable, the mappings, and the error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from syncd.settings import ConfigError, FileSourceConfig, Settings, load_settings
+from tests.unit.conftest import SECRET, SYSTEM_GUID
+
+
+def assert_one_line_naming(exc: ConfigError, *names: str) -> None:
+    message = str(exc)
+    assert message, "a ConfigError must say something"
+    assert "\n" not in message and "\r" not in message, f"not one line: {message!r}"
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+    assert SECRET not in message
+
+
+def load_error(*names: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert_one_line_naming(info.value, *names)
+    return info.value
+
+
+def mappings_error(*names: str) -> ConfigError:
+    settings = load_settings()
+    with pytest.raises(ConfigError) as info:
+        settings.mappings()
+    assert_one_line_naming(info.value, *names)
+    return info.value
+
+
+def file_mapping(name: str = "vip", **extra: object) -> dict[str, object]:
+    return {"name": name, "source": {"type": "file", "path": f"{name}.txt"}, **extra}
+
+
+def set_segments(monkeypatch: pytest.MonkeyPatch, mappings: object) -> None:
+    monkeypatch.setenv("SYNCD_SEGMENTS", json.dumps(mappings))
+
+
+# -- defaults and required variables -------------------------------------------------
+
+
+def test_defaults(env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.walkme_client_id == "client-1"
+    assert settings.client_secret().get_secret_value() == SECRET
+    assert settings.walkme_system_guid == SYSTEM_GUID
+    assert settings.walkme_api_url == "https://api.walkme.com"
+    assert settings.token_url == "https://api.walkme.com/accounts/connect/token"
+    assert settings.schedule == "15m"
+    assert settings.parsed_schedule.interval_seconds == 15 * 60
+    assert settings.state_url == "sqlite:///syncd.db"
+    assert settings.batch_size == 25_000
+    assert settings.concurrency == 4
+    assert settings.log_format == "json"
+    assert settings.log_level == "info"
+    assert settings.admin_port == 9090
+
+
+@pytest.mark.parametrize(
+    "variable", ["SYNCD_WALKME_CLIENT_ID", "SYNCD_WALKME_SYSTEM_GUID"]
+)
+def test_required_variable_missing(env: pytest.MonkeyPatch, variable: str) -> None:
+    env.delenv(variable)
+    load_error(variable)
+
+
+def test_secret_missing_names_both_variables(env: pytest.MonkeyPatch) -> None:
+    env.delenv("SYNCD_WALKME_CLIENT_SECRET")
+    load_error("SYNCD_WALKME_CLIENT_SECRET", "SYNCD_WALKME_CLIENT_SECRET_FILE")
+
+
+def test_empty_client_id_rejected(env: pytest.MonkeyPatch) -> None:
+    env.setenv("SYNCD_WALKME_CLIENT_ID", "")
+    load_error("SYNCD_WALKME_CLIENT_ID")
+
+
+def test_empty_client_secret_rejected(env: pytest.MonkeyPatch) -> None:
+    # An empty secret can never get a token; it must stop the start like an empty id.
+    env.setenv("SYNCD_WALKME_CLIENT_SECRET", "")
+    with pytest.raises(ConfigError) as info:
+        load_settings().client_secret()
+    assert_one_line_naming(info.value, "SYNCD_WALKME_CLIENT_SECRET")
+
+
+# -- the secret ----------------------------------------------------------------------
+
+
+def test_secret_from_file_is_stripped(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.delenv("SYNCD_WALKME_CLIENT_SECRET")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("  from-a-file\n", encoding="utf-8")
+    env.setenv("SYNCD_WALKME_CLIENT_SECRET_FILE", str(secret_file))
+    assert load_settings().client_secret().get_secret_value() == "from-a-file"
+
+
+def test_secret_file_missing(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.delenv("SYNCD_WALKME_CLIENT_SECRET")
+    env.setenv("SYNCD_WALKME_CLIENT_SECRET_FILE", str(tmp_path / "nope"))
+    settings = load_settings()
+    with pytest.raises(ConfigError) as info:
+        settings.client_secret()
+    assert_one_line_naming(info.value, "SYNCD_WALKME_CLIENT_SECRET_FILE")
+
+
+def test_secret_file_empty(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.delenv("SYNCD_WALKME_CLIENT_SECRET")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("\n", encoding="utf-8")
+    env.setenv("SYNCD_WALKME_CLIENT_SECRET_FILE", str(secret_file))
+    with pytest.raises(ConfigError) as info:
+        load_settings().client_secret()
+    assert_one_line_naming(info.value, "SYNCD_WALKME_CLIENT_SECRET_FILE", "empty")
+
+
+def test_secret_file_not_utf8_is_a_config_error(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.delenv("SYNCD_WALKME_CLIENT_SECRET")
+    secret_file = tmp_path / "secret"
+    secret_file.write_bytes(b"\xff\xfe\x00binary")
+    env.setenv("SYNCD_WALKME_CLIENT_SECRET_FILE", str(secret_file))
+    with pytest.raises(ConfigError) as info:
+        load_settings().client_secret()
+    assert_one_line_naming(info.value, "SYNCD_WALKME_CLIENT_SECRET_FILE")
+
+
+def test_secret_not_in_repr_or_str(env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings)
+    assert SECRET not in repr(settings.client_secret())
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("SYNCD_BATCH_SIZE", "0"),
+        ("SYNCD_SCHEDULE", "whenever"),
+        ("SYNCD_WALKME_SYSTEM_GUID", "not-a-guid"),
+        ("SYNCD_WALKME_API_URL", "api.walkme.com"),
+        ("SYNCD_SEGMENTS", "[not json"),
+    ],
+)
+def test_secret_never_in_config_error(
+    env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    env.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings().mappings()
+    assert SECRET not in str(info.value)
+    assert SECRET not in repr(info.value)
+
+
+def test_secret_as_an_invalid_value_elsewhere_is_not_echoed(env: pytest.MonkeyPatch) -> None:
+    # A secret pasted into the wrong variable is still a secret.
+    env.delenv("SYNCD_WALKME_SYSTEM_GUID")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert SECRET not in str(info.value)
+
+
+# -- URLs ----------------------------------------------------------------------------
+
+
+def test_api_url_trailing_slash_and_derived_token_url(env: pytest.MonkeyPatch) -> None:
+    env.setenv("SYNCD_WALKME_API_URL", "https://eu.api.walkme.example/")
+    settings = load_settings()
+    assert settings.walkme_api_url == "https://eu.api.walkme.example"
+    assert settings.token_url == "https://eu.api.walkme.example/accounts/connect/token"
+
+
+def test_explicit_token_url(env: pytest.MonkeyPatch) -> None:
+    env.setenv("SYNCD_WALKME_API_URL", "https://eu.api.walkme.example")
+    env.setenv("SYNCD_WALKME_TOKEN_URL", "https://login.walkme.example/oauth/token")
+    assert load_settings().token_url == "https://login.walkme.example/oauth/token"
+
+
+@pytest.mark.parametrize("variable", ["SYNCD_WALKME_API_URL", "SYNCD_WALKME_TOKEN_URL"])
+@pytest.mark.parametrize("value", ["ftp://api.walkme.com", "api.walkme.com", ""])
+def test_bad_urls(env: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    env.setenv(variable, value)
+    load_error(variable)
+
+
+def test_system_guid_any_case_and_system_for(env: pytest.MonkeyPatch) -> None:
+    env.setenv("SYNCD_WALKME_SYSTEM_GUID", SYSTEM_GUID.upper())
+    set_segments(env, [file_mapping()])
+    settings = load_settings()
+    [mapping] = settings.mappings()
+    assert settings.system_for(mapping) == SYSTEM_GUID
+
+
+@pytest.mark.parametrize("value", ["5a1d0c2e3b4f4e6a8c7d9e0f1a2b3c4d", "xyz", SYSTEM_GUID + "0"])
+def test_bad_system_guid(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_WALKME_SYSTEM_GUID", value)
+    load_error("SYNCD_WALKME_SYSTEM_GUID")
+
+
+# -- schedule ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("90s", 90), ("15m", 900), ("1h", 3600), ("1d", 86400), (" 2m ", 120)],
+)
+def test_schedule_interval(env: pytest.MonkeyPatch, value: str, seconds: int) -> None:
+    env.setenv("SYNCD_SCHEDULE", value)
+    schedule = load_settings().parsed_schedule
+    assert schedule.interval_seconds == seconds
+    trigger = schedule.trigger()
+    assert isinstance(trigger, IntervalTrigger)
+    assert trigger.interval.total_seconds() == seconds
+
+
+@pytest.mark.parametrize("value", ["*/5 * * * *", "0 3 * * 1-5", "30 2 1 * *"])
+def test_schedule_cron(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_SCHEDULE", value)
+    schedule = load_settings().parsed_schedule
+    assert schedule.interval_seconds is None
+    assert isinstance(schedule.trigger(), CronTrigger)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "0s", "0m", "soon", "15x", "-5m", "1.5h", "* * * *", "* * * * * *", "61 * * * *",
+     "* 25 * * *"],
+)
+def test_bad_schedule(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_SCHEDULE", value)
+    load_error("SYNCD_SCHEDULE")
+
+
+# -- numbers and choices -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("500", 500), ("25000", 25_000)])
+def test_batch_size(env: pytest.MonkeyPatch, value: str, expected: int) -> None:
+    env.setenv("SYNCD_BATCH_SIZE", value)
+    assert load_settings().batch_size == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "25001", "1000000", "ten", "1.5", ""])
+def test_bad_batch_size(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_BATCH_SIZE", value)
+    load_error("SYNCD_BATCH_SIZE")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("16", 16), ("64", 64)])
+def test_concurrency(env: pytest.MonkeyPatch, value: str, expected: int) -> None:
+    env.setenv("SYNCD_CONCURRENCY", value)
+    assert load_settings().concurrency == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "65", "many"])
+def test_bad_concurrency(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_CONCURRENCY", value)
+    load_error("SYNCD_CONCURRENCY")
+
+
+@pytest.mark.parametrize("value", ["json", "console"])
+def test_log_format(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_LOG_FORMAT", value)
+    assert load_settings().log_format == value
+
+
+@pytest.mark.parametrize("value", ["xml", "text", ""])
+def test_bad_log_format(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_LOG_FORMAT", value)
+    load_error("SYNCD_LOG_FORMAT")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("debug", "debug"), ("INFO", "info"), ("Warning", "warning"), ("ERROR", "error")],
+)
+def test_log_level(env: pytest.MonkeyPatch, value: str, expected: str) -> None:
+    env.setenv("SYNCD_LOG_LEVEL", value)
+    assert load_settings().log_level == expected
+
+
+@pytest.mark.parametrize("value", ["loud", "trace", "5"])
+def test_bad_log_level(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_LOG_LEVEL", value)
+    load_error("SYNCD_LOG_LEVEL")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("0", 0), ("8081", 8081), ("65535", 65535)])
+def test_admin_port(env: pytest.MonkeyPatch, value: str, expected: int) -> None:
+    env.setenv("SYNCD_ADMIN_PORT", value)
+    assert load_settings().admin_port == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "65536", "http"])
+def test_bad_admin_port(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_ADMIN_PORT", value)
+    load_error("SYNCD_ADMIN_PORT")
+
+
+@pytest.mark.parametrize("value", ["sqlite:///state/syncd.db", "sqlite:////var/lib/syncd.db"])
+def test_state_url(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_STATE_URL", value)
+    assert load_settings().state_url == value
+
+
+@pytest.mark.parametrize("value", ["syncd.db", "sqlite://syncd.db", "nonsense://x"])
+def test_bad_state_url(env: pytest.MonkeyPatch, value: str) -> None:
+    env.setenv("SYNCD_STATE_URL", value)
+    load_error("SYNCD_STATE_URL")
+
+
+# -- segment mappings ----------------------------------------------------------------
+
+
+def test_segments_json(env: pytest.MonkeyPatch) -> None:
+    guid = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
+    set_segments(
+        env,
+        [
+            file_mapping("vip"),
+            {
+                "name": "trial users",
+                "source": {"type": "file", "path": "/data/trial.csv", "column": "email"},
+                "external_id": "trial-1",
+                "segment_guid": guid,
+                "system_guid": guid.upper(),
+            },
+        ],
+    )
+    settings = load_settings()
+    first, second = settings.mappings()
+    assert first.name == "vip"
+    assert isinstance(first.source, FileSourceConfig)
+    assert first.source.path == Path("vip.txt")
+    assert first.source.column is None
+    assert first.external_id is None and first.segment_guid is None
+    assert settings.system_for(first) == SYSTEM_GUID
+    assert second.name == "trial users"
+    assert isinstance(second.source, FileSourceConfig)
+    assert second.source.column == "email"
+    assert second.external_id == "trial-1"
+    assert second.segment_guid == guid
+    assert settings.system_for(second) == guid
+
+
+def test_segments_file_json(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "segments.json"
+    path.write_text(json.dumps([file_mapping("a"), file_mapping("b")]), encoding="utf-8")
+    env.setenv("SYNCD_SEGMENTS_FILE", str(path))
+    assert [m.name for m in load_settings().mappings()] == ["a", "b"]
+
+
+def test_segments_file_toml(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "segments.toml"
+    path.write_text(
+        """
+[[segments]]
+name = "vip"
+external_id = "vip-1"
+source = { type = "file", path = "/data/vip.txt" }
+
+[[segments]]
+name = "trial"
+[segments.source]
+type = "file"
+path = "/data/trial.csv"
+column = "email"
+""",
+        encoding="utf-8",
+    )
+    env.setenv("SYNCD_SEGMENTS_FILE", str(path))
+    vip, trial = load_settings().mappings()
+    assert vip.name == "vip" and vip.external_id == "vip-1"
+    assert isinstance(vip.source, FileSourceConfig)
+    assert vip.source.path == Path("/data/vip.txt")
+    assert trial.name == "trial"
+    assert isinstance(trial.source, FileSourceConfig)
+    assert trial.source.column == "email"
+
+
+def test_segments_file_toml_error_names_the_file_variable(
+    env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "segments.toml"
+    path.write_text('[[segments]]\nname = "vip"\nsource = { type = "file" }\n', encoding="utf-8")
+    env.setenv("SYNCD_SEGMENTS_FILE", str(path))
+    mappings_error("SYNCD_SEGMENTS_FILE", "mapping 1", "vip", "source.path")
+
+
+@pytest.mark.parametrize(
+    "text", ['name = "x"\n', "[[segments]\n", '[segments]\nname = "x"\n']
+)
+def test_segments_file_toml_malformed(
+    env: pytest.MonkeyPatch, tmp_path: Path, text: str
+) -> None:
+    path = tmp_path / "segments.toml"
+    path.write_text(text, encoding="utf-8")
+    env.setenv("SYNCD_SEGMENTS_FILE", str(path))
+    mappings_error("SYNCD_SEGMENTS_FILE")
+
+
+def test_segments_file_missing(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.setenv("SYNCD_SEGMENTS_FILE", str(tmp_path / "nope.json"))
+    mappings_error("SYNCD_SEGMENTS_FILE")
+
+
+def test_segments_file_bad_json(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "segments.json"
+    path.write_text("[{]", encoding="utf-8")
+    env.setenv("SYNCD_SEGMENTS_FILE", str(path))
+    mappings_error("SYNCD_SEGMENTS_FILE")
+
+
+def test_no_segments(env: pytest.MonkeyPatch) -> None:
+    mappings_error("SYNCD_SEGMENTS", "SYNCD_SEGMENTS_FILE")
+
+
+def test_both_segments_variables(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "segments.json"
+    path.write_text(json.dumps([file_mapping()]), encoding="utf-8")
+    set_segments(env, [file_mapping()])
+    env.setenv("SYNCD_SEGMENTS_FILE", str(path))
+    mappings_error("SYNCD_SEGMENTS", "SYNCD_SEGMENTS_FILE")
+
+
+@pytest.mark.parametrize("text", ["[not json", '{"name": "vip"}', '"vip"', "42"])
+def test_segments_not_a_json_array(env: pytest.MonkeyPatch, text: str) -> None:
+    env.setenv("SYNCD_SEGMENTS", text)
+    mappings_error("SYNCD_SEGMENTS")
+
+
+def test_mapping_missing_source_path(env: pytest.MonkeyPatch) -> None:
+    set_segments(env, [{"name": "vip", "source": {"type": "file"}}])
+    mappings_error("SYNCD_SEGMENTS", "mapping 1", "'vip'", "source.path")
+
+
+def test_mapping_unknown_source_type(env: pytest.MonkeyPatch) -> None:
+    set_segments(env, [{"name": "vip", "source": {"type": "carrier-pigeon", "path": "x"}}])
+    mappings_error("SYNCD_SEGMENTS", "mapping 1", "'vip'", "source", "carrier-pigeon")
+
+
+def test_mapping_missing_source(env: pytest.MonkeyPatch) -> None:
+    set_segments(env, [{"name": "vip"}])
+    mappings_error("SYNCD_SEGMENTS", "mapping 1", "source")
+
+
+def test_mapping_missing_name(env: pytest.MonkeyPatch) -> None:
+    set_segments(env, [file_mapping("a"), {"source": {"type": "file", "path": "x"}}])
+    mappings_error("SYNCD_SEGMENTS", "mapping 2", "name")
+
+
+@pytest.mark.parametrize("name", ["", " vip", "vip ", "x" * 201])
+def test_mapping_bad_name(env: pytest.MonkeyPatch, name: str) -> None:
+    set_segments(env, [file_mapping(name)])
+    mappings_error("SYNCD_SEGMENTS", "mapping 1", "name")
+
+
+def test_mapping_duplicate_names(env: pytest.MonkeyPatch) -> None:
+    set_segments(env, [file_mapping("vip"), file_mapping("other"), file_mapping("vip")])
+    mappings_error("SYNCD_SEGMENTS", "'vip'")
+
+
+@pytest.mark.parametrize("field", ["segment_guid", "system_guid"])
+@pytest.mark.parametrize("value", ["not-a-guid", "5a1d0c2e3b4f4e6a8c7d9e0f1a2b3c4d", 12])
+def test_mapping_bad_guid(env: pytest.MonkeyPatch, field: str, value: object) -> None:
+    set_segments(env, [file_mapping("first"), file_mapping("vip", **{field: value})])
+    mappings_error("SYNCD_SEGMENTS", "mapping 2", "'vip'", field)
+
+
+def test_mapping_unknown_field(env: pytest.MonkeyPatch) -> None:
+    set_segments(env, [file_mapping("vip", colour="blue")])
+    mappings_error("SYNCD_SEGMENTS", "mapping 1", "'vip'", "colour")
+
+
+def test_mapping_unknown_source_field(env: pytest.MonkeyPatch) -> None:
+    set_segments(
+        env, [{"name": "vip", "source": {"type": "file", "path": "x", "colum": "email"}}]
+    )
+    mappings_error("SYNCD_SEGMENTS", "mapping 1", "'vip'", "colum")
+
+
+@pytest.mark.parametrize("external_id", ["", "x" * 101])
+def test_mapping_bad_external_id(env: pytest.MonkeyPatch, external_id: str) -> None:
+    set_segments(env, [file_mapping("vip", external_id=external_id)])
+    mappings_error("SYNCD_SEGMENTS", "mapping 1", "external_id")
+
+
+def test_mapping_not_an_object(env: pytest.MonkeyPatch) -> None:
+    set_segments(env, [file_mapping("a"), "vip"])
+    mappings_error("SYNCD_SEGMENTS", "mapping 2")
+
+
+def test_settings_is_frozen(env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert isinstance(settings, Settings)
+    with pytest.raises(ValueError, match="frozen"):
+        settings.batch_size = 5
