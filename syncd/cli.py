@@ -48,6 +48,8 @@ async def cmd_run(_: argparse.Namespace) -> int:
 
 async def cmd_sync(args: argparse.Namespace) -> int:
     settings, mappings = _configured()
+    if args.force and not args.segment:
+        raise ConfigError("--force needs --segment NAME: it applies one held plan on purpose")
     async with open_runtime(settings, mappings) as runtime:
         known = await runtime.engine.mappings()
         for name in args.segment or []:
@@ -56,12 +58,15 @@ async def cmd_sync(args: argparse.Namespace) -> int:
                     f"--segment {name!r}: no such segment in the configuration"
                     f" (configured: {', '.join(sorted(known))})"
                 )
-        outcomes = await runtime.engine.sync_all(args.segment, dry_run=args.dry_run)
+        outcomes = await runtime.engine.sync_all(
+            args.segment, dry_run=args.dry_run, force=args.force
+        )
         if not args.dry_run:
             await runtime.engine.report_orphans()
     if args.dry_run:
         for outcome in outcomes:
             _print_plan(outcome, settings.batch_size)
+    # A held segment is not synced: exit 1 so scripts notice.
     return EXIT_OK if all(o.result in ("synced", "planned") for o in outcomes) else EXIT_FAILED
 
 
@@ -88,6 +93,8 @@ def _print_plan(outcome: Outcome, batch: int) -> None:
     if outcome.skipped.count:
         _out(f"  skip   {outcome.skipped.count:>10}  {'; '.join(outcome.skipped.examples)}")
     _out(f"  requests {_requests_needed(plan, batch)} (batches of at most {batch})")
+    if plan.held is not None:
+        _out(f"  HELD by the removal guard: {plan.held.reason}; --force applies it")
 
 
 def _examples(examples: list[str], total: int) -> str:
@@ -143,6 +150,7 @@ def _status_row(state: SegmentState, configured: bool) -> StatusRow:
         "skipped": state.skipped,
         "skipped_examples": state.skipped_examples,
         "orphaned_at": state.orphaned_at.isoformat() if state.orphaned_at else None,
+        "quarantined": state.quarantined,
     }
 
 
@@ -159,6 +167,9 @@ async def print_status(
     try:
         current = await current_mappings(settings, mappings, store)
         states = {state.name: state for state in await store.all()}
+        quarantine = {
+            name: await store.quarantined(name, 5) for name, s in states.items() if s.quarantined
+        }
     finally:
         await store.close()
     rows: list[StatusRow] = [
@@ -167,6 +178,12 @@ async def print_status(
         else {"segment": name, "configured": True, "last_result": "never run"}
         for name in current
     ]
+    for row in rows:
+        if row["segment"] in quarantine:
+            row["quarantined_examples"] = [
+                {"id": member, "action": action, "walkme_answer": reason[:200]}
+                for member, action, reason in quarantine[row["segment"]]
+            ]
     orphans = [_status_row(s, False) for name, s in states.items() if name not in current]
     if as_json:
         _out(json.dumps({"segments": rows, "orphans": orphans}, indent=2))
@@ -190,6 +207,9 @@ def _print_table(rows: list[StatusRow]) -> None:
             _out(f"    error: {row['last_error']}")
         if row.get("skipped_examples"):
             _out(f"    skipped ids: {'; '.join(row['skipped_examples'])}")
+        if row.get("quarantined"):
+            shown = ", ".join(repr(q["id"]) for q in row.get("quarantined_examples", []))
+            _out(f"    quarantined (rejected by WalkMe): {row['quarantined']}: {shown}")
         if row.get("orphaned_at"):
             _out(f"    orphaned since {row['orphaned_at']} ({row.get('origin')})")
 
@@ -297,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync = add("sync", cmd_sync, "sync once now and exit (0 all synced, 1 any failed)")
     sync.add_argument("--segment", action="append", metavar="NAME", help="only this segment")
     sync.add_argument("--dry-run", action="store_true", help="print the plan, send nothing")
+    sync.add_argument(
+        "--force", action="store_true", help="apply a plan the removal guard holds (once)"
+    )
     add("check", cmd_check, "check configuration, state store, token and WalkMe access")
     status = add("status", cmd_status, "show each segment's state")
     status.add_argument("--json", action="store_true", help="machine-readable output")

@@ -24,9 +24,16 @@ import structlog
 from syncd.ids import SkippedIds, clean_ids
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import SourceError, build_source
-from syncd.state import SegmentState, Stage, StateError, StateStore
+from syncd.state import Action, SegmentState, Stage, StateError, StateStore
 from syncd.state.base import RunResult
-from syncd.walkme import WalkMeClient, WalkMeError, WalkMeNotFound, normalize_guid, request_tally
+from syncd.walkme import (
+    WalkMeClient,
+    WalkMeError,
+    WalkMeNotFound,
+    WalkMeRejected,
+    normalize_guid,
+    request_tally,
+)
 
 log = structlog.get_logger("syncd.engine")
 
@@ -34,8 +41,23 @@ EXAMPLES_SHOWN = 5
 Mode = Literal["create", "override", "update"]
 
 
+CONTROL_AFTER = 3  # single-id rejections, with nothing accepted, before a control request
+MAX_QUARANTINED_PER_BATCH = 1000
+
+
 class Interrupted(Exception):
     """Shutdown was requested; the batch in flight finished and was recorded."""
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why the removal guard held a segment, with the numbers."""
+
+    reason: str
+    removes: int
+    snapshot_members: int
+    source_ids: int
+    max_remove_fraction: float
 
 
 @dataclass(frozen=True)
@@ -48,12 +70,13 @@ class Plan:
     removes: int
     add_examples: list[str]
     remove_examples: list[str]
+    held: Hold | None  # set when the removal guard would hold it
 
 
 @dataclass
 class Outcome:
     segment: str
-    result: Literal["synced", "failed", "planned"]
+    result: Literal["synced", "failed", "held", "planned"]
     run_id: str
     added: int = 0
     removed: int = 0
@@ -62,6 +85,18 @@ class Outcome:
     duration_s: float = 0.0
     error: str | None = None
     plan: Plan | None = None
+    quarantined: int = 0
+    hold: Hold | None = None
+
+
+@dataclass
+class _Target:
+    """Where one run's batches go; ``guid`` is set once a create is acknowledged."""
+
+    mapping: SegmentMapping
+    system: str
+    guid: str | None
+    outcome: Outcome
 
 
 class Engine:
@@ -101,13 +136,17 @@ class Engine:
         return None
 
     async def sync_all(
-        self, names: Sequence[str] | None = None, *, dry_run: bool = False
+        self, names: Sequence[str] | None = None, *, dry_run: bool = False, force: bool = False
     ) -> list[Outcome]:
         known = await self.mappings()
         chosen = [known[name] for name in names] if names else list(known.values())
-        return list(await asyncio.gather(*(self.sync_segment(m, dry_run=dry_run) for m in chosen)))
+        runs = (self.sync_segment(m, dry_run=dry_run, force=force) for m in chosen)
+        return list(await asyncio.gather(*runs))
 
-    async def sync_segment(self, mapping: SegmentMapping, *, dry_run: bool = False) -> Outcome:
+    async def sync_segment(
+        self, mapping: SegmentMapping, *, dry_run: bool = False, force: bool = False
+    ) -> Outcome:
+        """One run; ``force`` applies a plan the removal guard would hold."""
         lock = self._locks.setdefault(mapping.name, asyncio.Lock())
         async with self._slots, lock:
             # Each run counts its own requests (the tally is task-local).
@@ -118,14 +157,16 @@ class Engine:
                 segment=mapping.name, run_id=outcome.run_id
             ):
                 started = time.monotonic()
-                await self._run(mapping, outcome, dry_run)
+                await self._run(mapping, outcome, dry_run, force)
                 outcome.duration_s = round(time.monotonic() - started, 3)
                 outcome.requests = sum(tally.values())
                 if not dry_run:
                     self._log_outcome(outcome)
             return outcome
 
-    async def _run(self, mapping: SegmentMapping, outcome: Outcome, dry_run: bool) -> None:
+    async def _run(
+        self, mapping: SegmentMapping, outcome: Outcome, dry_run: bool, force: bool
+    ) -> None:
         system = self._settings.system_for(mapping)
         source = build_source(mapping.source, self._settings, self._store)
         try:
@@ -154,10 +195,18 @@ class Engine:
                     mode: Mode = "create"
                 else:
                     mode = "override" if state.needs_override else "update"
+                snapshot = state.members if state is not None and mode == "update" else 0
                 if dry_run:
-                    outcome.plan = await self._plan(stage, mode)
+                    outcome.plan = await self._plan(mapping, stage, mode, snapshot, source_ids)
                     outcome.result = "planned"
                     return
+                await stage.release_quarantine()
+                if mode == "update" and not force:
+                    removes = await stage.pending("remove")
+                    outcome.hold = self._guard(mapping, snapshot, removes, source_ids)
+                    if outcome.hold is not None:
+                        outcome.result, outcome.error = "held", outcome.hold.reason
+                        return
                 await self._push(mapping, system, stage, outcome)
             outcome.result = "synced"
         except (SourceError, WalkMeError, StateError, Interrupted) as exc:
@@ -170,15 +219,40 @@ class Engine:
             if not dry_run:
                 await self._finish(outcome)
 
-    async def _plan(self, stage: Stage, mode: Mode) -> Plan:
+    async def _plan(
+        self, mapping: SegmentMapping, stage: Stage, mode: Mode, snapshot: int, source_ids: int
+    ) -> Plan:
+        removes = await stage.pending("remove") if mode == "update" else 0
         return Plan(
             mode=mode,
             staged=await stage.size(),
             adds=await stage.pending("add"),
-            removes=await stage.pending("remove"),
+            removes=removes,
             add_examples=await stage.examples("add", EXAMPLES_SHOWN),
-            remove_examples=await stage.examples("remove", EXAMPLES_SHOWN),
+            remove_examples=await stage.examples("remove", EXAMPLES_SHOWN) if removes else [],
+            held=self._guard(mapping, snapshot, removes, source_ids) if mode == "update" else None,
         )
+
+    def _guard(
+        self, mapping: SegmentMapping, snapshot: int, removes: int, source_ids: int
+    ) -> Hold | None:
+        """A Hold when this plan must not be sent unasked: a source hiccup must
+        never empty a segment."""
+        fraction = mapping.max_remove_fraction
+        if fraction is None:
+            fraction = self._settings.max_remove_fraction
+        if fraction >= 1.0:
+            return None
+        if source_ids == 0 and snapshot > 0:
+            reason = f"the source returned no ids while WalkMe holds {snapshot} members"
+        elif snapshot >= self._settings.guard_min_members and removes > fraction * snapshot:
+            reason = (
+                f"{removes} of {snapshot} members would be removed"
+                f" ({removes / snapshot:.0%}, more than max_remove_fraction {fraction})"
+            )
+        else:
+            return None
+        return Hold(reason, removes, snapshot, source_ids, fraction)
 
     async def _push(
         self, mapping: SegmentMapping, system: str, stage: Stage, outcome: Outcome
@@ -194,44 +268,129 @@ class Engine:
     async def _push_once(
         self, mapping: SegmentMapping, system: str, stage: Stage, outcome: Outcome
     ) -> None:
-        name, size, run_id = mapping.name, self._settings.batch_size, outcome.run_id
         guid, mode = await self._resolve(mapping, system)
+        target = _Target(mapping, system, guid, outcome)
+        size = self._settings.batch_size
         if mode == "update":
-            assert guid is not None
             async for batch in stage.batches("remove", size):
                 self._check_stopping()
-                await self._client.update_segment(system, guid, "remove", batch)
-                await self._store.record_batch(name, run_id, "remove", batch)
-                outcome.removed += len(batch)
-        first = mode != "update"
+                await self._deliver(target, "remove", batch)
+        # A new segment is created with its first batch; an adopted or reset one
+        # is rebuilt with override as its first batch.
+        first: Action | None = None if mode == "update" else mode
         async for batch in stage.batches("add", size):
             self._check_stopping()
-            guid = await self._send_add(mapping, system, guid, mode if first else "update", batch)
-            await self._store.record_batch(
-                name, run_id, _action(mode if first else "update"), batch, guid
-            )
-            outcome.added += len(batch)
-            first = False
-        if first:
+            await self._deliver(target, first or "add", batch)
+            first = None
+        if first is not None:
             # Nothing to add, yet the segment must exist (create) or be emptied
             # of unknown members (override).
-            guid = await self._send_add(mapping, system, guid, mode, [])
-            await self._store.record_batch(name, run_id, _action(mode), [], guid)
+            await self._deliver(target, first, [])
 
-    async def _send_add(
-        self, mapping: SegmentMapping, system: str, guid: str | None, mode: Mode, batch: list[str]
-    ) -> str:
-        if mode == "create":
-            guid = await self._client.create_segment(
-                system, mapping.name, mapping.external_id, batch
+    async def _deliver(self, target: _Target, action: Action, batch: list[str]) -> None:
+        """Send one batch and record it; on a 400, find and quarantine the rejected ids."""
+        try:
+            await self._send(target, action, batch)
+        except WalkMeRejected as exc:
+            if not batch:
+                raise
+            if action in ("create", "override"):
+                # Establish (or empty) the segment first, then add the batch piecewise.
+                await self._send(target, action, [])
+                await self._record(target, action, [])
+                action = "add"
+            await self._isolate(target, "remove" if action == "remove" else "add", batch, exc)
+            return
+        await self._record(target, action, batch)
+
+    async def _send(self, target: _Target, action: Action, batch: list[str]) -> None:
+        mapping = target.mapping
+        if action == "create":
+            target.guid = await self._client.create_segment(
+                target.system, mapping.name, mapping.external_id, batch
             )
-            log.info("segment.created", segment_guid=guid)
-            return guid
-        assert guid is not None
-        await self._client.update_segment(
-            system, guid, "override" if mode == "override" else "add", batch
+            log.info("segment.created", segment_guid=target.guid)
+            return
+        assert target.guid is not None
+        await self._client.update_segment(target.system, target.guid, action, batch)
+
+    async def _record(self, target: _Target, action: Action, batch: list[str]) -> None:
+        outcome = target.outcome
+        await self._store.record_batch(
+            target.mapping.name, outcome.run_id, action, batch, target.guid
         )
-        return guid
+        if action == "remove":
+            outcome.removed += len(batch)
+        else:
+            outcome.added += len(batch)
+
+    async def _isolate(
+        self,
+        target: _Target,
+        action: Literal["add", "remove"],
+        batch: list[str],
+        error: WalkMeRejected,
+    ) -> None:
+        """Bisect a rejected batch down to the single ids WalkMe refuses.
+
+        k bad ids cost about 2·k·log2(len(batch)) extra requests. A 400 that is
+        not about ids (every part refused, even an empty request) fails the run
+        instead of quarantining good ids.
+        """
+        pending = [batch[len(batch) // 2 :], batch[: len(batch) // 2]]
+        rejected: list[tuple[str, str]] = []
+        accepted = 0
+        control_done = False
+        try:
+            while pending:
+                part = pending.pop()
+                self._check_stopping()
+                try:
+                    await self._send(target, action, part)
+                except WalkMeRejected as exc:
+                    if len(part) > 1:
+                        pending += [part[len(part) // 2 :], part[: len(part) // 2]]
+                        continue
+                    rejected.append((part[0], exc.body or str(exc)))
+                    if not accepted and not control_done and len(rejected) >= CONTROL_AFTER:
+                        control_done = True
+                        await self._control_request(target, action, exc)
+                    if len(rejected) > MAX_QUARANTINED_PER_BATCH:
+                        raise WalkMeRejected(
+                            f"WalkMe rejected more than {MAX_QUARANTINED_PER_BATCH} ids of one"
+                            f" batch; giving up on this run. Last answer: {exc.body}",
+                            400,
+                            exc.body,
+                        ) from None
+                    continue
+                await self._record(target, action, part)
+                accepted += len(part)
+        finally:
+            if rejected:
+                await self._store.quarantine(target.mapping.name, action, rejected)
+                target.outcome.quarantined += len(rejected)
+                log.warning(
+                    "segment.quarantined",
+                    action=action,
+                    count=len(rejected),
+                    ids=[member for member, _ in rejected[:EXAMPLES_SHOWN]],
+                    walkme_answer=rejected[0][1][:300],
+                    first_answer=error.body[:300],
+                )
+
+    async def _control_request(
+        self, target: _Target, action: Literal["add", "remove"], exc: WalkMeRejected
+    ) -> None:
+        """An empty request: if WalkMe refuses even that, the 400 is not about ids."""
+        try:
+            await self._send(target, action, [])
+        except WalkMeRejected as control:
+            raise WalkMeRejected(
+                "WalkMe answers 400 even to a request without ids: the problem is not"
+                f" the ids. WalkMe said: {control.body or exc.body}",
+                400,
+                control.body,
+            ) from None
 
     async def _resolve(self, mapping: SegmentMapping, system: str) -> tuple[str | None, Mode]:
         """Which WalkMe segment this mapping writes to, and how its first batch goes."""
@@ -310,7 +469,7 @@ class Engine:
             raise Interrupted("stopped by shutdown; the next run carries on from the snapshot")
 
     async def _finish(self, outcome: Outcome) -> None:
-        result: RunResult = "synced" if outcome.result == "synced" else "failed"
+        result: RunResult = outcome.result if outcome.result in ("synced", "held") else "failed"
         try:
             await self._store.finish_run(
                 outcome.segment, outcome.run_id, result, outcome.error, outcome.skipped
@@ -326,6 +485,7 @@ class Engine:
             "skipped": outcome.skipped.count,
             "requests": outcome.requests,
             "duration_s": outcome.duration_s,
+            "quarantined": outcome.quarantined,
         }
         if outcome.skipped.count:
             log.warning(
@@ -335,6 +495,18 @@ class Engine:
             )
         if outcome.result == "synced":
             log.info("segment.synced", **fields)
+        elif outcome.hold is not None:
+            hold = outcome.hold
+            log.warning(
+                "segment.held",
+                reason=hold.reason,
+                planned_removes=hold.removes,
+                snapshot_members=hold.snapshot_members,
+                source_ids=hold.source_ids,
+                max_remove_fraction=hold.max_remove_fraction,
+                hint=f"syncd sync --segment {outcome.segment!r} --force applies it once",
+                **fields,
+            )
         else:
             log.error("segment.failed", error=outcome.error, **fields)
 
@@ -375,5 +547,3 @@ def auto_mapping(heap_segment_id: int, name: str) -> SegmentMapping:
     )
 
 
-def _action(mode: Mode) -> Literal["create", "override", "add"]:
-    return "add" if mode == "update" else mode

@@ -86,6 +86,7 @@ class SegmentMapping(_Strict):
     external_id: str | None = Field(default=None, min_length=1, max_length=100)
     segment_guid: Guid | None = None
     system_guid: Guid | None = None
+    max_remove_fraction: float | None = Field(default=None, ge=0, le=1)
 
     @field_validator("name")
     @classmethod
@@ -164,6 +165,9 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=8, ge=1, le=100)
     retry_max_wait: float = Field(default=60.0, gt=0, le=3600)
     ca_bundle: Path | None = None
+    # The removal safety guard (per mapping: "max_remove_fraction"; 1.0 turns it off).
+    max_remove_fraction: float = Field(default=0.5, ge=0, le=1)
+    guard_min_members: int = Field(default=100, ge=0)
     # Heap Segments Sync webhook receiver: on when a secret is set.
     heap_webhook_secret: SecretStr | None = None
     heap_webhook_secret_file: Path | None = None

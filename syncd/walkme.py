@@ -62,6 +62,10 @@ class WalkMeNotFound(WalkMeError):
     """404: the segment (or system) does not exist."""
 
 
+class WalkMeRejected(WalkMeError):
+    """400: WalkMe refused the request's content (often one bad id in a batch)."""
+
+
 class WalkMeConflict(WalkMeError):
     """409: the external id is already used by another segment."""
 
@@ -409,6 +413,8 @@ class WalkMeClient:
             )
         if status == 404:
             raise WalkMeNotFound(f"WalkMe answered 404 for {kind}: {excerpt}", 404, excerpt)
+        if status == 400:
+            raise WalkMeRejected(f"WalkMe answered 400 to {kind}: {excerpt}", 400, excerpt)
         raise WalkMeError(f"WalkMe answered HTTP {status} to {kind}: {excerpt}", status, excerpt)
 
     async def _send(

@@ -17,7 +17,7 @@ from syncd.ids import SkippedIds
 
 Action = Literal["create", "override", "add", "remove"]
 Origin = Literal["created", "adopted"]
-RunResult = Literal["synced", "failed", "running"]
+RunResult = Literal["synced", "failed", "held", "running"]
 
 
 class StateError(Exception):
@@ -40,6 +40,7 @@ class SegmentState:
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
     orphaned_at: datetime | None = None
+    quarantined: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,10 @@ class Stage(Protocol):
         """Pending ids in batches; each batch is read after the previous one is recorded."""
         ...
 
+    async def release_quarantine(self) -> int:
+        """Forget quarantined ids whose membership changed, so they are tried again."""
+        ...
+
 
 class StateStore(Protocol):
     async def get(self, name: str) -> SegmentState | None: ...
@@ -121,6 +126,16 @@ class StateStore(Protocol):
 
     async def forget_guid(self, name: str) -> None:
         """The WalkMe segment is gone: drop its GUID and snapshot."""
+        ...
+
+    async def quarantine(
+        self, name: str, action: Literal["add", "remove"], rejected: list[tuple[str, str]]
+    ) -> None:
+        """Ids WalkMe rejected, with its answer: not sent again until they change."""
+        ...
+
+    async def quarantined(self, name: str, limit: int) -> list[tuple[str, str, str]]:
+        """Some quarantined (id, action, reason), newest first."""
         ...
 
     async def mark_orphans(self, configured: set[str]) -> list[SegmentState]:

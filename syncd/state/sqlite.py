@@ -70,6 +70,14 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_segment ON runs (segment, started_at);
+CREATE TABLE IF NOT EXISTS quarantine (
+    segment TEXT NOT NULL,
+    action TEXT NOT NULL,
+    id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since TEXT NOT NULL,
+    PRIMARY KEY (segment, action, id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS heap_segments (
     heap_segment_id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -197,6 +205,7 @@ class SqliteStore:
             skipped,
             examples,
             orphaned_at,
+            quarantined,
         ) = row
         return SegmentState(
             name=name,
@@ -213,12 +222,13 @@ class SqliteStore:
             skipped=skipped,
             skipped_examples=json.loads(examples),
             orphaned_at=_time(orphaned_at),
+            quarantined=quarantined,
         )
 
     _COLUMNS = (
         "name, system_guid, segment_guid, external_id, origin, needs_override, members,"
         " last_run_at, last_result, last_error, last_success_at, skipped, skipped_examples,"
-        " orphaned_at"
+        " orphaned_at, (SELECT count(*) FROM quarantine q WHERE q.segment = segments.name)"
     )
 
     async def get(self, name: str) -> SegmentState | None:
@@ -330,6 +340,31 @@ class SqliteStore:
 
         await self._call(write)
 
+    async def quarantine(
+        self, name: str, action: Literal["add", "remove"], rejected: list[tuple[str, str]]
+    ) -> None:
+        def write() -> None:
+            now = _now()
+            with self._transaction() as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO quarantine (segment, action, id, reason, since)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(name, action, member, reason, now) for member, reason in rejected],
+                )
+
+        await self._call(write)
+
+    async def quarantined(self, name: str, limit: int) -> list[tuple[str, str, str]]:
+        def read() -> list[tuple[str, str, str]]:
+            rows = self._conn.execute(
+                "SELECT id, action, reason FROM quarantine WHERE segment = ?"
+                " ORDER BY since DESC, id LIMIT ?",
+                (name, limit),
+            )
+            return [(row[0], row[1], row[2]) for row in rows]
+
+        return await self._call(read)
+
     async def mark_orphans(self, configured: set[str]) -> list[SegmentState]:
         def write() -> list[SegmentState]:
             now = _now()
@@ -338,7 +373,7 @@ class SqliteStore:
                     f"SELECT {self._COLUMNS} FROM segments ORDER BY name"
                 ).fetchall()
                 for row in rows:
-                    name, guid, since = row[0], row[2], row[-1]
+                    name, guid, since = row[0], row[2], row[-2]
                     orphan = name not in configured and guid is not None
                     if orphan and since is None:
                         conn.execute(
@@ -361,6 +396,7 @@ class SqliteStore:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM runs WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
                 return conn.execute("DELETE FROM segments WHERE name = ?", (name,)).rowcount > 0
 
         return await self._call(write)
@@ -369,6 +405,7 @@ class SqliteStore:
         def write() -> bool:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
                 cursor = conn.execute(
                     "UPDATE segments SET members = 0,"
                     " needs_override = (segment_guid IS NOT NULL) WHERE name = ?",
@@ -539,19 +576,44 @@ class SqliteStage:
         return await self._store._call(read)
 
     def _pending_sql(self, action: Literal["add", "remove"]) -> str:
+        # Quarantined ids (rejected by WalkMe) wait until their membership changes.
         if action == "add":
             return (
                 f"SELECT s.id FROM {self._table} s WHERE s.id > ? AND NOT EXISTS"
                 " (SELECT 1 FROM members m WHERE m.segment = ? AND m.id = s.id)"
+                " AND NOT EXISTS (SELECT 1 FROM quarantine q"
+                " WHERE q.segment = ? AND q.action = 'add' AND q.id = s.id)"
                 " ORDER BY s.id"
             )
         return (
             "SELECT m.id FROM members m WHERE m.segment = ? AND m.id > ? AND NOT EXISTS"
-            f" (SELECT 1 FROM {self._table} s WHERE s.id = m.id) ORDER BY m.id"
+            f" (SELECT 1 FROM {self._table} s WHERE s.id = m.id)"
+            " AND NOT EXISTS (SELECT 1 FROM quarantine q"
+            " WHERE q.segment = ? AND q.action = 'remove' AND q.id = m.id)"
+            " ORDER BY m.id"
         )
 
-    def _params(self, action: Literal["add", "remove"], after: str) -> tuple[str, str]:
-        return (after, self._segment) if action == "add" else (self._segment, after)
+    def _params(self, action: Literal["add", "remove"], after: str) -> tuple[str, str, str]:
+        if action == "add":
+            return (after, self._segment, self._segment)
+        return (self._segment, after, self._segment)
+
+    async def release_quarantine(self) -> int:
+        """Forget quarantined ids whose membership changed: they get another try."""
+
+        def write() -> int:
+            conn = self._store._conn
+            conn.execute("BEGIN")
+            released = conn.execute(
+                "DELETE FROM quarantine WHERE segment = ? AND ((action = 'add' AND id NOT IN"
+                f" (SELECT id FROM {self._table})) OR (action = 'remove' AND id IN"
+                f" (SELECT id FROM {self._table})))",
+                (self._segment,),
+            ).rowcount
+            conn.execute("COMMIT")
+            return released
+
+        return await self._store._call(write)
 
     async def pending(self, action: Literal["add", "remove"]) -> int:
         sql = f"SELECT count(*) FROM ({self._pending_sql(action)})"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from syncd.ids import EXAMPLES_KEPT, MAX_ID_LENGTH, SkippedIds, clean_ids
 
 
-def clean(values: list[object]) -> tuple[list[str], SkippedIds]:
+def clean(values: Sequence[object]) -> tuple[list[str], SkippedIds]:
     skipped = SkippedIds()
     return clean_ids(values, skipped), skipped
 
@@ -15,7 +17,8 @@ def clean(values: list[object]) -> tuple[list[str], SkippedIds]:
 def test_strip_and_keep_order() -> None:
     kept, skipped = clean(["  a@x.com ", "b@x.com\n", "\tc@x.com", "d@x.com\r\n"])
     assert kept == ["a@x.com", "b@x.com", "c@x.com", "d@x.com"]
-    assert skipped.count == 0 and skipped.examples == []
+    assert skipped.count == 0
+    assert skipped.examples == []
 
 
 def test_empty_and_none_dropped_without_counting() -> None:
@@ -48,7 +51,8 @@ def test_100_characters_ok_101_skipped() -> None:
     assert kept == [ok]
     assert skipped.count == 1
     [example] = skipped.examples
-    assert "101" in example and "100" in example
+    assert "101" in example
+    assert "100" in example
 
 
 def test_length_counted_after_strip() -> None:

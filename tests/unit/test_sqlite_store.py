@@ -46,9 +46,9 @@ async def snapshot(store: SqliteStore, name: str) -> list[str]:
         return [member async for batch in stage.batches("remove", 1000) for member in batch]
 
 
-async def collect(stage: SqliteStage, action: Literal["add", "remove"], size: int) -> list[
-    list[str]
-]:
+async def collect(
+    stage: SqliteStage, action: Literal["add", "remove"], size: int
+) -> list[list[str]]:
     return [batch async for batch in stage.batches(action, size)]
 
 
@@ -145,8 +145,10 @@ async def test_batches_read_lazily_after_record_batch(store: SqliteStore) -> Non
 
 
 async def test_record_create(store: SqliteStore) -> None:
-    state = await store.begin_run("vip", "r1", SYSTEM, "vip-ext")
-    assert state.segment_guid is None and state.members == 0 and state.origin is None
+    begun = await store.begin_run("vip", "r1", SYSTEM, "vip-ext")
+    assert begun.segment_guid is None
+    assert begun.members == 0
+    assert begun.origin is None
     await store.record_batch("vip", "r1", "create", ["a", "b", "b"], GUID)
     state = await store.get("vip")
     assert state is not None
@@ -164,7 +166,8 @@ async def test_record_create_empty(store: SqliteStore) -> None:
     await store.record_batch("vip", "r1", "create", [], GUID)
     state = await store.get("vip")
     assert state is not None
-    assert state.segment_guid == GUID and state.members == 0
+    assert state.segment_guid == GUID
+    assert state.members == 0
 
 
 async def test_record_add_and_remove_update_members(store: SqliteStore) -> None:
@@ -172,10 +175,12 @@ async def test_record_add_and_remove_update_members(store: SqliteStore) -> None:
     await store.begin_run("vip", "r1", SYSTEM, None)
     await store.record_batch("vip", "r1", "add", ["c", "d", "a"])  # "a" already there
     state = await store.get("vip")
-    assert state is not None and state.members == 4
+    assert state is not None
+    assert state.members == 4
     await store.record_batch("vip", "r1", "remove", ["a", "zzz"])  # "zzz" never there
     state = await store.get("vip")
-    assert state is not None and state.members == 3
+    assert state is not None
+    assert state.members == 3
     assert state.segment_guid == GUID  # add/remove keep the GUID
     assert await snapshot(store, "vip") == ["b", "c", "d"]
 
@@ -201,7 +206,8 @@ async def test_record_override_empty_empties(store: SqliteStore) -> None:
     await store.record_batch("vip", "r1", "override", [], GUID)
     state = await store.get("vip")
     assert state is not None
-    assert state.members == 0 and not state.needs_override
+    assert state.members == 0
+    assert not state.needs_override
     assert await snapshot(store, "vip") == []
 
 
@@ -235,7 +241,8 @@ async def test_reset_without_guid_does_not_need_override(store: SqliteStore) -> 
     await store.begin_run("vip", "r1", SYSTEM, None)
     assert await store.reset("vip") is True
     state = await store.get("vip")
-    assert state is not None and not state.needs_override
+    assert state is not None
+    assert not state.needs_override
 
 
 async def test_reset_unknown(store: SqliteStore) -> None:
@@ -279,7 +286,8 @@ async def test_finish_run(store: SqliteStore) -> None:
     assert state.last_result == "failed"
     assert state.last_error == "WalkMe answered 500"
     assert state.last_success_at == first_success  # a failure keeps the last success
-    assert state.skipped == 0 and state.skipped_examples == []
+    assert state.skipped == 0
+    assert state.skipped_examples == []
 
 
 async def test_all_and_get(store: SqliteStore) -> None:
@@ -302,7 +310,8 @@ async def test_reopen_persists(tmp_path: Path) -> None:
     try:
         state = await second.get("vip")
         assert state is not None
-        assert state.members == 3 and state.segment_guid == GUID
+        assert state.members == 3
+        assert state.segment_guid == GUID
         assert state.last_result == "synced"
         assert await snapshot(second, "vip") == ["a", "b", "c"]
     finally:

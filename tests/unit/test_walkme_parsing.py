@@ -69,12 +69,14 @@ def test_parse_segment_guid_normalized() -> None:
 
 def test_parse_segment_uppercase_hyphenated() -> None:
     segment = parse_segment({"guid": GUID.upper()})
-    assert segment is not None and segment.guid == GUID
+    assert segment is not None
+    assert segment.guid == GUID
 
 
 def test_parse_segment_external_id_field() -> None:
     segment = parse_segment({"guid": GUID, "name": "vip", "externalId": "vip-1"})
-    assert segment is not None and segment.external_id == "vip-1"
+    assert segment is not None
+    assert segment.external_id == "vip-1"
 
 
 def test_parse_segment_non_guid_id_is_external_id() -> None:
@@ -84,23 +86,27 @@ def test_parse_segment_non_guid_id_is_external_id() -> None:
 
 def test_parse_segment_numeric_id_is_external_id() -> None:
     segment = parse_segment({"guid": GUID, "id": 42})
-    assert segment is not None and segment.external_id == "42"
+    assert segment is not None
+    assert segment.external_id == "42"
 
 
 def test_parse_segment_guid_id_is_not_external_id() -> None:
     segment = parse_segment({"id": GUID, "name": "vip"})
     assert segment is not None
-    assert segment.guid == GUID and segment.external_id is None
+    assert segment.guid == GUID
+    assert segment.external_id is None
 
 
 def test_parse_segment_guid_key_order() -> None:
     segment = parse_segment({"id": GUID2, "guid": GUID})
-    assert segment is not None and segment.guid == GUID
+    assert segment is not None
+    assert segment.guid == GUID
 
 
 def test_parse_segment_skips_non_guid_values() -> None:
     segment = parse_segment({"guid": "nope", "segmentId": 17, "id": GUID2})
-    assert segment is not None and segment.guid == GUID2
+    assert segment is not None
+    assert segment.guid == GUID2
 
 
 @pytest.mark.parametrize(
@@ -113,12 +119,17 @@ def test_parse_segment_without_guid(item: dict[str, Any]) -> None:
 
 def test_parse_segment_non_string_name() -> None:
     segment = parse_segment({"guid": GUID, "name": {"en": "vip"}})
-    assert segment is not None and segment.name is None
+    assert segment is not None
+    assert segment.name is None
 
 
 def test_guid_helpers() -> None:
-    assert is_guid(GUID) and is_guid(GUID.replace("-", "")) and is_guid(GUID.upper())
-    assert not is_guid(GUID[:-1]) and not is_guid(None) and not is_guid(42)
+    assert is_guid(GUID)
+    assert is_guid(GUID.replace("-", ""))
+    assert is_guid(GUID.upper())
+    assert not is_guid(GUID[:-1])
+    assert not is_guid(None)
+    assert not is_guid(42)
     assert normalize_guid(GUID.replace("-", "").upper()) == GUID
     assert normalize_guid(GUID) == GUID
 
@@ -148,7 +159,8 @@ def test_retry_after_http_date_in_the_past() -> None:
 def test_retry_after_http_date_default_now() -> None:
     soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     wait = parse_retry_after(soon)
-    assert wait is not None and 25.0 <= wait <= 30.0
+    assert wait is not None
+    assert 25.0 <= wait <= 30.0
 
 
 @pytest.mark.parametrize("value", [None, "", "   ", "soon", "Mon, 99 Foo 2025"])
@@ -174,8 +186,6 @@ def test_backoff_timeouts_retried() -> None:
     assert _backoff(_Retryable("timeout")) is True
 
 
-@pytest.mark.parametrize(
-    "exc", [ValueError("x"), RuntimeError("y"), KeyError("z"), TimeoutError()]
-)
+@pytest.mark.parametrize("exc", [ValueError("x"), RuntimeError("y"), KeyError("z"), TimeoutError()])
 def test_backoff_others_not_retried(exc: Exception) -> None:
     assert _backoff(exc) is False

@@ -1,0 +1,314 @@
+"""The command line as users run it: `python -m syncd ...` subprocesses (issue case 8)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncd.sandbox import WalkMeSandbox
+from tests.integration.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    REPO_ROOT,
+    base_env,
+    check_run_endings,
+    cli_env,
+    free_port,
+    make_ids,
+    parse_log_lines,
+    parse_status,
+    run_cli,
+    segment_requests,
+    wait_until,
+    write_ids,
+)
+
+
+def file_mapping(folder: Path, name: str, ids: list[str] | None, **extra: Any) -> dict[str, Any]:
+    """A mapping whose file holds ``ids``; None leaves the file missing."""
+    path = folder / f"{name}.txt"
+    if ids is not None:
+        write_ids(path, ids)
+    return {"name": name, "source": {"type": "file", "path": str(path)}, **extra}
+
+
+def assert_no_secrets(sandbox: WalkMeSandbox | None, *outputs: str) -> None:
+    """The client secret, and every access token the sandbox issued, never printed."""
+    text = "\n".join(outputs)
+    assert CLIENT_SECRET not in text
+    # The sandbox keeps issued tokens privately; use them when it has them.
+    tokens = getattr(sandbox, "_tokens", None)
+    if isinstance(tokens, dict):
+        assert tokens, "expected issued tokens to check"
+        for token in tokens:
+            assert token not in text
+
+
+def test_sync_exit_0_and_logs(live_sandbox: WalkMeSandbox, tmp_path: Path) -> None:
+    source = make_ids(3_000)
+    mapping = file_mapping(tmp_path, "Trial", source)
+    env = cli_env(live_sandbox.url, tmp_path, [mapping], batch_size=1_000, log_level="debug")
+
+    result = run_cli("sync", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = live_sandbox.find(name="Trial")
+    assert record is not None
+    assert live_sandbox.members(record.guid) == set(source)
+    events = parse_log_lines(result.stdout)
+    endings = check_run_endings(events)
+    assert [e["event"] for e in endings.values()] == ["segment.synced"]
+    ending = next(iter(endings.values()))
+    assert ending["segment"] == "Trial" and ending["added"] == 3_000
+    assert ending["removed"] == 0 and ending["skipped"] == 0 and ending["requests"] >= 3
+    assert isinstance(ending["duration_s"], int | float)
+    assert "Traceback" not in result.stderr
+    assert_no_secrets(live_sandbox, result.stdout, result.stderr)
+
+
+def test_one_failing_segment_exits_1_and_the_other_still_syncs(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    good = make_ids(500)
+    mappings = [file_mapping(tmp_path, "Good", good), file_mapping(tmp_path, "Broken", None)]
+    env = cli_env(live_sandbox.url, tmp_path, mappings)
+
+    result = run_cli("sync", env=env)
+    assert result.returncode == 1, result.stdout + result.stderr
+    record = live_sandbox.find(name="Good")
+    assert record is not None and live_sandbox.members(record.guid) == set(good)
+    assert live_sandbox.find(name="Broken") is None
+    endings = {e["segment"]: e for e in check_run_endings(parse_log_lines(result.stdout)).values()}
+    assert endings["Good"]["event"] == "segment.synced"
+    assert endings["Broken"]["event"] == "segment.failed"
+    assert "Broken.txt" in endings["Broken"]["error"]
+    assert "Traceback" not in result.stdout + result.stderr
+
+    rows = parse_status(run_cli("status", "--json", env=env).stdout)
+    assert rows["Good"]["last_result"] == "synced"
+    assert rows["Broken"]["last_result"] == "failed"
+    assert "Broken.txt" in rows["Broken"]["last_error"]
+
+    # Only the healthy segment: exit 0. Then the file appears: all green.
+    assert run_cli("sync", "--segment", "Good", env=env).returncode == 0
+    write_ids(tmp_path / "Broken.txt", ["fixed@example.com"])
+    assert run_cli("sync", env=env).returncode == 0
+    fixed = live_sandbox.find(name="Broken")
+    assert fixed is not None and live_sandbox.members(fixed.guid) == {"fixed@example.com"}
+
+
+def test_unreadable_source_file_fails_that_segment(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"ok@example.com\n\x00\x01\x02garbage\n")
+    mappings = [
+        {"name": "Binary", "source": {"type": "file", "path": str(binary)}},
+        {"name": "Directory", "source": {"type": "file", "path": str(tmp_path)}},
+        file_mapping(tmp_path, "Fine", ["fine@example.com"]),
+    ]
+    result = run_cli("sync", env=cli_env(live_sandbox.url, tmp_path, mappings))
+    assert result.returncode == 1
+    endings = {e["segment"]: e for e in check_run_endings(parse_log_lines(result.stdout)).values()}
+    assert {name: e["event"] for name, e in endings.items()} == {
+        "Binary": "segment.failed",
+        "Directory": "segment.failed",
+        "Fine": "segment.synced",
+    }
+    # A partial read must not reach WalkMe: nothing was created for the broken ones.
+    assert live_sandbox.find(name="Binary") is None
+    assert live_sandbox.find(name="Directory") is None
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_dry_run_prints_the_plan_and_sends_nothing(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    source = make_ids(2_500)
+    mapping = file_mapping(tmp_path, "Planned", source)
+    env = cli_env(live_sandbox.url, tmp_path, [mapping], batch_size=1_000)
+
+    # Never synced: the plan is a create of everything.
+    result = run_cli("sync", "--dry-run", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert segment_requests(live_sandbox) == []
+    assert live_sandbox.find(name="Planned") is None
+    assert "create" in result.stdout
+    assert re.search(r"\badd\s+2500\b", result.stdout), result.stdout
+    assert source[0] in result.stdout
+
+    assert run_cli("sync", env=env).returncode == 0
+    live_sandbox.clear_requests()
+    changed = source[7:] + ["zz-new1@example.com", "zz-new2@example.com"]
+    write_ids(tmp_path / "Planned.txt", changed)
+
+    result = run_cli("sync", "--dry-run", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert segment_requests(live_sandbox) == []
+    assert re.search(r"\badd\s+2\b", result.stdout), result.stdout
+    assert re.search(r"\bremove\s+7\b", result.stdout), result.stdout
+    assert "zz-new1@example.com" in result.stdout
+    assert source[0] in result.stdout  # an example of the removes
+    # The dry run changed nothing: the real run still has the whole change to send.
+    assert run_cli("sync", env=env).returncode == 0
+    assert [r.action for r in segment_requests(live_sandbox)] == ["remove", "add"]
+    record = live_sandbox.find(name="Planned")
+    assert record is not None and live_sandbox.members(record.guid) == set(changed)
+
+
+def test_check_prints_ok_lines(live_sandbox: WalkMeSandbox, tmp_path: Path) -> None:
+    mapping = file_mapping(tmp_path, "Checked", ["a@example.com"])
+    env = cli_env(live_sandbox.url, tmp_path, [mapping])
+    result = run_cli("check", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) >= 3
+    assert all(line.lower().startswith("ok") for line in lines), result.stdout
+    assert segment_requests(live_sandbox) == []
+    assert_no_secrets(live_sandbox, result.stdout, result.stderr)
+
+    env["SYNCD_WALKME_CLIENT_SECRET"] = "not-the-secret"
+    result = run_cli("check", env=env)
+    assert result.returncode == 1
+    assert "SYNCD_WALKME_CLIENT_SECRET" in result.stdout + result.stderr
+    assert "not-the-secret" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_status_json_parses(live_sandbox: WalkMeSandbox, tmp_path: Path) -> None:
+    mappings = [
+        file_mapping(tmp_path, "Synced", make_ids(42)),
+        file_mapping(tmp_path, "Never", make_ids(1)),
+    ]
+    env = cli_env(live_sandbox.url, tmp_path, mappings)
+    assert run_cli("sync", "--segment", "Synced", env=env).returncode == 0
+    result = run_cli("status", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    json.loads(result.stdout)
+    rows = parse_status(result.stdout)
+    record = live_sandbox.find(name="Synced")
+    assert record is not None
+    assert rows["Synced"]["members"] == 42
+    assert rows["Synced"]["segment_guid"] == record.guid
+    assert rows["Synced"]["last_result"] == "synced"
+    assert rows["Never"].get("members", 0) == 0
+    assert rows["Never"]["last_result"] != "synced"
+
+
+def test_sync_against_sandbox_process(tmp_path: Path) -> None:
+    """The sandbox as a separate process, inspected through GET /_sandbox/state."""
+    port = free_port()
+    sandbox = subprocess.Popen(
+        [
+            sys.executable, "-m", "syncd.sandbox", "--port", str(port),
+            "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET,
+            "--list-shape", "bare", "--no-create-guid",
+        ],
+        env=base_env(),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def state(members: bool = False) -> dict[str, Any]:
+        query = "?members=1" if members else ""
+        with urllib.request.urlopen(f"{url}/_sandbox/state{query}", timeout=5) as response:  # noqa: S310
+            document: dict[str, Any] = json.load(response)
+            return document
+
+    def listening() -> bool:
+        try:
+            state()
+        except OSError:
+            assert sandbox.poll() is None, sandbox.communicate()
+            return False
+        return True
+
+    try:
+        wait_until(listening, 20, "the sandbox process to listen")
+        source = make_ids(1_234)
+        env = cli_env(url, tmp_path, [file_mapping(tmp_path, "Remote", source)], batch_size=500)
+        result = run_cli("sync", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        document = state(members=True)
+        [segment] = document["segments"]
+        assert segment["name"] == "Remote"
+        assert set(segment["members"]) == set(source)
+        assert document["requests"]["byKind"]["create"] == 1
+        assert document["requests"]["byKind"]["update"] == 2
+        assert_no_secrets(None, result.stdout, result.stderr)
+    finally:
+        sandbox.terminate()
+        sandbox.communicate(timeout=20)
+
+
+GUID = "5a1d0c2e-3b4f-4e6a-8c7d-9e0f1a2b3c4d"
+BAD_CONFIGS: list[tuple[str, str, dict[str, str | None]]] = [
+    ("missing-client-id", "sync", {"SYNCD_WALKME_CLIENT_ID": None}),
+    ("missing-secret", "sync", {"SYNCD_WALKME_CLIENT_SECRET": None}),
+    ("bad-system-guid", "sync", {"SYNCD_WALKME_SYSTEM_GUID": "not-a-guid"}),
+    ("segments-not-json", "sync", {"SYNCD_SEGMENTS": "[{"}),
+    ("segments-unknown-field", "sync", {"SYNCD_SEGMENTS": '[{"name": "a", "colour": 1}]'}),
+    (
+        "segment-named-twice",
+        "sync",
+        {
+            "SYNCD_SEGMENTS": json.dumps(
+                [{"name": "a", "source": {"type": "file", "path": "/x"}}] * 2
+            )
+        },
+    ),
+    ("no-segments", "check", {"SYNCD_SEGMENTS": None}),
+    ("batch-too-large", "sync", {"SYNCD_BATCH_SIZE": "25001"}),
+    ("batch-not-a-number", "sync", {"SYNCD_BATCH_SIZE": "lots"}),
+    ("bad-schedule", "run", {"SYNCD_SCHEDULE": "every tuesday"}),
+    ("bad-api-url", "sync", {"SYNCD_WALKME_API_URL": "api.walkme.com"}),
+    ("bad-state-url", "status", {"SYNCD_STATE_URL": "postgres://nowhere/db"}),
+    ("bad-log-level", "sync", {"SYNCD_LOG_LEVEL": "chatty"}),
+    ("bad-admin-port", "run", {"SYNCD_ADMIN_PORT": "70000"}),
+    ("secret-file-missing", "sync", {
+        "SYNCD_WALKME_CLIENT_SECRET": None,
+        "SYNCD_WALKME_CLIENT_SECRET_FILE": "/nonexistent/secret",
+    }),
+    ("unknown-segment-option", "sync --segment Nope", {}),
+]
+
+
+@pytest.fixture
+def config_folder(tmp_path: Path) -> Iterator[Path]:
+    write_ids(tmp_path / "ids.txt", ["a@example.com"])
+    yield tmp_path
+
+
+@pytest.mark.parametrize(("command", "changes"), [(c, v) for _, c, v in BAD_CONFIGS],
+                         ids=[name for name, _, _ in BAD_CONFIGS])
+def test_bad_config_exits_2_with_one_line(
+    config_folder: Path, command: str, changes: dict[str, str | None]
+) -> None:
+    mapping = {"name": "Seg", "source": {"type": "file", "path": str(config_folder / "ids.txt")}}
+    # No sandbox needed: nothing may reach WalkMe. An unused port makes sure of it.
+    env = cli_env(f"http://127.0.0.1:{free_port()}", config_folder, [mapping])
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    result = run_cli(*command.split(), env=env, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert CLIENT_SECRET not in result.stderr + result.stdout
+    changed = [k for k in changes if k.startswith("SYNCD_")]
+    if changed and not command.startswith("sync --segment"):
+        # The message names the variable to fix.
+        assert any(k in lines[0] for k in changed) or "SYNCD_" in lines[0], lines[0]
