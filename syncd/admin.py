@@ -6,6 +6,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from syncd.metrics import REGISTRY
 
 #: Returns (ready, details); details go into the JSON body.
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
@@ -23,6 +26,7 @@ class AdminServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -41,6 +45,11 @@ class AdminServer:
     async def _healthz(self, _: web.Request) -> web.Response:
         # Answering at all proves the event loop turns; nothing else is checked.
         return web.json_response({"status": "ok"})
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(REGISTRY))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
 
     async def _readyz(self, _: web.Request) -> web.Response:
         ready, details = await self._readiness()

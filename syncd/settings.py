@@ -36,6 +36,9 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 WAREHOUSE_SCHEMES = ("postgresql", "postgres", "redshift", "snowflake")
 
+# Values never echoed in errors: the warehouse URL holds a password.
+SECRET_FIELDS = frozenset({"walkme_client_secret", "heap_webhook_secret", "warehouse_url"})
+
 Guid = Annotated[str, Field(pattern=GUID_PATTERN)]
 
 
@@ -189,6 +192,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("walkme_client_secret", "heap_webhook_secret", "warehouse_url")
+    @classmethod
+    def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is set but empty")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
@@ -312,6 +322,8 @@ def _secret_value(value: SecretStr | None, path: Path | None, name: str) -> Secr
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}_FILE: {path} is not UTF-8 text") from None
     if not text:
         raise ConfigError(f"{name}_FILE: {path} is empty")
     return SecretStr(text)
@@ -388,6 +400,6 @@ def describe_settings_error(exc: ValidationError) -> str:
     if error["type"] == "missing":
         return f"{name} is required but not set"
     shown = error.get("input")
-    if "secret" not in field and isinstance(shown, str | int | float):
+    if field not in SECRET_FIELDS and isinstance(shown, str | int | float):
         return f"{name}: {message} (got {shown!r})"
     return f"{name}: {message}"

@@ -9,6 +9,7 @@ retried (429, 5xx, timeouts, dropped connections) with backoff that honours
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import ssl
@@ -28,6 +29,7 @@ import structlog
 from pydantic import SecretStr
 from stamina.instrumentation import RetryDetails
 
+from syncd import metrics
 from syncd.logs import forget_redaction, redact
 
 log = structlog.get_logger("syncd.walkme")
@@ -147,6 +149,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 def log_retry(details: RetryDetails) -> None:
     """stamina hook: one ``walkme.retry`` line per scheduled retry."""
     cause = details.caused_by
+    metrics.walkme_retries.labels(getattr(cause, "reason", type(cause).__name__)).inc()
     log.warning(
         "walkme.retry",
         reason=getattr(cause, "reason", type(cause).__name__),
@@ -240,15 +243,13 @@ class WalkMeClient:
             self._token = None
 
     async def _fetch_token(self) -> _Token:
-        auth = aiohttp.BasicAuth(self._client_id, self._client_secret.get_secret_value())
         started = time.monotonic()
-        status, body, _ = await self._send(
-            "token",
-            "POST",
-            self._token_url,
-            data={"grant_type": "client_credentials"},
-            auth=auth,
+        status, body, retry_after = await self._send(
+            "token", "POST", self._token_url, data={"grant_type": "client_credentials"}, basic=True
         )
+        if status in RETRY_STATUSES:
+            wait = None if retry_after is None else min(retry_after, self._max_wait)
+            raise _Retryable("token endpoint unavailable", status, wait)
         if status in (400, 401, 403):
             raise WalkMeAuthError(
                 f"WalkMe refused the API key at {self._token_url} (HTTP {status}): check"
@@ -277,6 +278,7 @@ class WalkMeClient:
         # request never starts with a token about to expire in flight.
         margin = min(300.0, lifetime * 0.1)
         self.token_refreshes += 1
+        metrics.token_refreshes.inc()
         log.info("walkme.token_refreshed", expires_in=lifetime)
         return _Token(value, started + lifetime - margin)
 
@@ -426,23 +428,29 @@ class WalkMeClient:
         json_body: Any = None,
         data: dict[str, str] | None = None,
         token: str | None = None,
-        auth: aiohttp.BasicAuth | None = None,
+        basic: bool = False,
     ) -> tuple[int, bytes, float | None]:
         headers = {"Accept": "application/json"}
         payload: bytes | dict[str, str] | None = data
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
+        if basic:
+            credentials = f"{self._client_id}:{self._client_secret.get_secret_value()}"
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
         if json_body is not None:
             headers["Content-Type"] = "application/json"
             payload = json.dumps(json_body, separators=(",", ":")).encode()
         tally = request_tally.get()
         if tally is not None:
             tally[kind] += 1
+        started = time.monotonic()
+        status = "error"
         try:
             async with self._session.request(
-                method, url, data=payload, headers=headers, auth=auth
+                method, url, data=payload, headers=headers
             ) as response:
                 body = await response.read()
+                status = str(response.status)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 return response.status, body, retry_after
         except TimeoutError:
@@ -451,6 +459,9 @@ class WalkMeClient:
             raise _Retryable(f"connection error: {type(exc).__name__}") from None
         except aiohttp.ClientPayloadError as exc:
             raise _Retryable(f"broken response: {type(exc).__name__}") from None
+        finally:
+            metrics.walkme_requests.labels(kind, status).inc()
+            metrics.walkme_latency.labels(kind).observe(time.monotonic() - started)
 
 
 def _backoff(exc: Exception) -> bool | float:

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 from pydantic import SecretStr
 
+from syncd import metrics
 from syncd.state import StateError, StateStore
 from syncd.state.base import HeapPage
 
@@ -160,6 +161,7 @@ class HeapWebhookReceiver:
         if action != SYNC_ACTION:
             # Answer 200 so Heap does not retry a call syncd will never understand.
             log.warning("heap.webhook_ignored", action_type=str(action)[:100])
+            metrics.webhook_pages.labels("ignored").inc()
             return web.json_response({"status": "ignored"})
         try:
             page = parse_page(payload)
@@ -170,6 +172,7 @@ class HeapWebhookReceiver:
         except StateError as exc:
             # Not stored: a non-2xx makes Heap send the page again later.
             log.error("heap.page_not_stored", error=str(exc))
+            metrics.webhook_pages.labels("not_stored").inc()
             return web.json_response({"error": "state store unavailable"}, status=503)
         log.info(
             "heap.page_received",
@@ -182,9 +185,11 @@ class HeapWebhookReceiver:
             duplicate=receipt.duplicate,
             task_complete=receipt.task_complete,
         )
+        result = "duplicate" if receipt.duplicate else "stored"
+        metrics.webhook_pages.labels(result).inc()
         if receipt.task_complete:
             self._on_task_complete(page.heap_segment_id)
-        return web.json_response({"status": "duplicate" if receipt.duplicate else "stored"})
+        return web.json_response({"status": result})
 
     def _verify(self, header: str | None, body: bytes) -> None:
         if not header:
@@ -206,4 +211,5 @@ class HeapWebhookReceiver:
     @staticmethod
     def _reject(status: int, reason: str) -> web.Response:
         log.warning("heap.webhook_rejected", status=status, reason=reason)
+        metrics.webhook_pages.labels(f"rejected_{status}").inc()
         return web.json_response({"error": reason}, status=status)

@@ -74,7 +74,7 @@ class FileSource:
 
     def _csv_values(self, lines: Iterator[str]) -> Iterator[str]:
         try:
-            rows = csv.reader(lines)
+            rows = csv.reader(lines, strict=True)  # a stray quote must fail, not swallow rows
             header = next(rows, None)
             if header is None:
                 raise SourceError(f"{self.path}: empty CSV file, expected a header row")

@@ -124,14 +124,21 @@ class SqliteStore:
     @classmethod
     async def open(cls, url: str) -> SqliteStore:
         store = cls(sqlite_path(url))
-        await store._call(store._connect)
+        try:
+            await store._call(store._connect)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
         return store
 
     # -- plumbing ----------------------------------------------------------------
 
     async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, function, *args)
+        try:
+            return await loop.run_in_executor(self._executor, function, *args)
+        except RuntimeError as exc:  # the executor was shut down
+            raise StateError(f"state store {self.path} is closed") from exc
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -159,6 +166,7 @@ class SqliteStore:
         where = f"state store {self.path}"
         if self.path.parent and not self.path.parent.exists():
             raise StateError(f"{where}: directory {self.path.parent} does not exist")
+        conn = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 10000")
@@ -175,11 +183,14 @@ class SqliteStore:
             conn.execute("PRAGMA temp_store = FILE")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{where}: {exc} (is it a syncd state file?)") from None
-        except OSError as exc:
-            raise StateError(f"{where}: {exc.strerror}") from None
-        self._db = conn
+            self._db = conn
+        except (sqlite3.DatabaseError, OSError, StateError) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StateError):
+                raise
+            reason = exc.strerror if isinstance(exc, OSError) else f"{exc} (a syncd state file?)"
+            raise StateError(f"{where}: {reason}") from None
 
     async def close(self) -> None:
         if self._db is not None:

@@ -56,7 +56,10 @@ def make_ids(n: int, prefix: str = "user", start: int = 0) -> list[str]:
 
 
 def write_ids(path: Path, ids: Iterable[str]) -> Path:
-    path.write_text("".join(f"{member}\n" for member in ids), encoding="utf-8")
+    """Write a source file atomically: a running daemon never reads half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(f"{member}\n" for member in ids), encoding="utf-8")
+    partial.replace(path)
     return path
 
 

@@ -1,0 +1,323 @@
+"""End to end through ``syncd run``: Heap pages in, debounced syncs out, SIGTERM.
+
+The daemon is a real subprocess (``python -m syncd run``); the WalkMe sandbox runs
+on a thread of the test process so its state can be read directly. With
+``SYNCD_SCHEDULE=1h`` only the start-up cycle is scheduled: every later WalkMe
+request comes from a webhook-triggered sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, WalkMeSandbox, run_sandbox_in_thread
+
+from .conftest import (
+    FREE_CUSTOMERS,
+    WEBHOOK_PATH,
+    WEBHOOK_SECRET,
+    free_port,
+    new_task,
+    page,
+    post_signed,
+)
+
+CLIENT_ID = "e2e-client"
+CLIENT_SECRET = "wm-client-secret-8d7c6b5a4f3e2d1c"
+DEBOUNCE = 0.5
+STARTUP_TIMEOUT = 20.0
+SYNC_TIMEOUT = 20.0
+
+
+@dataclass
+class RunningDaemon:
+    process: asyncio.subprocess.Process
+    admin_port: int
+    webhook_port: int
+    output: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def webhook_url(self) -> str:
+        return f"http://127.0.0.1:{self.webhook_port}{WEBHOOK_PATH}"
+
+    def text(self) -> str:
+        return "\n".join(self.output)
+
+    def events(self) -> list[dict[str, Any]]:
+        found = []
+        for line in self.output:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    found.append(entry)
+        return found
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout=20)
+        finally:
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+            if self.reader is not None:
+                await asyncio.wait_for(self.reader, timeout=5)
+        return code
+
+
+@pytest.fixture
+def walkme() -> Iterator[WalkMeSandbox]:
+    with run_sandbox_in_thread(client_id=CLIENT_ID, client_secret=CLIENT_SECRET) as sandbox:
+        yield sandbox
+
+
+async def _read_lines(stream: asyncio.StreamReader, sink: list[str]) -> None:
+    while line := await stream.readline():
+        sink.append(line.decode("utf-8", errors="replace").rstrip("\n"))
+
+
+async def _start_daemon(
+    tmp_path: Path, sandbox: WalkMeSandbox, extra_env: dict[str, str]
+) -> RunningDaemon:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCD_")}
+    admin_port, webhook_port = free_port(), free_port()
+    env.update(
+        {
+            "SYNCD_WALKME_CLIENT_ID": CLIENT_ID,
+            "SYNCD_WALKME_CLIENT_SECRET": CLIENT_SECRET,
+            "SYNCD_WALKME_SYSTEM_GUID": SANDBOX_SYSTEM_GUID,
+            "SYNCD_WALKME_API_URL": sandbox.url,
+            "SYNCD_STATE_URL": "sqlite:///" + str(tmp_path / "state.db"),
+            "SYNCD_SCHEDULE": "1h",
+            "SYNCD_HEAP_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "SYNCD_ADMIN_PORT": str(admin_port),
+            "SYNCD_WEBHOOK_PORT": str(webhook_port),
+            "SYNCD_HEAP_WEBHOOK_DEBOUNCE": str(DEBOUNCE),
+            "SYNCD_LOG_FORMAT": "json",
+            "SYNCD_LOG_LEVEL": "debug",
+            "SYNCD_RETRY_ATTEMPTS": "3",
+            "SYNCD_RETRY_MAX_WAIT": "1",
+            **extra_env,
+        }
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "syncd",
+        "run",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    daemon = RunningDaemon(process, admin_port, webhook_port)
+    daemon.reader = asyncio.create_task(_read_lines(process.stdout, daemon.output))
+    await _wait_until_listening(daemon)
+    return daemon
+
+
+async def _wait_until_listening(daemon: RunningDaemon) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    timeout = aiohttp.ClientTimeout(total=2)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while time.monotonic() < deadline:
+            if daemon.process.returncode is not None:
+                break
+            try:
+                async with session.get(f"http://127.0.0.1:{daemon.admin_port}/healthz") as admin:
+                    healthy = admin.status == 200
+                async with session.get(f"http://127.0.0.1:{daemon.webhook_port}/") as hook:
+                    listening = hook.status == 404
+                if healthy and listening:
+                    return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
+    pytest.fail(
+        f"syncd run did not start listening within {STARTUP_TIMEOUT} s"
+        f" (exit code {daemon.process.returncode}); output:\n{daemon.text()}"
+    )
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def _wait_for(
+    condition: Callable[[], bool], daemon: RunningDaemon, what: str, timeout: float = SYNC_TIMEOUT
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if daemon.process.returncode is not None:
+            break
+        await asyncio.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}; daemon output:\n{daemon.text()[-6000:]}")
+
+
+def _members(sandbox: WalkMeSandbox, **criteria: str) -> set[str] | None:
+    record = sandbox.find(**criteria)
+    return None if record is None else sandbox.members(record.guid)
+
+
+def _segment_calls(sandbox: WalkMeSandbox) -> int:
+    """Segment calls WalkMe has answered (the token call is never delayed)."""
+    return sum(sandbox.count(kind) for kind in ("create", "update", "list", "delete"))
+
+
+def _assert_no_secrets(daemon: RunningDaemon) -> None:
+    text = daemon.text()
+    assert WEBHOOK_SECRET not in text, "the Heap webhook secret appeared in syncd's output"
+    assert CLIENT_SECRET not in text, "the WalkMe client secret appeared in syncd's output"
+
+
+async def test_run_syncs_after_each_complete_heap_task(
+    tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
+) -> None:
+    mapping = {
+        "name": "Free Customers",
+        "source": {"type": "heap_webhook", "heap_segment_id": FREE_CUSTOMERS},
+    }
+    daemon = await _start_daemon(tmp_path, walkme, {"SYNCD_SEGMENTS": json.dumps([mapping])})
+    try:
+        # The start-up cycle finds no complete Heap task: it must not touch WalkMe.
+        await _wait_for(
+            lambda: any(e.get("event") == "segment.failed" for e in daemon.events()),
+            daemon,
+            "the start-up cycle to report the segment as not ready",
+        )
+        assert walkme.requests == []
+
+        first = {f"user{i:03d}@email.com" for i in range(30)} | {"zoë@exämple.com"}
+        ordered = sorted(first)
+        task = new_task()
+        bodies = {
+            number: page(task=task, number=number, total=3, add=ordered[number - 1 :: 3])
+            for number in (1, 2, 3)
+        }
+        # Pages 2 and 3 (with a retry): the task is incomplete, so no sync may start.
+        for number in (2, 3, 2):
+            answer = await post_signed(http, daemon.webhook_url, bodies[number])
+            assert answer.status == 200, answer.body
+        await asyncio.sleep(DEBOUNCE * 3)
+        assert walkme.requests == [], "a sync ran before Heap's task was complete"
+
+        answer = await post_signed(http, daemon.webhook_url, bodies[1])
+        assert answer.status == 200, answer.body
+        await _wait_for(
+            lambda: _members(walkme, name="Free Customers") == first,
+            daemon,
+            "the first Heap task to reach WalkMe",
+        )
+
+        # Heap's next sync: some users left, others joined.
+        leaving = set(ordered[:10])
+        joining = {"new1@email.com", "new2@email.com", "用户@例子.中国"}
+        task = new_task()
+        second = [
+            page(task=task, number=1, total=2, remove=sorted(leaving)[:5], add=["new1@email.com"]),
+            page(task=task, number=2, total=2, remove=sorted(leaving)[5:],
+                 add=["new2@email.com", "用户@例子.中国"]),
+        ]
+        for body in reversed(second):
+            answer = await post_signed(http, daemon.webhook_url, body)
+            assert answer.status == 200, answer.body
+        expected = (first - leaving) | joining
+        await _wait_for(
+            lambda: _members(walkme, name="Free Customers") == expected,
+            daemon,
+            "the second Heap task to reach WalkMe",
+        )
+        assert walkme.count("create") == 1
+        assert len(walkme.segments) == 1
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.text()[-4000:]
+    _assert_no_secrets(daemon)
+    events = [e.get("event") for e in daemon.events()]
+    assert "daemon.stopped" in events
+
+
+async def test_receiver_answers_fast_while_walkme_is_slow(
+    tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
+) -> None:
+    """A sync stuck on a slow WalkMe must not hold up Heap's pages (auto-mapped segment)."""
+    daemon = await _start_daemon(tmp_path, walkme, {})  # no mapping: auto-map
+    heap_id = 9_001
+    try:
+        walkme.faults = Faults(delay=3.0)  # every segment call takes 3 s
+        task = new_task()
+        body = page(task=task, number=1, total=1, add=["slow1@x.com", "slow2@x.com"],
+                    segment_id=heap_id, name="Slow Segment")
+        answer = await post_signed(http, daemon.webhook_url, body)
+        assert answer.status == 200, answer.body
+
+        # The debounced sync has started: it holds a token and waits on WalkMe.
+        await _wait_for(lambda: walkme.tokens_issued >= 1, daemon, "the sync to start", 10)
+        task = new_task()
+        timings = []
+        for number in (1, 2):
+            body = page(task=task, number=number, total=2, add=[f"fast{number}@x.com"],
+                        remove=["slow1@x.com"] if number == 2 else [],
+                        segment_id=heap_id, name="Slow Segment")
+            answer = await post_signed(http, daemon.webhook_url, body)
+            assert answer.status == 200, answer.body
+            timings.append(answer.elapsed)
+        assert _segment_calls(walkme) == 0, "WalkMe answered already; the test proves nothing"
+        assert max(timings) < 2.0, f"receiver answered in {timings} s while WalkMe was slow"
+
+        walkme.faults = Faults()  # WalkMe recovers
+        expected = {"slow2@x.com", "fast1@x.com", "fast2@x.com"}
+        await _wait_for(
+            lambda: _members(walkme, external_id=str(heap_id)) == expected,
+            daemon,
+            "both Heap tasks to reach WalkMe",
+        )
+        record = walkme.find(external_id=str(heap_id))
+        assert record is not None and record.name == "Slow Segment"
+        assert walkme.count("create") == 1
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.text()[-4000:]
+    _assert_no_secrets(daemon)
+
+
+async def test_sigterm_during_a_slow_sync_exits_0(
+    tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
+) -> None:
+    """Stopping waits for the request in flight, records it, and exits cleanly."""
+    daemon = await _start_daemon(tmp_path, walkme, {})
+    try:
+        walkme.faults = Faults(delay=1.5)
+        body = page(task=new_task(), number=1, total=1, add=["a@x.com"], segment_id=5,
+                    name="Stopping")
+        assert (await post_signed(http, daemon.webhook_url, body)).status == 200
+        await _wait_for(lambda: walkme.tokens_issued >= 1, daemon, "the sync to start", 10)
+    finally:
+        started = time.monotonic()
+        code = await daemon.stop()
+    assert code == 0, daemon.text()[-4000:]
+    assert time.monotonic() - started < 15
+    _assert_no_secrets(daemon)

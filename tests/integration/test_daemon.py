@@ -1,0 +1,150 @@
+"""`syncd run` as a daemon: admin endpoints, schedule, SIGTERM (issue cases 8, 9)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from syncd.sandbox import Faults, WalkMeSandbox
+from tests.integration.conftest import (
+    CLIENT_SECRET,
+    DaemonProcess,
+    check_run_endings,
+    cli_env,
+    free_port,
+    make_ids,
+    parse_log_lines,
+    run_cli,
+    status_rows,
+    wait_until,
+    write_ids,
+)
+
+StartDaemon = Callable[[dict[str, str]], DaemonProcess]
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - http://127.0.0.1
+            json.load(response)
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def no_secrets(daemon: DaemonProcess, sandbox: WalkMeSandbox) -> None:
+    text = daemon.output() + daemon.errors()
+    assert CLIENT_SECRET not in text
+    tokens = getattr(sandbox, "_tokens", None)  # private to the sandbox; used when present
+    if isinstance(tokens, dict):
+        for token in tokens:
+            assert token not in text
+
+
+def test_daemon_serves_health_and_syncs_on_schedule(
+    live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
+) -> None:
+    path = write_ids(tmp_path / "scheduled.txt", make_ids(1_000))
+    mapping = {"name": "Scheduled", "source": {"type": "file", "path": str(path)}}
+    port = free_port()
+    env = cli_env(live_sandbox.url, tmp_path, [mapping], admin_port=port, schedule="2s")
+    daemon = daemons(env)
+
+    daemon.wait_for("segment.synced", timeout=30)  # the sync at start
+    assert http_status(f"http://127.0.0.1:{port}/healthz") == 200
+    assert http_status(f"http://127.0.0.1:{port}/readyz") == 200
+    record = live_sandbox.find(name="Scheduled")
+    assert record is not None
+    guid = record.guid
+    assert live_sandbox.members(guid) == set(make_ids(1_000))
+
+    # A change after start is picked up by a scheduled run, no restart needed.
+    changed = make_ids(900, start=100) + ["late@example.com"]
+    write_ids(path, changed)
+    wait_until(
+        lambda: live_sandbox.members(guid) == set(changed), 20, "the scheduled sync of the change"
+    )
+    daemon.wait_for("segment.synced", timeout=20, added=1, removed=100)
+    synced_runs = daemon.count("segment.synced")
+    daemon.wait_for("segment.synced", count=synced_runs + 1, timeout=20)  # and on it goes
+
+    started = time.monotonic()
+    assert daemon.terminate(30) == 0
+    assert time.monotonic() - started < 30
+    events = parse_log_lines(daemon.output())
+    names = [e["event"] for e in events]
+    assert "daemon.started" in names
+    endings = check_run_endings(events)
+    assert len(endings) >= 3
+    assert all(e["event"] == "segment.synced" for e in endings.values())
+    assert all(e["segment"] == "Scheduled" for e in endings.values())
+    assert "Traceback" not in daemon.errors()
+    assert live_sandbox.count("create") == 1
+    no_secrets(daemon, live_sandbox)
+
+
+def test_sigterm_during_large_sync_exits_0_and_loses_nothing(
+    live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
+) -> None:
+    source = make_ids(200_000)
+    path = write_ids(tmp_path / "large.txt", source)
+    mapping = {"name": "Large", "source": {"type": "file", "path": str(path)}}
+    env = cli_env(live_sandbox.url, tmp_path, [mapping], schedule="1h")
+    live_sandbox.faults = Faults(delay=0.5)
+    daemon = daemons(env)
+
+    wait_until(lambda: live_sandbox.count("create") >= 1, 60, "the create", step=0.01)
+    daemon.process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    code = daemon.wait(30)
+    stopped_in = time.monotonic() - started
+    assert code == 0, daemon.errors()[-3000:]
+    assert stopped_in < 30
+
+    endings = check_run_endings(parse_log_lines(daemon.output()))
+    assert len(endings) == 1
+    assert "Traceback" not in daemon.errors()
+    no_secrets(daemon, live_sandbox)
+
+    record = live_sandbox.find(name="Large")
+    assert record is not None
+    guid = record.guid
+    # The batch in flight was finished and recorded: the snapshot is what WalkMe holds.
+    rows = status_rows(env)
+    assert rows["Large"]["members"] == live_sandbox.size(guid)
+    assert live_sandbox.size(guid) < len(source), "the sync should have been interrupted"
+
+    live_sandbox.faults = Faults()
+    live_sandbox.clear_requests()
+    result = run_cli("sync", env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert live_sandbox.members(guid) == set(source)
+    assert status_rows(env)["Large"]["members"] == len(source)
+    # Only what was missing was sent.
+    assert live_sandbox.count("create") == 0
+    assert all(r.action == "add" for r in live_sandbox.requests if r.kind == "update")
+
+
+def test_run_with_admin_port_in_use_fails_with_one_line(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    path = write_ids(tmp_path / "ids.txt", ["a@example.com"])
+    mapping = {"name": "Busy", "source": {"type": "file", "path": str(path)}}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("0.0.0.0", 0))  # noqa: S104 - the admin server binds every address
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = cli_env(live_sandbox.url, tmp_path, [mapping], admin_port=port)
+        result = run_cli("run", env=env, timeout=30)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "SYNCD_ADMIN_PORT" in lines[0]
