@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -266,6 +267,42 @@ async def _delete(states: list[SegmentState], runtime: Runtime, *, yes: bool) ->
     return EXIT_FAILED if failed else EXIT_OK
 
 
+# -- history -----------------------------------------------------------------------
+
+
+async def cmd_history(args: argparse.Namespace) -> int:
+    settings, _ = _configured()
+    store = await open_store(settings.state_url)
+    try:
+        runs = await store.history(args.segment, args.limit)
+    finally:
+        await store.close()
+    if args.json:
+        rows = [
+            {
+                **dataclasses.asdict(run),
+                "started_at": run.started_at and run.started_at.isoformat(),
+                "ended_at": run.ended_at and run.ended_at.isoformat(),
+            }
+            for run in runs
+        ]
+        _out(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not runs:
+        _out(f"no runs recorded for {args.segment!r}")
+        return EXIT_OK
+    _out(f"{'STARTED':25} {'RESULT':7} {'ADDED':>8} {'REMOVED':>8} {'REQUESTS':>8} RUN ID")
+    for run in runs:
+        started = run.started_at.isoformat() if run.started_at else "-"
+        _out(
+            f"{started:25} {run.result:7} {run.added:>8} {run.removed:>8} {run.requests:>8}"
+            f" {run.run_id}"
+        )
+        if run.error:
+            _out(f"    {run.error}")
+    return EXIT_OK
+
+
 # -- reset -------------------------------------------------------------------------
 
 
@@ -323,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("check", cmd_check, "check configuration, state store, token and WalkMe access")
     status = add("status", cmd_status, "show each segment's state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    history = add("history", cmd_history, "show a segment's past runs, newest first")
+    history.add_argument("--segment", required=True, metavar="NAME")
+    history.add_argument("--limit", type=int, default=20, metavar="N")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
     reset = add("reset", cmd_reset, "forget a segment's snapshot; the next run rebuilds it")
     reset.add_argument("--segment", required=True, metavar="NAME")
     delete = add("delete", cmd_delete, "delete a segment in WalkMe and forget it")

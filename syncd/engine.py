@@ -21,6 +21,7 @@ from typing import Literal
 
 import structlog
 
+from syncd import metrics
 from syncd.ids import SkippedIds, clean_ids
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import SourceError, build_source
@@ -161,6 +162,7 @@ class Engine:
                 outcome.duration_s = round(time.monotonic() - started, 3)
                 outcome.requests = sum(tally.values())
                 if not dry_run:
+                    await self._finish(outcome)
                     self._log_outcome(outcome)
             return outcome
 
@@ -215,9 +217,6 @@ class Engine:
             # A bug must fail this segment's run, not the daemon.
             log.exception("segment.internal_error")
             outcome.error = f"internal error: {type(exc).__name__}: {exc}"
-        finally:
-            if not dry_run:
-                await self._finish(outcome)
 
     async def _plan(
         self, mapping: SegmentMapping, stage: Stage, mode: Mode, snapshot: int, source_ids: int
@@ -472,11 +471,20 @@ class Engine:
         result: RunResult = outcome.result if outcome.result in ("synced", "held") else "failed"
         try:
             await self._store.finish_run(
-                outcome.segment, outcome.run_id, result, outcome.error, outcome.skipped
+                outcome.segment,
+                outcome.run_id,
+                result,
+                outcome.error,
+                outcome.skipped,
+                outcome.requests,
+                outcome.quarantined,
             )
+            state = await self._store.get(outcome.segment)
         except StateError as exc:
             outcome.result = "failed"
             outcome.error = outcome.error or str(exc)
+            state = None
+        record_run_metrics(outcome, state)
 
     def _log_outcome(self, outcome: Outcome) -> None:
         fields = {
@@ -509,6 +517,28 @@ class Engine:
             )
         else:
             log.error("segment.failed", error=outcome.error, **fields)
+
+
+def record_run_metrics(outcome: Outcome, state: SegmentState | None) -> None:
+    name = outcome.segment
+    metrics.segment_runs.labels(name, outcome.result).inc()
+    counts = {
+        "added": outcome.added,
+        "removed": outcome.removed,
+        "skipped": outcome.skipped.count,
+        "quarantined": outcome.quarantined,
+    }
+    for action, count in counts.items():
+        if count:
+            metrics.segment_ids.labels(name, action).inc(count)
+    if state is not None:
+        set_segment_gauges(state)
+
+
+def set_segment_gauges(state: SegmentState) -> None:
+    metrics.segment_members.labels(state.name).set(state.members)
+    if state.last_success_at is not None:
+        metrics.last_success.labels(state.name).set(state.last_success_at.timestamp())
 
 
 async def current_mappings(
@@ -545,5 +575,3 @@ def auto_mapping(heap_segment_id: int, name: str) -> SegmentMapping:
         external_id=str(heap_segment_id),
         source=HeapWebhookSourceConfig(type="heap_webhook", heap_segment_id=heap_segment_id),
     )
-
-

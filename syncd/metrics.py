@@ -6,8 +6,15 @@ and never a secret.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
+disable_created_metrics()  # the *_created series only double the scrape size
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 segment_runs = Counter(
@@ -61,8 +68,7 @@ token_refreshes = Counter(
 )
 webhook_pages = Counter(
     "syncd_heap_webhook_pages",
-    "Heap webhook requests by result (stored, duplicate, ignored, rejected_<status>,"
-    " not_stored).",
+    "Heap webhook requests by result (stored, duplicate, ignored, rejected_<status>, not_stored).",
     ["result"],
     registry=REGISTRY,
 )

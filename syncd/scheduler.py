@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.admin import AdminServer
-from syncd.engine import Engine
+from syncd.engine import Engine, set_segment_gauges
 from syncd.settings import Settings
 from syncd.state import StateError, StateStore
 from syncd.webhook import HeapWebhookReceiver
@@ -32,6 +32,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._debounce: dict[int, asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
+        self._started_at = datetime.now(UTC)
         self.admin = AdminServer(settings.admin_port, self._readiness)
         secret = settings.webhook_secret()
         self.receiver = (
@@ -52,6 +53,9 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        self._started_at = datetime.now(UTC)
+        for state in await self._store.all():
+            set_segment_gauges(state)  # staleness survives restarts
         await self.admin.start()
         if self.receiver is not None:
             await self.receiver.start()
@@ -97,6 +101,8 @@ class Daemon:
             outcomes = await self._engine.sync_all()
             try:
                 await self._engine.report_orphans()
+                cutoff = datetime.now(UTC) - timedelta(days=self._settings.history_days)
+                await self._store.prune_history(cutoff)
             except StateError as exc:
                 log.error("state.unavailable", error=str(exc))
             failed = sum(1 for outcome in outcomes if outcome.result != "synced")
@@ -135,10 +141,22 @@ class Daemon:
         await self._engine.sync_segment(mapping)
 
     async def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready while the store answers and the scheduler runs. Stale segments are
+        listed but keep it 200: restarting syncd does not fix WalkMe's outages."""
         try:
             await self._store.ping()
+            states = {state.name: state for state in await self._store.all()}
+            names = await self._engine.mappings()
         except StateError as exc:
             return False, {"state_store": str(exc)}
         if not self._scheduler.running:
             return False, {"scheduler": "not running"}
-        return True, {}
+        limit = timedelta(seconds=self._settings.stale_seconds)
+        now = datetime.now(UTC)
+        stale = []
+        for name in names:
+            state = states.get(name)
+            since = state.last_success_at if state and state.last_success_at else None
+            if now - (since or self._started_at) > limit:
+                stale.append({"segment": name, "last_success_at": since and since.isoformat()})
+        return True, {"stale_after_s": limit.total_seconds(), "stale": stale}

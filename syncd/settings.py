@@ -10,6 +10,7 @@ import json
 import re
 import tomllib
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -132,10 +133,19 @@ class Schedule:
             raise ValueError(f"bad cron expression {text!r}: {exc}") from None
         return cls(text.strip(), None)
 
+    def typical_interval(self) -> float:
+        """Seconds between runs; for cron, the gap between its next two fire times."""
+        if self.interval_seconds is not None:
+            return float(self.interval_seconds)
+        trigger = CronTrigger.from_crontab(self.text, timezone=UTC)
+        first = trigger.get_next_fire_time(None, datetime.now(UTC))
+        second = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
+        return float((second - first).total_seconds())
+
     def trigger(self) -> BaseTrigger:
         if self.interval_seconds is not None:
             return IntervalTrigger(seconds=self.interval_seconds)
-        return CronTrigger.from_crontab(self.text)
+        return CronTrigger.from_crontab(self.text, timezone=UTC)
 
 
 # --- environment ------------------------------------------------------------------
@@ -168,6 +178,9 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=8, ge=1, le=100)
     retry_max_wait: float = Field(default=60.0, gt=0, le=3600)
     ca_bundle: Path | None = None
+    # Operations: /readyz lists segments not synced for this long (default 3 intervals).
+    stale_after: float | None = Field(default=None, gt=0)
+    history_days: float = Field(default=30, gt=0)
     # The removal safety guard (per mapping: "max_remove_fraction"; 1.0 turns it off).
     max_remove_fraction: float = Field(default=0.5, ge=0, le=1)
     guard_min_members: int = Field(default=100, ge=0)
@@ -246,6 +259,12 @@ class Settings(BaseSettings):
     @property
     def parsed_schedule(self) -> Schedule:
         return Schedule.parse(self.schedule)
+
+    @property
+    def stale_seconds(self) -> float:
+        if self.stale_after is not None:
+            return self.stale_after
+        return 3 * self.parsed_schedule.typical_interval()
 
     def client_secret(self) -> SecretStr:
         """The secret, from the variable or, for Docker/Kubernetes secrets, the file."""

@@ -72,6 +72,23 @@ class HeapSegment:
     complete_tasks: int
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One segment run, kept for ``syncd history`` (pruned by age)."""
+
+    run_id: str
+    segment: str
+    started_at: datetime | None
+    ended_at: datetime | None
+    result: str
+    added: int
+    removed: int
+    requests: int
+    skipped: int
+    quarantined: int
+    error: str | None
+
+
 class Stage(Protocol):
     """A run's desired membership, held in the store so the diff never needs RAM."""
 
@@ -157,7 +174,17 @@ class StateStore(Protocol):
         result: RunResult,
         error: str | None,
         skipped: SkippedIds,
+        requests: int,
+        quarantined: int,
     ) -> None: ...
+
+    async def history(self, name: str, limit: int) -> list[RunRecord]:
+        """The segment's runs, newest first."""
+        ...
+
+    async def prune_history(self, before: datetime) -> int:
+        """Forget runs started before this time; returns how many."""
+        ...
 
     async def store_heap_page(self, page: HeapPage) -> PageReceipt:
         """Apply a page to the Heap segment's desired membership, once, durably."""

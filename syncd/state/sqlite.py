@@ -26,6 +26,7 @@ from syncd.state.base import (
     HeapSegment,
     Origin,
     PageReceipt,
+    RunRecord,
     RunResult,
     SegmentState,
     StateError,
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS runs (
     removed INTEGER NOT NULL DEFAULT 0,
     requests INTEGER NOT NULL DEFAULT 0,
     skipped INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_segment ON runs (segment, started_at);
@@ -433,14 +435,16 @@ class SqliteStore:
         result: RunResult,
         error: str | None,
         skipped: SkippedIds,
+        requests: int,
+        quarantined: int,
     ) -> None:
         def write() -> None:
             now = _now()
             with self._transaction() as conn:
                 conn.execute(
-                    "UPDATE runs SET ended_at = ?, result = ?, error = ?, skipped = ?"
-                    " WHERE run_id = ?",
-                    (now, result, error, skipped.count, run_id),
+                    "UPDATE runs SET ended_at = ?, result = ?, error = ?, skipped = ?,"
+                    " requests = ?, quarantined = ? WHERE run_id = ?",
+                    (now, result, error, skipped.count, requests, quarantined, run_id),
                 )
                 conn.execute(
                     "UPDATE segments SET last_run_at = ?, last_result = ?, last_error = ?,"
@@ -530,6 +534,28 @@ class SqliteStore:
         while chunk := await self._call(read, after):
             yield chunk
             after = chunk[-1]
+
+    async def history(self, name: str, limit: int) -> list[RunRecord]:
+        def read() -> list[RunRecord]:
+            rows = self._conn.execute(
+                "SELECT run_id, segment, started_at, ended_at, result, added, removed,"
+                " requests, skipped, quarantined, error FROM runs WHERE segment = ?"
+                " ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                (name, limit),
+            ).fetchall()
+            return [RunRecord(r[0], r[1], _time(r[2]), _time(r[3]), *r[4:]) for r in rows]
+
+        return await self._call(read)
+
+    async def prune_history(self, before: datetime) -> int:
+        def write() -> int:
+            with self._transaction() as conn:
+                return conn.execute(
+                    "DELETE FROM runs WHERE started_at < ? AND result != 'running'",
+                    (before.isoformat(timespec="seconds"),),
+                ).rowcount
+
+        return await self._call(write)
 
     async def ping(self) -> None:
         def read() -> None:

@@ -165,9 +165,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def _wait_for(
-    condition: Callable[[], bool], daemon: RunningDaemon, what: str, timeout: float = SYNC_TIMEOUT
+    condition: Callable[[], bool], daemon: RunningDaemon, what: str, within: float = SYNC_TIMEOUT
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if condition():
             return
@@ -296,7 +296,8 @@ async def test_receiver_answers_fast_while_walkme_is_slow(
             "both Heap tasks to reach WalkMe",
         )
         record = walkme.find(external_id=str(heap_id))
-        assert record is not None and record.name == "Slow Segment"
+        assert record is not None
+        assert record.name == "Slow Segment"
         assert walkme.count("create") == 1
     finally:
         code = await daemon.stop()

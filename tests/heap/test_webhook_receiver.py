@@ -91,7 +91,8 @@ async def test_page_without_add_or_remove_is_accepted(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
     payload = page(task=new_task(), number=1, total=1)
-    assert "add" not in payload["data"] and "remove" not in payload["data"]
+    assert "add" not in payload["data"]
+    assert "remove" not in payload["data"]
     answer = await post_signed(http, receiver.url, payload)
     assert answer.status == 200, answer.body
     state = await heap_state(receiver.store)
@@ -171,7 +172,8 @@ async def test_out_of_order_pages_with_duplicates_equal_applying_each_once(
 
     task = new_task()
     bodies = {
-        number: page(task=task, number=number, total=3, **content)
+        number: page(task=task, number=number, total=3, add=content["add"],
+                     remove=content["remove"])
         for number, content in _TASK_PAGES.items()
     }
     seen: set[int] = set()

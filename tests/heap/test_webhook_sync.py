@@ -66,7 +66,7 @@ async def _send_task(
     for number, content in enumerate(pages, start=1):
         body = page(
             task=task, number=number, total=len(pages), segment_id=segment_id, name=name,
-            **content,
+            add=content.get("add", []), remove=content.get("remove", []),
         )
         answer = await post_signed(http, receiver.url, body)
         assert answer.status == 200, answer.body
@@ -140,7 +140,8 @@ async def test_configured_heap_segment_with_no_page_at_all_fails_clearly(
     settings = _settings(sandbox, receiver, [FREE_MAPPING])
     outcome = (await _sync(settings))["Free Customers"]
     assert outcome.result == "failed"
-    assert outcome.error is not None and "no complete sync from Heap yet" in outcome.error
+    assert outcome.error is not None
+    assert "no complete sync from Heap yet" in outcome.error
     assert sandbox.requests == []
 
 
@@ -163,8 +164,8 @@ async def test_unknown_heap_segment_is_auto_mapped_and_follows_a_rename(
         mapping = mappings["Trial Users"]
         assert mapping.external_id == str(heap_id)
         assert mapping.source.type == "heap_webhook"
-        outcomes = await runtime.engine.sync_all()
-    assert [o.result for o in outcomes] == ["synced"], [o.error for o in outcomes]
+        first_run = await runtime.engine.sync_all()
+    assert [o.result for o in first_run] == ["synced"], [o.error for o in first_run]
     record = sandbox.find(name="Trial Users", external_id=str(heap_id))
     assert record is not None
     guid = record.guid
@@ -181,7 +182,8 @@ async def test_unknown_heap_segment_is_auto_mapped_and_follows_a_rename(
     assert sandbox.count("create") == 1
     assert sandbox.members(guid) == {"t2@x.com", "t3@x.com"}
     record = sandbox.find(external_id=str(heap_id))
-    assert record is not None and record.guid == guid
+    assert record is not None
+    assert record.guid == guid
 
 
 async def test_auto_mapped_segment_is_found_again_by_external_id_after_state_loss(

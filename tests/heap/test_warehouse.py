@@ -1,0 +1,375 @@
+"""Heap Connect tables in a warehouse, against a real PostgreSQL (Redshift's protocol).
+
+Needs a PostgreSQL server: ``SYNCD_TEST_POSTGRES_URL`` (default
+``postgresql://postgres@127.0.0.1:5432/test``). Without one these tests fail,
+saying how to point them at a server; they never skip.
+
+The data is made once per module in a schema named ``heap_test_<random>``,
+dropped at the end.
+"""
+
+# The SQL here is built from the test's own random schema name, never from input.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import structlog
+
+from syncd.app import open_runtime
+from syncd.engine import Outcome
+from syncd.sandbox import WalkMeSandbox
+from syncd.settings import Settings
+from syncd.sources.base import CHUNK_SIZE
+from syncd.sources.warehouse import WarehouseSource
+
+from .conftest import make_settings, postgres_url
+
+USERS = 120_000
+
+
+@dataclass(frozen=True)
+class Warehouse:
+    url: str
+    schema: str
+    paying_identities: frozenset[str]
+    paying_user_ids: frozenset[str]
+    small_ids: frozenset[str]
+
+    def paying_query(self) -> str:
+        s = self.schema
+        return (
+            f"SELECT u.identity FROM {s}.segment_paying_users s"
+            f" JOIN {s}.users u ON u.user_id = s.user_id WHERE u.identity IS NOT NULL"
+        )
+
+
+def _identity(user_id: int) -> str | None:
+    if user_id % 10 == 0:
+        return None  # anonymous: never identified
+    if user_id % 97 == 0:
+        return _identity(user_id - 1)  # shares an identity with the previous user
+    if user_id % 1000 == 1:
+        return f"zoë.{user_id}@exämple.com"
+    return f"user{user_id}@example.com"
+
+
+def _rows() -> list[tuple[int, str | None, str, str | None, datetime, datetime]]:
+    joined = datetime(2024, 1, 1)
+    rows = []
+    for user_id in range(1, USERS + 1):
+        identity = _identity(user_id)
+        rows.append(
+            (
+                user_id,
+                identity,
+                f"handle{user_id}",
+                identity if identity and user_id % 3 else None,
+                joined + timedelta(minutes=user_id),
+                joined + timedelta(minutes=user_id, seconds=30),
+            )
+        )
+    return rows
+
+
+async def _connect(url: str) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, timeout=5)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {url} ({type(exc).__name__}: {exc}). These"
+            " warehouse tests need a real server: start one, or point them at one with"
+            " SYNCD_TEST_POSTGRES_URL=postgresql://USER@HOST:PORT/DATABASE",
+            pytrace=False,
+        )
+
+
+async def _create(url: str, schema: str) -> Warehouse:
+    conn = await _connect(url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        await conn.execute(
+            f"CREATE TABLE {schema}.users (user_id BIGINT PRIMARY KEY, identity TEXT,"
+            " handle TEXT, email TEXT, joindate TIMESTAMP, last_modified TIMESTAMP)"
+        )
+        await conn.execute(f"CREATE TABLE {schema}.segment_paying_users (user_id BIGINT)")
+        await conn.execute(f"CREATE TABLE {schema}.segment_small (user_id BIGINT)")
+        rows = _rows()
+        await conn.copy_records_to_table("users", schema_name=schema, records=rows)
+        paying = [(user_id,) for user_id in range(3, USERS + 1, 3)]
+        await conn.copy_records_to_table(
+            "segment_paying_users", schema_name=schema, records=paying
+        )
+        small = [(user_id,) for user_id in range(1, 51)]
+        await conn.copy_records_to_table("segment_small", schema_name=schema, records=small)
+    finally:
+        await conn.close()
+    identities = {_identity(user_id) for (user_id,) in paying}
+    return Warehouse(
+        url=url,
+        schema=schema,
+        paying_identities=frozenset(i for i in identities if i is not None),
+        paying_user_ids=frozenset(str(user_id) for (user_id,) in paying),
+        small_ids=frozenset(str(user_id) for (user_id,) in small),
+    )
+
+
+async def _drop(url: str, schema: str) -> None:
+    conn = await _connect(url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+def warehouse() -> Iterator[Warehouse]:
+    url = postgres_url()
+    schema = f"heap_test_{secrets.token_hex(6)}"
+    try:
+        created = asyncio.run(_create(url, schema))
+    except BaseException:
+        asyncio.run(_drop(url, schema))
+        raise
+    try:
+        yield created
+    finally:
+        asyncio.run(_drop(url, schema))
+
+
+def _settings(
+    sandbox: WalkMeSandbox, tmp_path: Path, url: str, segments: list[dict[str, Any]]
+) -> Settings:
+    return make_settings(
+        sandbox.url, "sqlite:///" + str(tmp_path / "state.db"), segments=segments,
+        warehouse_url=url,
+    )
+
+
+def _mapping(name: str, query: str) -> dict[str, Any]:
+    return {"name": name, "source": {"type": "warehouse", "query": query}}
+
+
+async def _sync(settings: Settings) -> dict[str, Outcome]:
+    async with open_runtime(settings, settings.mappings()) as runtime:
+        outcomes = await runtime.engine.sync_all()
+    return {outcome.segment: outcome for outcome in outcomes}
+
+
+def _members(sandbox: WalkMeSandbox, name: str) -> set[str]:
+    record = sandbox.find(name=name)
+    assert record is not None, f"no WalkMe segment named {name!r}"
+    return sandbox.members(record.guid)
+
+
+# ------------------------------------------------------------------------ reading
+
+
+async def test_source_streams_in_chunks(warehouse: Warehouse) -> None:
+    source = WarehouseSource(warehouse.url, f"SELECT identity FROM {warehouse.schema}.users")
+    sizes = []
+    nulls = 0
+    async for chunk in source.chunks():
+        sizes.append(len(chunk))
+        nulls += sum(1 for value in chunk if value is None)
+    assert len(sizes) > 1
+    assert max(sizes) <= CHUNK_SIZE
+    assert sum(sizes) == USERS
+    assert nulls == sum(1 for i in range(1, USERS + 1) if _identity(i) is None)
+    assert nulls >= USERS // 10
+
+
+async def test_source_describes_itself_without_the_password(warehouse: Warehouse) -> None:
+    source = WarehouseSource("postgresql://u:SuperSecret123@db.example.com:5439/dev", "SELECT 1")
+    assert "SuperSecret123" not in source.describe()
+    assert "SuperSecret123" not in repr(source)
+    assert "db.example.com" in source.describe()
+
+
+# ------------------------------------------------------------------------ syncing
+
+
+async def test_identities_sync_to_walkme(
+    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    """40,000 paying users: NULL identities left out, duplicate identities sent once."""
+    settings = _settings(sandbox, tmp_path, warehouse.url,
+                         [_mapping("Paying", warehouse.paying_query())])
+    outcome = (await _sync(settings))["Paying"]
+    assert outcome.result == "synced", outcome.error
+    members = _members(sandbox, "Paying")
+    assert members == warehouse.paying_identities
+    assert outcome.added == len(warehouse.paying_identities)
+    assert outcome.skipped.count == 0
+    # Sanity of the data itself: it does hold NULLs and duplicates.
+    assert len(warehouse.paying_identities) < USERS // 3
+
+
+async def test_integer_user_ids_become_strings(
+    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    query = f"SELECT user_id FROM {warehouse.schema}.segment_paying_users"
+    settings = _settings(sandbox, tmp_path, warehouse.url, [_mapping("Paying ids", query)])
+    outcome = (await _sync(settings))["Paying ids"]
+    assert outcome.result == "synced", outcome.error
+    assert _members(sandbox, "Paying ids") == warehouse.paying_user_ids
+
+
+async def test_failing_queries_fail_their_segment_only(
+    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    s = warehouse.schema
+    segments = [
+        _mapping("Syntax", f"SELEC identity FROM {s}.users"),
+        _mapping("Missing table", f"SELECT user_id FROM {s}.segment_that_does_not_exist"),
+        _mapping("Two columns", f"SELECT user_id, identity FROM {s}.users"),
+        _mapping("Small", f"SELECT user_id FROM {s}.segment_small"),
+    ]
+    outcomes = await _sync(_settings(sandbox, tmp_path, warehouse.url, segments))
+
+    syntax = outcomes["Syntax"]
+    assert syntax.result == "failed"
+    assert syntax.error is not None
+    assert "warehouse query failed" in syntax.error
+    assert "syntax error" in syntax.error
+
+    missing = outcomes["Missing table"]
+    assert missing.result == "failed"
+    assert missing.error is not None
+    assert "segment_that_does_not_exist" in missing.error
+    assert "does not exist" in missing.error
+
+    two = outcomes["Two columns"]
+    assert two.result == "failed"
+    assert two.error is not None
+    assert "exactly one column" in two.error
+    assert "got 2" in two.error
+
+    assert outcomes["Small"].result == "synced", outcomes["Small"].error
+    assert _members(sandbox, "Small") == warehouse.small_ids
+    for name in ("Syntax", "Missing table", "Two columns"):
+        assert sandbox.find(name=name) is None
+    assert sandbox.count("create") == 1
+    assert sandbox.count("update") == 0
+
+
+async def test_two_column_query_with_no_rows_still_fails(
+    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    """The column count is a property of the query, not of the rows it happens to return.
+
+    Otherwise a wrong query over an empty table "succeeds" with an empty set, and the
+    next run against a populated segment removes every member from WalkMe.
+    """
+    query = f"SELECT user_id, identity FROM {warehouse.schema}.users WHERE false"
+    settings = _settings(sandbox, tmp_path, warehouse.url, [_mapping("Two empty", query)])
+    outcome = (await _sync(settings))["Two empty"]
+    assert outcome.result == "failed", "a two-column query was accepted because it had no rows"
+    assert outcome.error is not None
+    assert "exactly one column" in outcome.error
+    assert sandbox.find(name="Two empty") is None
+
+
+async def test_unreachable_warehouse_fails_without_showing_the_password(
+    sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    url = "postgresql://u:SuperSecret123@127.0.0.1:1/test"
+    settings = _settings(sandbox, tmp_path, url, [_mapping("Paying", "SELECT 1")])
+    with structlog.testing.capture_logs() as logs:
+        outcome = (await _sync(settings))["Paying"]
+    assert outcome.result == "failed"
+    assert outcome.error is not None
+    assert "cannot connect to the warehouse" in outcome.error
+    assert "127.0.0.1:1" in outcome.error
+    assert "SuperSecret123" not in outcome.error
+    assert "SuperSecret123" not in repr(logs)
+    assert sandbox.requests == []
+
+
+async def test_wrong_user_fails_without_showing_the_password(
+    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    """Connected, then refused (no such role): the message names the cause, not the password."""
+    host = warehouse.url.split("@", 1)[1]
+    url = f"postgresql://no_such_role_{secrets.token_hex(3)}:SuperSecret123@{host}"
+    settings = _settings(sandbox, tmp_path, url, [_mapping("Paying", "SELECT 1")])
+    with structlog.testing.capture_logs() as logs:
+        outcome = (await _sync(settings))["Paying"]
+    assert outcome.result == "failed"
+    assert outcome.error is not None
+    assert "warehouse" in outcome.error
+    assert "SuperSecret123" not in outcome.error
+    assert "SuperSecret123" not in repr(logs)
+    assert sandbox.requests == []
+
+
+async def test_query_changes_are_followed_with_adds_and_removes(
+    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    s = warehouse.schema
+    table = f"{s}.segment_follow_{secrets.token_hex(3)}"
+    conn = await asyncpg.connect(warehouse.url)
+    try:
+        await conn.execute(f"CREATE TABLE {table} (user_id BIGINT)")
+        await conn.execute(f"INSERT INTO {table} SELECT generate_series(1, 100)")
+        query = (
+            f"SELECT u.identity FROM {table} t JOIN {s}.users u USING (user_id)"
+            " WHERE u.identity IS NOT NULL"
+        )
+        settings = _settings(sandbox, tmp_path, warehouse.url, [_mapping("Follow", query)])
+        assert (await _sync(settings))["Follow"].result == "synced"
+        await conn.execute(f"DELETE FROM {table} WHERE user_id <= 50")
+        await conn.execute(f"INSERT INTO {table} SELECT generate_series(101, 120)")
+        outcome = (await _sync(settings))["Follow"]
+    finally:
+        await conn.close()
+    assert outcome.result == "synced", outcome.error
+    expected = {_identity(i) for i in range(51, 121)} - {None}
+    assert _members(sandbox, "Follow") == expected
+    assert outcome.removed > 0
+    assert outcome.added > 0
+
+
+# ------------------------------------------------------------------------ zero rows
+
+
+async def test_zero_rows_for_a_populated_segment_warns_with_the_numbers(
+    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    """A query that suddenly returns nothing while WalkMe holds members deserves a warning."""
+    table = f"{warehouse.schema}.segment_empty_{secrets.token_hex(3)}"
+    conn = await asyncpg.connect(warehouse.url)
+    try:
+        await conn.execute(f"CREATE TABLE {table} (user_id BIGINT)")
+        await conn.execute(f"INSERT INTO {table} SELECT generate_series(1, 50)")
+        settings = _settings(
+            sandbox, tmp_path, warehouse.url,
+            [_mapping("Emptied", f"SELECT user_id FROM {table}")],
+        )
+        first = (await _sync(settings))["Emptied"]
+        assert first.result == "synced", first.error
+        assert len(_members(sandbox, "Emptied")) == 50
+
+        await conn.execute(f"TRUNCATE {table}")
+        with structlog.testing.capture_logs() as logs:
+            await _sync(settings)
+    finally:
+        await conn.close()
+    warnings = [entry for entry in logs if entry["event"] == "segment.source_empty"]
+    assert warnings, (
+        "no segment.source_empty warning when the source returned 0 ids for a segment"
+        f" with 50 members; events logged: {[entry['event'] for entry in logs]}"
+    )
+    warning = warnings[0]
+    assert warning["log_level"] == "warning"
+    assert warning["snapshot_members"] == 50
+    assert warning["source_ids"] == 0
