@@ -14,7 +14,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-disable_created_metrics()  # the *_created series only double the scrape size
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double the scrape size
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 segment_runs = Counter(

@@ -48,12 +48,13 @@ class RunningDaemon:
     process: asyncio.subprocess.Process
     admin_port: int
     webhook_port: int
+    path: str = WEBHOOK_PATH
     output: list[str] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
 
     @property
     def webhook_url(self) -> str:
-        return f"http://127.0.0.1:{self.webhook_port}{WEBHOOK_PATH}"
+        return f"http://127.0.0.1:{self.webhook_port}{self.path}"
 
     def text(self) -> str:
         return "\n".join(self.output)
@@ -116,6 +117,8 @@ async def _start_daemon(
             **extra_env,
         }
     )
+    if "SYNCD_HEAP_WEBHOOK_SECRET_FILE" in extra_env:
+        del env["SYNCD_HEAP_WEBHOOK_SECRET"]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -128,7 +131,8 @@ async def _start_daemon(
         stderr=asyncio.subprocess.STDOUT,
     )
     assert process.stdout is not None
-    daemon = RunningDaemon(process, admin_port, webhook_port)
+    path = extra_env.get("SYNCD_HEAP_WEBHOOK_PATH", WEBHOOK_PATH)
+    daemon = RunningDaemon(process, admin_port, webhook_port, path)
     daemon.reader = asyncio.create_task(_read_lines(process.stdout, daemon.output))
     await _wait_until_listening(daemon)
     return daemon
@@ -263,10 +267,26 @@ async def test_run_syncs_after_each_complete_heap_task(
 async def test_receiver_answers_fast_while_walkme_is_slow(
     tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
 ) -> None:
-    """A sync stuck on a slow WalkMe must not hold up Heap's pages (auto-mapped segment)."""
-    daemon = await _start_daemon(tmp_path, walkme, {})  # no mapping: auto-map
+    """A sync stuck on a slow WalkMe must not hold up Heap's pages (auto-mapped segment).
+
+    Also: the secret from SYNCD_HEAP_WEBHOOK_SECRET_FILE, a custom SYNCD_HEAP_WEBHOOK_PATH.
+    """
+    secret_file = tmp_path / "heap-webhook-secret"
+    secret_file.write_text(WEBHOOK_SECRET + "\n", encoding="utf-8")
+    daemon = await _start_daemon(  # no mapping: auto-map
+        tmp_path,
+        walkme,
+        {
+            "SYNCD_HEAP_WEBHOOK_SECRET_FILE": str(secret_file),
+            "SYNCD_HEAP_WEBHOOK_PATH": "/hooks/heap-sync",
+        },
+    )
     heap_id = 9_001
     try:
+        async with http.post(
+            f"http://127.0.0.1:{daemon.webhook_port}{WEBHOOK_PATH}", data=b"{}"
+        ) as default_path:
+            assert default_path.status == 404  # only the configured path is served
         walkme.faults = Faults(delay=3.0)  # every segment call takes 3 s
         task = new_task()
         body = page(task=task, number=1, total=1, add=["slow1@x.com", "slow2@x.com"],
@@ -322,3 +342,33 @@ async def test_sigterm_during_a_slow_sync_exits_0(
     assert code == 0, daemon.text()[-4000:]
     assert time.monotonic() - started < 15
     _assert_no_secrets(daemon)
+
+
+async def test_heap_segment_with_an_overlong_name_does_not_stop_the_daemon(
+    tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
+) -> None:
+    """Heap documents no limit on segment names; a mapping name allows 200 characters.
+
+    The receiver accepts the page (200), so the name is in the state for good: other
+    segments must keep syncing, and the daemon must still start the next time.
+    """
+    daemon = await _start_daemon(tmp_path, walkme, {})
+    try:
+        long_page = page(task=new_task(), number=1, total=1, add=["long@x.com"],
+                         segment_id=61, name="N" * 260)
+        assert (await post_signed(http, daemon.webhook_url, long_page)).status == 200
+        fine_page = page(task=new_task(), number=1, total=1, add=["fine@x.com"],
+                         segment_id=62, name="Fine")
+        assert (await post_signed(http, daemon.webhook_url, fine_page)).status == 200
+        await _wait_for(
+            lambda: _members(walkme, external_id="62") == {"fine@x.com"},
+            daemon,
+            "segment 62 to sync next to a Heap segment with a 260-character name",
+            within=10,
+        )
+    finally:
+        code = await daemon.stop()
+    assert code == 0, daemon.text()[-4000:]
+
+    restarted = await _start_daemon(tmp_path, walkme, {})  # fails if the daemon cannot start
+    assert await restarted.stop() == 0, restarted.text()[-4000:]

@@ -81,16 +81,31 @@ def _rows() -> list[tuple[int, str | None, str, str | None, datetime, datetime]]
     return rows
 
 
+class Unreachable(Exception):
+    """No PostgreSQL to test against; each test fails with this message."""
+
+
+@dataclass(frozen=True)
+class Postgres:
+    warehouse: Warehouse | None
+    problem: str | None = None
+
+    def ready(self) -> Warehouse:
+        """The test data, or a test failure (never a skip) saying how to get a server."""
+        if self.warehouse is None:
+            pytest.fail(self.problem or "no PostgreSQL", pytrace=False)
+        return self.warehouse
+
+
 async def _connect(url: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(url, timeout=5)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        pytest.fail(
+        raise Unreachable(
             f"PostgreSQL is not reachable at {url} ({type(exc).__name__}: {exc}). These"
             " warehouse tests need a real server: start one, or point them at one with"
-            " SYNCD_TEST_POSTGRES_URL=postgresql://USER@HOST:PORT/DATABASE",
-            pytrace=False,
-        )
+            " SYNCD_TEST_POSTGRES_URL=postgresql://USER@HOST:PORT/DATABASE"
+        ) from None
 
 
 async def _create(url: str, schema: str) -> Warehouse:
@@ -132,16 +147,19 @@ async def _drop(url: str, schema: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def warehouse() -> Iterator[Warehouse]:
+def postgres() -> Iterator[Postgres]:
     url = postgres_url()
     schema = f"heap_test_{secrets.token_hex(6)}"
     try:
         created = asyncio.run(_create(url, schema))
+    except Unreachable as exc:
+        yield Postgres(None, str(exc))
+        return
     except BaseException:
         asyncio.run(_drop(url, schema))
         raise
     try:
-        yield created
+        yield Postgres(created)
     finally:
         asyncio.run(_drop(url, schema))
 
@@ -174,7 +192,8 @@ def _members(sandbox: WalkMeSandbox, name: str) -> set[str]:
 # ------------------------------------------------------------------------ reading
 
 
-async def test_source_streams_in_chunks(warehouse: Warehouse) -> None:
+async def test_source_streams_in_chunks(postgres: Postgres) -> None:
+    warehouse = postgres.ready()
     source = WarehouseSource(warehouse.url, f"SELECT identity FROM {warehouse.schema}.users")
     sizes = []
     nulls = 0
@@ -188,7 +207,7 @@ async def test_source_streams_in_chunks(warehouse: Warehouse) -> None:
     assert nulls >= USERS // 10
 
 
-async def test_source_describes_itself_without_the_password(warehouse: Warehouse) -> None:
+async def test_source_describes_itself_without_the_password() -> None:
     source = WarehouseSource("postgresql://u:SuperSecret123@db.example.com:5439/dev", "SELECT 1")
     assert "SuperSecret123" not in source.describe()
     assert "SuperSecret123" not in repr(source)
@@ -199,9 +218,10 @@ async def test_source_describes_itself_without_the_password(warehouse: Warehouse
 
 
 async def test_identities_sync_to_walkme(
-    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     """40,000 paying users: NULL identities left out, duplicate identities sent once."""
+    warehouse = postgres.ready()
     settings = _settings(sandbox, tmp_path, warehouse.url,
                          [_mapping("Paying", warehouse.paying_query())])
     outcome = (await _sync(settings))["Paying"]
@@ -215,8 +235,9 @@ async def test_identities_sync_to_walkme(
 
 
 async def test_integer_user_ids_become_strings(
-    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
+    warehouse = postgres.ready()
     query = f"SELECT user_id FROM {warehouse.schema}.segment_paying_users"
     settings = _settings(sandbox, tmp_path, warehouse.url, [_mapping("Paying ids", query)])
     outcome = (await _sync(settings))["Paying ids"]
@@ -225,8 +246,9 @@ async def test_integer_user_ids_become_strings(
 
 
 async def test_failing_queries_fail_their_segment_only(
-    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
+    warehouse = postgres.ready()
     s = warehouse.schema
     segments = [
         _mapping("Syntax", f"SELEC identity FROM {s}.users"),
@@ -263,13 +285,14 @@ async def test_failing_queries_fail_their_segment_only(
 
 
 async def test_two_column_query_with_no_rows_still_fails(
-    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     """The column count is a property of the query, not of the rows it happens to return.
 
     Otherwise a wrong query over an empty table "succeeds" with an empty set, and the
     next run against a populated segment removes every member from WalkMe.
     """
+    warehouse = postgres.ready()
     query = f"SELECT user_id, identity FROM {warehouse.schema}.users WHERE false"
     settings = _settings(sandbox, tmp_path, warehouse.url, [_mapping("Two empty", query)])
     outcome = (await _sync(settings))["Two empty"]
@@ -296,9 +319,10 @@ async def test_unreachable_warehouse_fails_without_showing_the_password(
 
 
 async def test_wrong_user_fails_without_showing_the_password(
-    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     """Connected, then refused (no such role): the message names the cause, not the password."""
+    warehouse = postgres.ready()
     host = warehouse.url.split("@", 1)[1]
     url = f"postgresql://no_such_role_{secrets.token_hex(3)}:SuperSecret123@{host}"
     settings = _settings(sandbox, tmp_path, url, [_mapping("Paying", "SELECT 1")])
@@ -313,8 +337,9 @@ async def test_wrong_user_fails_without_showing_the_password(
 
 
 async def test_query_changes_are_followed_with_adds_and_removes(
-    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
+    warehouse = postgres.ready()
     s = warehouse.schema
     table = f"{s}.segment_follow_{secrets.token_hex(3)}"
     conn = await asyncpg.connect(warehouse.url)
@@ -343,9 +368,10 @@ async def test_query_changes_are_followed_with_adds_and_removes(
 
 
 async def test_zero_rows_for_a_populated_segment_warns_with_the_numbers(
-    warehouse: Warehouse, sandbox: WalkMeSandbox, tmp_path: Path
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     """A query that suddenly returns nothing while WalkMe holds members deserves a warning."""
+    warehouse = postgres.ready()
     table = f"{warehouse.schema}.segment_empty_{secrets.token_hex(3)}"
     conn = await asyncpg.connect(warehouse.url)
     try:

@@ -175,6 +175,7 @@ image_user=$("$DOCKER" image inspect -f '{{.Config.User}}' "$IMAGE")
 # HTTP polling and JSON checks, with the host venv's python (stdlib only).
 cat >"$work/probe.py" <<'PY'
 import json
+import subprocess
 import sys
 import time
 import urllib.error
@@ -197,11 +198,25 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
-def wait_ok(url: str, timeout: float, t0: float) -> None:
+def running(docker: str, container: str) -> None:
+    """Fail at once, rather than at the timeout, when the container has exited."""
+    out = subprocess.run(
+        [docker, "inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", container],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()
+    if out and out[0] == "false":
+        fail(f"container {container} exited with status {out[1]} before answering")
+
+
+def wait_ok(url: str, timeout: float, t0: float, docker: str = "", container: str = "") -> None:
     """Poll until 200; print seconds since t0 (a time.time() value)."""
     deadline = time.time() + timeout
     last = "no answer"
+    checked = time.time()
     while time.time() < deadline:
+        if container and time.time() - checked > 1:
+            running(docker, container)
+            checked = time.time()
         try:
             status, body = get(url)
             if status == 200:
@@ -244,6 +259,24 @@ def wait_segment(sandbox: str, name: str, path: str, timeout: float) -> None:
     fail(f"segment never matched the file within {timeout:.0f}s: {summary}")
 
 
+def metrics(url: str, segment: str) -> None:
+    """/metrics is Prometheus text with the series the alert rules use, for the segment."""
+    status, body = get(url)
+    if status != 200:
+        fail(f"{url}: HTTP {status}")
+    text = body.decode()
+    label = '{segment="%s"' % segment
+    for name in ("syncd_last_success_timestamp_seconds", "syncd_segment_runs_total"):
+        if not any(line.startswith(name + label) for line in text.splitlines()):
+            fail(f"{url} has no {name}{label}...}} series")
+    for line in text.splitlines():
+        if line.startswith("syncd_last_success_timestamp_seconds" + label):
+            age = time.time() - float(line.rsplit(" ", 1)[1])
+            if not 0 <= age < 120:
+                fail(f"syncd_last_success_timestamp_seconds is {age:.0f}s old: {line}")
+            print(f"{age:.1f}")
+
+
 def counts(sandbox: str) -> None:
     """Segment requests by kind (token/list/create/update/delete), one JSON line."""
     print(json.dumps(state(sandbox)["requests"]["byKind"], sort_keys=True))
@@ -282,7 +315,9 @@ def synced(path: str, skip: int) -> None:
 
 command, *args = sys.argv[1:]
 if command == "wait-ok":
-    wait_ok(args[0], float(args[1]), float(args[2]))
+    wait_ok(args[0], float(args[1]), float(args[2]), *args[3:5])
+elif command == "metrics":
+    metrics(args[0], args[1])
 elif command == "wait-segment":
     wait_segment(args[0], args[1], args[2], float(args[3]))
 elif command == "counts":
@@ -371,10 +406,10 @@ t0=$("$PYTHON" -c 'import time; print(time.time())')
     -v "$volume:/data" "${env_args[@]}" "$IMAGE" >/dev/null \
     || die "docker run failed"
 container_started=1
-startup_s=$(probe wait-ok "http://127.0.0.1:$admin_port/healthz" "$TIMEOUT" "$t0") \
+startup_s=$(probe wait-ok "http://127.0.0.1:$admin_port/healthz" "$TIMEOUT" "$t0" "$DOCKER" "$container") \
     || die "/healthz never answered 200"
 log "/healthz answered 200 ${startup_s}s after docker run"
-ready_s=$(probe wait-ok "http://127.0.0.1:$admin_port/readyz" "$TIMEOUT" "$t0") \
+ready_s=$(probe wait-ok "http://127.0.0.1:$admin_port/readyz" "$TIMEOUT" "$t0" "$DOCKER" "$container") \
     || die "/readyz never answered 200"
 log "/readyz answered 200 ${ready_s}s after docker run"
 
@@ -386,8 +421,8 @@ log "segment synced: $segment"
 # 2. Non-root, read-only root, state in the volume.
 uid=$("$DOCKER" exec "$container" id -u) || die "docker exec id -u failed"
 [[ $uid == 10001 ]] || die "the daemon runs as uid $uid, expected 10001"
-if "$DOCKER" exec "$container" sh -c ': >/opt/syncd/write-test' 2>/dev/null; then
-    die "the root filesystem is writable"
+if "$DOCKER" exec -u 0 "$container" sh -c ': >/.write-test' 2>/dev/null; then
+    die "the root filesystem is writable (even root could write /)"
 fi
 "$DOCKER" exec "$container" test -s /data/syncd.db || die "no state file /data/syncd.db in the volume"
 log "runs as uid $uid, root filesystem read-only, state in /data/syncd.db"
@@ -397,10 +432,16 @@ wait_synced 2 0
 stdout_log >"$work/stdout.log"
 events=$(probe check-logs "$work/stdout.log") || die "stdout is not JSON lines with an event"
 [[ $(json_get "$events" daemon.started) -ge 1 ]] || die "no daemon.started line: $events"
-probe synced "$work/stdout.log" 0 | tail -n +2 | grep -qv '^0 0$' \
-    && die "a later cycle changed something with the file unchanged: $(probe synced "$work/stdout.log" 0 | tr '\n' ';')"
+# The first run adds every id; each later one must be "0 0" (added removed).
+changes=$(probe synced "$work/stdout.log" 0 | tail -n +2 | grep -v '^0 0$' || true)
+[[ -z $changes ]] || die "a later cycle changed something with the file unchanged: $changes"
 stderr_lines=$("$DOCKER" logs "$container" 2>&1 >/dev/null | wc -l)
 log "stdout: $(wc -l <"$work/stdout.log") JSON lines, events $events; stderr: $stderr_lines line(s)"
+metrics_age=$(probe metrics "http://127.0.0.1:$admin_port/metrics" "$SEGMENT_NAME") \
+    || die "/metrics lacks what the alert rules need"
+log "/metrics: syncd_last_success_timestamp_seconds for the segment is ${metrics_age}s old"
+memory=$("$DOCKER" stats --no-stream --format '{{.MemUsage}}' "$container" 2>/dev/null || echo unknown)
+log "container memory after the first syncs: $memory"
 before=$(probe counts "$sandbox_url")
 log "sandbox requests by kind before restart: $before"
 [[ $(json_get "$before" create) -eq 1 ]] || die "expected exactly 1 create request, got $before"
@@ -412,7 +453,7 @@ expected_updates=$(((MEMBERS + BATCH_SIZE - 1) / BATCH_SIZE - 1))
 lines_before=$(stdout_lines)
 restart_t0=$("$PYTHON" -c 'import time; print(time.time())')
 "$DOCKER" restart -t "$STOP_TIMEOUT" "$container" >/dev/null || die "docker restart failed"
-restart_s=$(probe wait-ok "http://127.0.0.1:$admin_port/healthz" "$TIMEOUT" "$restart_t0") \
+restart_s=$(probe wait-ok "http://127.0.0.1:$admin_port/healthz" "$TIMEOUT" "$restart_t0" "$DOCKER" "$container") \
     || die "/healthz did not come back after docker restart"
 wait_synced 2 "$lines_before"
 after=$(probe counts "$sandbox_url")
@@ -422,8 +463,8 @@ for kind in create update delete; do
         || die "after restart syncd sent $kind requests (before $before, after $after): state was lost"
 done
 stdout_log >"$work/stdout.log"
-probe synced "$work/stdout.log" "$lines_before" | grep -qv '^0 0$' \
-    && die "a sync after restart changed something: $(probe synced "$work/stdout.log" "$lines_before" | tr '\n' ';')"
+changes=$(probe synced "$work/stdout.log" "$lines_before" | grep -v '^0 0$' || true)
+[[ -z $changes ]] || die "a sync after restart changed something (added removed): $changes"
 probe wait-segment "$sandbox_url" "$SEGMENT_NAME" "$work/members.txt" 5 >/dev/null \
     || die "the segment changed after restart"
 log "restart: state kept, no create/update/delete sent (healthz back in ${restart_s}s)"
@@ -450,6 +491,7 @@ cat >&2 <<EOF
 [test-image] ----------------------------------------------------------------
 [test-image] image        $IMAGE: $image_size bytes ($size_mib MiB)
 [test-image] start-up     docker run -> /healthz 200: ${startup_s}s (/readyz 200: ${ready_s}s)
+[test-image] memory       after the first syncs ($MEMBERS ids): $memory
 [test-image] restart      docker restart -> /healthz 200: ${restart_s}s
 [test-image] stop         docker stop -> exit 0: ${stop_s}s
 [test-image] ----------------------------------------------------------------

@@ -79,12 +79,12 @@ def wait_until(
 
 
 async def wait_until_async(
-    condition: Callable[[], bool], timeout: float, message: str = "condition", step: float = 0.02
+    condition: Callable[[], bool], limit_s: float, message: str = "condition", step: float = 0.02
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            raise AssertionError(f"timed out after {limit_s}s waiting for {message}")
         await asyncio.sleep(step)
 
 
@@ -264,7 +264,9 @@ def syncd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "syncd", *args]
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         syncd_command(*args),
         env=env,
@@ -276,7 +278,9 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 90) -> subprocess.
     )
 
 
-async def run_cli_async(*args: str, env: dict[str, str], timeout: float = 90) -> tuple[int, str, str]:
+async def run_cli_async(
+    *args: str, env: dict[str, str], limit_s: float = 90
+) -> tuple[int, str, str]:
     """``run_cli`` for async tests: the event loop (and an in-loop sandbox) keeps turning."""
     process = await asyncio.create_subprocess_exec(
         *syncd_command(*args),
@@ -285,7 +289,7 @@ async def run_cli_async(*args: str, env: dict[str, str], timeout: float = 90) ->
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    out, err = await asyncio.wait_for(process.communicate(), limit_s)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
 
@@ -333,12 +337,13 @@ def parse_log_lines(text: str) -> list[dict[str, Any]]:
     return events
 
 
-TERMINAL_EVENTS = ("segment.synced", "segment.failed")
+TERMINAL_EVENTS = ("segment.synced", "segment.failed", "segment.held")
 TERMINAL_FIELDS = ("segment", "added", "removed", "skipped", "requests", "duration_s")
 
 
 def check_run_endings(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Each segment run (run_id) ends with exactly one synced/failed line with all fields.
+    """Each segment run (run_id) ends with exactly one synced/failed (or held) line
+    carrying all the fields.
 
     Returns the terminal line of each run, by run_id.
     """
@@ -377,8 +382,12 @@ class DaemonProcess:
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert self.process.stdout is not None and self.process.stderr is not None
-        for stream, sink in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr)):
+        assert self.process.stdout is not None
+        assert self.process.stderr is not None
+        for stream, sink in (
+            (self.process.stdout, self.stdout),
+            (self.process.stderr, self.stderr),
+        ):
             reader = threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
             reader.start()
             self._readers.append(reader)

@@ -99,7 +99,8 @@ async def test_segment_guid_unknown_to_walkme_fails_without_creating(harness: Ha
     mapping = harness.mapping("Ghost", make_ids(10), segment_guid=missing)
     outcome = await harness.sync_one(harness.settings([mapping]))
     assert outcome.result == "failed"
-    assert outcome.error and "404" in outcome.error
+    assert outcome.error
+    assert "404" in outcome.error
     assert sandbox.count("create") == 0
     assert sandbox.state()["segments"] == []
 
@@ -143,6 +144,7 @@ async def test_reset_makes_the_next_run_override(harness: Harness) -> None:
 async def test_reset_of_unknown_segment_is_a_config_error(harness: Harness) -> None:
     mapping = harness.mapping("Known", make_ids(1))
     env = cli_env(harness.sandbox.url, harness.folder, [mapping])
-    code, out, err = await run_cli_async("reset", "--segment", "Nope", env=env)
+    code, _out, err = await run_cli_async("reset", "--segment", "Nope", env=env)
     assert code == 2
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err

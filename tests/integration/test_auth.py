@@ -36,7 +36,8 @@ async def test_forbidden_client_fails_about_the_segments_api(
     sandbox = harness.sandbox
     outcome = await harness.sync_one(harness.settings([harness.mapping("No", make_ids(10))]))
     assert outcome.result == "failed"
-    assert outcome.error is not None and "Segments API" in outcome.error
+    assert outcome.error is not None
+    assert "Segments API" in outcome.error
     assert sandbox.count(status=403) == 1
     assert sandbox.count("create") == 0
     assert sandbox.state()["segments"] == []

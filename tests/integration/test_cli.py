@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +65,11 @@ def test_sync_exit_0_and_logs(live_sandbox: WalkMeSandbox, tmp_path: Path) -> No
     endings = check_run_endings(events)
     assert [e["event"] for e in endings.values()] == ["segment.synced"]
     ending = next(iter(endings.values()))
-    assert ending["segment"] == "Trial" and ending["added"] == 3_000
-    assert ending["removed"] == 0 and ending["skipped"] == 0 and ending["requests"] >= 3
+    assert ending["segment"] == "Trial"
+    assert ending["added"] == 3_000
+    assert ending["removed"] == 0
+    assert ending["skipped"] == 0
+    assert ending["requests"] >= 3
     assert isinstance(ending["duration_s"], int | float)
     assert "Traceback" not in result.stderr
     assert_no_secrets(live_sandbox, result.stdout, result.stderr)
@@ -83,7 +85,8 @@ def test_one_failing_segment_exits_1_and_the_other_still_syncs(
     result = run_cli("sync", env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     record = live_sandbox.find(name="Good")
-    assert record is not None and live_sandbox.members(record.guid) == set(good)
+    assert record is not None
+    assert live_sandbox.members(record.guid) == set(good)
     assert live_sandbox.find(name="Broken") is None
     endings = {e["segment"]: e for e in check_run_endings(parse_log_lines(result.stdout)).values()}
     assert endings["Good"]["event"] == "segment.synced"
@@ -101,7 +104,8 @@ def test_one_failing_segment_exits_1_and_the_other_still_syncs(
     write_ids(tmp_path / "Broken.txt", ["fixed@example.com"])
     assert run_cli("sync", env=env).returncode == 0
     fixed = live_sandbox.find(name="Broken")
-    assert fixed is not None and live_sandbox.members(fixed.guid) == {"fixed@example.com"}
+    assert fixed is not None
+    assert live_sandbox.members(fixed.guid) == {"fixed@example.com"}
 
 
 def test_unreadable_source_file_fails_that_segment(
@@ -146,7 +150,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(
 
     assert run_cli("sync", env=env).returncode == 0
     live_sandbox.clear_requests()
-    changed = source[7:] + ["zz-new1@example.com", "zz-new2@example.com"]
+    changed = [*source[7:], "zz-new1@example.com", "zz-new2@example.com"]
     write_ids(tmp_path / "Planned.txt", changed)
 
     result = run_cli("sync", "--dry-run", env=env)
@@ -160,7 +164,8 @@ def test_dry_run_prints_the_plan_and_sends_nothing(
     assert run_cli("sync", env=env).returncode == 0
     assert [r.action for r in segment_requests(live_sandbox)] == ["remove", "add"]
     record = live_sandbox.find(name="Planned")
-    assert record is not None and live_sandbox.members(record.guid) == set(changed)
+    assert record is not None
+    assert live_sandbox.members(record.guid) == set(changed)
 
 
 def test_check_prints_ok_lines(live_sandbox: WalkMeSandbox, tmp_path: Path) -> None:
@@ -211,9 +216,18 @@ def test_sync_against_sandbox_process(tmp_path: Path) -> None:
     port = free_port()
     sandbox = subprocess.Popen(
         [
-            sys.executable, "-m", "syncd.sandbox", "--port", str(port),
-            "--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET,
-            "--list-shape", "bare", "--no-create-guid",
+            sys.executable,
+            "-m",
+            "syncd.sandbox",
+            "--port",
+            str(port),
+            "--client-id",
+            CLIENT_ID,
+            "--client-secret",
+            CLIENT_SECRET,
+            "--list-shape",
+            "bare",
+            "--no-create-guid",
         ],
         env=base_env(),
         cwd=REPO_ROOT,
@@ -273,22 +287,29 @@ BAD_CONFIGS: list[tuple[str, str, dict[str, str | None]]] = [
     ("batch-too-large", "sync", {"SYNCD_BATCH_SIZE": "25001"}),
     ("bad-schedule", "run", {"SYNCD_SCHEDULE": "every tuesday"}),
     ("bad-state-url", "status", {"SYNCD_STATE_URL": "postgres://nowhere/db"}),
-    ("secret-file-missing", "sync", {
-        "SYNCD_WALKME_CLIENT_SECRET": None,
-        "SYNCD_WALKME_CLIENT_SECRET_FILE": "/nonexistent/secret",
-    }),
+    (
+        "secret-file-missing",
+        "sync",
+        {
+            "SYNCD_WALKME_CLIENT_SECRET": None,
+            "SYNCD_WALKME_CLIENT_SECRET_FILE": "/nonexistent/secret",
+        },
+    ),
     ("unknown-segment-option", "sync --segment Nope", {}),
 ]
 
 
 @pytest.fixture
-def config_folder(tmp_path: Path) -> Iterator[Path]:
+def config_folder(tmp_path: Path) -> Path:
     write_ids(tmp_path / "ids.txt", ["a@example.com"])
-    yield tmp_path
+    return tmp_path
 
 
-@pytest.mark.parametrize(("command", "changes"), [(c, v) for _, c, v in BAD_CONFIGS],
-                         ids=[name for name, _, _ in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    ("command", "changes"),
+    [(c, v) for _, c, v in BAD_CONFIGS],
+    ids=[name for name, _, _ in BAD_CONFIGS],
+)
 def test_bad_config_exits_2_with_one_line(
     config_folder: Path, command: str, changes: dict[str, str | None]
 ) -> None:

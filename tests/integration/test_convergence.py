@@ -38,7 +38,8 @@ async def test_convergence_and_exact_request_counts(harness: Harness, size: int)
     assert sum(r.n_ids or 0 for r in sent) == size
     guid = harness.guid("Segment")
     assert sandbox.members(guid) == set(source)
-    assert first.added == size and first.removed == 0
+    assert first.added == size
+    assert first.removed == 0
     first_requests = len(sent)
 
     # Churn: A adds and R removes -> ceil(A/b) + ceil(R/b) updates, removes first.
@@ -102,7 +103,9 @@ async def test_smaller_batch_size_splits_every_phase(harness: Harness) -> None:
 
 async def test_emptying_a_segment_sends_only_removes(harness: Harness) -> None:
     sandbox = harness.sandbox
-    settings = harness.settings([harness.mapping("Leaving", make_ids(3))])
+    # The removal guard would hold an emptied source; this mapping turns it off.
+    mapping = harness.mapping("Leaving", make_ids(3), max_remove_fraction=1.0)
+    settings = harness.settings([mapping])
     assert (await harness.sync_one(settings)).result == "synced"
     guid = harness.guid("Leaving")
 
@@ -114,6 +117,20 @@ async def test_emptying_a_segment_sends_only_removes(harness: Harness) -> None:
         ("update", "remove", 3)
     ]
     assert sandbox.members(guid) == set()
+
+
+async def test_emptied_source_is_held_by_default(harness: Harness) -> None:
+    sandbox = harness.sandbox
+    settings = harness.settings([harness.mapping("Guarded", make_ids(3))])
+    assert (await harness.sync_one(settings)).result == "synced"
+    guid = harness.guid("Guarded")
+
+    harness.source("Guarded", [])
+    sandbox.clear_requests()
+    outcome = await harness.sync_one(settings)
+    assert outcome.result != "synced"
+    assert segment_requests(sandbox) == []
+    assert sandbox.members(guid) == set(make_ids(3))
 
 
 async def test_many_segments_at_limited_concurrency(harness: Harness) -> None:

@@ -96,9 +96,13 @@ def test_sigkill_right_after_create_adopts_instead_of_duplicating(
     assert len(segments_named(live_sandbox, "Ambiguous")) == 1
     assert live_sandbox.members(record.guid) == set(source)
     after = segment_requests(live_sandbox)
-    assert [(r.kind, r.action) for r in after] == [("update", "override"), ("update", "add"),
-                                                    ("update", "add")]
+    assert [(r.kind, r.action) for r in after] == [
+        ("update", "override"),
+        ("update", "add"),
+        ("update", "add"),
+    ]
     # With the lost create: one batch more than the minimum, not a second segment.
     assert 1 + len(after) <= math.ceil(len(source) / batch) + 1
     row = status_rows(env)["Ambiguous"]
-    assert row["segment_guid"] == record.guid and row["members"] == len(source)
+    assert row["segment_guid"] == record.guid
+    assert row["members"] == len(source)

@@ -66,7 +66,7 @@ def test_daemon_serves_health_and_syncs_on_schedule(
     assert live_sandbox.members(guid) == set(make_ids(1_000))
 
     # A change after start is picked up by a scheduled run, no restart needed.
-    changed = make_ids(900, start=100) + ["late@example.com"]
+    changed = [*make_ids(900, start=100), "late@example.com"]
     write_ids(path, changed)
     wait_until(
         lambda: live_sandbox.members(guid) == set(changed), 20, "the scheduled sync of the change"
@@ -101,35 +101,52 @@ def test_sigterm_during_large_sync_exits_0_and_loses_nothing(
     daemon = daemons(env)
 
     wait_until(lambda: live_sandbox.count("create") >= 1, 60, "the create", step=0.01)
+    time.sleep(0.25)  # the first add batch is now in flight (WalkMe takes 0.5 s)
     daemon.process.send_signal(signal.SIGTERM)
     started = time.monotonic()
     code = daemon.wait(30)
     stopped_in = time.monotonic() - started
     assert code == 0, daemon.errors()[-3000:]
     assert stopped_in < 30
-
-    endings = check_run_endings(parse_log_lines(daemon.output()))
-    assert len(endings) == 1
     assert "Traceback" not in daemon.errors()
     no_secrets(daemon, live_sandbox)
+    time.sleep(0.6)  # a request the daemon gave up on would land by now
 
     record = live_sandbox.find(name="Large")
     assert record is not None
     guid = record.guid
-    # The batch in flight was finished and recorded: the snapshot is what WalkMe holds.
-    rows = status_rows(env)
-    assert rows["Large"]["members"] == live_sandbox.size(guid)
     assert live_sandbox.size(guid) < len(source), "the sync should have been interrupted"
+    # Everything below is checked before failing, so one run shows every problem.
+    problems: list[str] = []
+    events = parse_log_lines(daemon.output())
+    try:
+        endings = check_run_endings(events)
+        if len(endings) != 1:
+            problems.append(f"expected one segment run, got {len(endings)}")
+    except AssertionError as exc:
+        problems.append(f"after SIGTERM: {exc}")
+    errors = [e for e in events if e["level"] in ("error", "critical")]
+    if errors:
+        problems.append(f"error lines on a clean SIGTERM: {errors}")
+    # The batch in flight was finished and recorded: the snapshot is what WalkMe holds.
+    row = status_rows(env)["Large"]
+    if row["members"] != live_sandbox.size(guid):
+        problems.append(
+            f"after SIGTERM the snapshot holds {row['members']} members,"
+            f" WalkMe {live_sandbox.size(guid)}"
+        )
+    if row["last_result"] not in ("synced", "failed"):
+        problems.append(f"the interrupted run was never finished: last_result={row['last_result']}")
 
     live_sandbox.faults = Faults()
     live_sandbox.clear_requests()
     result = run_cli("sync", env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert live_sandbox.members(guid) == set(source)
-    assert status_rows(env)["Large"]["members"] == len(source)
-    # Only what was missing was sent.
+    assert status_rows(env)["Large"]["members"] == live_sandbox.size(guid) == len(source)
     assert live_sandbox.count("create") == 0
     assert all(r.action == "add" for r in live_sandbox.requests if r.kind == "update")
+    assert not problems, "\n".join(problems)
 
 
 def test_run_with_admin_port_in_use_fails_with_one_line(

@@ -22,12 +22,12 @@ from tests.integration.conftest import (
 )
 
 
-async def synced_then_changed(harness: Harness, **overrides: object) -> tuple[Settings, str, list[str]]:
+async def synced_then_changed(
+    harness: Harness, **overrides: object
+) -> tuple[Settings, str, list[str]]:
     """A segment synced once (1,500 ids), then its source changed: +700 / -300."""
     source = make_ids(1_500)
-    settings = harness.settings(
-        [harness.mapping("Flaky", source)], batch_size=1_000, **overrides
-    )
+    settings = harness.settings([harness.mapping("Flaky", source)], batch_size=1_000, **overrides)
     outcome = await harness.sync_one(settings)
     assert outcome.result == "synced", outcome.error
     changed = source[300:] + make_ids(700, prefix="new")
@@ -127,7 +127,8 @@ async def test_random_errors_and_throttling_still_converge(make_harness: Harness
     assert sandbox.members(guid) == set(changed)
     assert len(sandbox.state()["segments"]) == 1
     counts = sandbox.request_counts()["byStatus"]
-    assert counts.get("429", 0) > 0 and sum(counts.get(s, 0) for s in ("500", "502", "503")) > 0
+    assert counts.get("429", 0) > 0
+    assert sum(counts.get(s, 0) for s in ("500", "502", "503")) > 0
 
 
 async def test_dropped_connections_after_apply_still_converge(
@@ -216,12 +217,14 @@ async def test_retries_exhausted_fail_then_next_run_resumes_from_snapshot(
     sandbox.script(500, times=50)
     failed = await asyncio.wait_for(run, 30)
     assert failed.result == "failed"
-    assert failed.error and "500" in failed.error
+    assert failed.error
+    assert "500" in failed.error
     sandbox.clear_script()
 
     guid = harness.guid("Exhausted")
     applied = len(sandbox.members(guid))
-    assert 0 < applied < len(source) and applied % 1_000 == 0
+    assert 0 < applied < len(source)
+    assert applied % 1_000 == 0
     # The failed batch was tried exactly retry_attempts times.
     assert sandbox.count(status=500) == 2
     assert failed.added == applied

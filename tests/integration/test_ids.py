@@ -43,7 +43,8 @@ async def test_id_rules_end_to_end(harness: Harness) -> None:
     assert any("101" in example for example in outcome.skipped.examples)
     # What was sent: each id once, trimmed, none over 100 characters.
     sent = segment_requests(sandbox)
-    assert len(sent) == 1 and sent[0].n_ids == len(expected)
+    assert len(sent) == 1
+    assert sent[0].n_ids == len(expected)
     assert sandbox.count(status=400) == 0
 
     # `syncd status --json` reports the skipped ids.

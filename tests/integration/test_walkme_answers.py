@@ -90,7 +90,8 @@ async def test_segment_deleted_in_walkme_is_recreated_with_full_membership(
 
     assert sandbox.count("update", status=404) == 1
     new = segments_named(sandbox, "Deleted")
-    assert len(new) == 1 and new[0]["guid"] != old_guid
+    assert len(new) == 1
+    assert new[0]["guid"] != old_guid
     new_guid = new[0]["guid"]
     assert sandbox.members(new_guid) == set(changed)  # everyone, not only the change
     created = [r for r in segment_requests(sandbox) if r.status < 300]

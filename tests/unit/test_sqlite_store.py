@@ -268,7 +268,7 @@ async def test_finish_run(store: SqliteStore) -> None:
     await seed(store, "vip", ["a"], run_id="r1")
     skipped = SkippedIds()
     skipped.add("x" * 101, "too long")
-    await store.finish_run("vip", "r1", "synced", None, skipped)
+    await store.finish_run("vip", "r1", "synced", None, skipped, 3, 0)
     state = await store.get("vip")
     assert state is not None
     assert state.last_result == "synced"
@@ -280,7 +280,7 @@ async def test_finish_run(store: SqliteStore) -> None:
     first_success = state.last_success_at
 
     await store.begin_run("vip", "r2", SYSTEM, None)
-    await store.finish_run("vip", "r2", "failed", "WalkMe answered 500", SkippedIds())
+    await store.finish_run("vip", "r2", "failed", "WalkMe answered 500", SkippedIds(), 1, 0)
     state = await store.get("vip")
     assert state is not None
     assert state.last_result == "failed"
@@ -303,7 +303,7 @@ async def test_reopen_persists(tmp_path: Path) -> None:
     first = await open_store(url(path))
     try:
         await seed(first, "vip", ["a", "b", "c"], run_id="r1")
-        await first.finish_run("vip", "r1", "synced", None, SkippedIds())
+        await first.finish_run("vip", "r1", "synced", None, SkippedIds(), 0, 0)
     finally:
         await first.close()
     second = await open_store(url(path))
