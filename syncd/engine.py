@@ -561,7 +561,7 @@ async def current_mappings(
                 "heap.auto_map_conflict",
                 heap_segment_id=heap.heap_segment_id,
                 name=heap.mapping_name,
-                reason="a configured segment already has this name",
+                reason="another segment already has this name",
             )
             continue
         mappings[heap.mapping_name] = auto_mapping(heap.heap_segment_id, heap.mapping_name)

@@ -29,6 +29,7 @@ from syncd.state.base import HeapPage
 log = structlog.get_logger("syncd.webhook")
 
 SYNC_ACTION = "segment.users.sync"
+MAX_NAME = 200  # a segment name longer than this is cut: it becomes a WalkMe segment name
 _HEADER = re.compile(r"^\s*ts:(?P<ts>\d{1,16})\s*,\s*hmac:(?P<hmac>[A-Za-z0-9+/=_-]+)\s*$")
 
 #: Called with the Heap segment id whose sync task just became complete.
@@ -58,9 +59,10 @@ def parse_page(payload: Any) -> HeapPage:
     if segment_id < 0 or page_number < 1 or total_pages < 1 or page_number > total_pages:
         raise BadPage("data.segment.id, page_number or total_pages out of range")
     name = segment.get("name")
+    name = name.strip()[:MAX_NAME] if isinstance(name, str) and name.strip() else str(segment_id)
     return HeapPage(
         heap_segment_id=segment_id,
-        segment_name=name.strip() if isinstance(name, str) and name.strip() else str(segment_id),
+        segment_name=name,
         sync_task_id=str(_field(info, "sync_task_id", str, "data.sync_info.")),
         page_number=page_number,
         total_pages=total_pages,
@@ -157,7 +159,9 @@ class HeapWebhookReceiver:
             payload = json.loads(body)
         except ValueError:
             return self._reject(400, "body is not valid JSON")
-        action = payload.get("action_type") if isinstance(payload, dict) else None
+        if not isinstance(payload, dict):
+            return self._reject(400, "body is not a JSON object")
+        action = payload.get("action_type")
         if action != SYNC_ACTION:
             # Answer 200 so Heap does not retry a call syncd will never understand.
             log.warning("heap.webhook_ignored", action_type=str(action)[:100])

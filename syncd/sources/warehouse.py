@@ -52,13 +52,14 @@ class WarehouseSource:
             raise SourceError(f"cannot connect to the warehouse {where}: {_reason(exc)}") from None
         try:
             async with conn.transaction(readonly=True):
-                cursor = conn.cursor(self.query, prefetch=CHUNK_SIZE)
+                statement = await conn.prepare(self.query)
+                columns = len(statement.get_attributes())
+                if columns != 1:
+                    raise SourceError(
+                        f"warehouse query must return exactly one column, got {columns}"
+                    )
                 chunk: list[object] = []
-                async for record in cursor:
-                    if len(record) != 1:
-                        raise SourceError(
-                            f"warehouse query must return exactly one column, got {len(record)}"
-                        )
+                async for record in statement.cursor(prefetch=CHUNK_SIZE):
                     chunk.append(record[0])
                     if len(chunk) >= CHUNK_SIZE:
                         yield chunk

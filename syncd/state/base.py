@@ -183,7 +183,7 @@ class StateStore(Protocol):
         ...
 
     async def prune_history(self, before: datetime) -> int:
-        """Forget runs started before this time; returns how many."""
+        """Forget runs (and Heap page receipts) older than this; returns runs forgotten."""
         ...
 
     async def store_heap_page(self, page: HeapPage) -> PageReceipt:

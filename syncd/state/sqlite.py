@@ -555,11 +555,14 @@ class SqliteStore:
         return await self._call(read)
 
     async def prune_history(self, before: datetime) -> int:
+        cutoff = before.isoformat(timespec="seconds")
+
         def write() -> int:
             with self._transaction() as conn:
+                # Heap retries a page within hours; older page receipts only take room.
+                conn.execute("DELETE FROM heap_pages WHERE received_at < ?", (cutoff,))
                 return conn.execute(
-                    "DELETE FROM runs WHERE started_at < ? AND result != 'running'",
-                    (before.isoformat(timespec="seconds"),),
+                    "DELETE FROM runs WHERE started_at < ? AND result != 'running'", (cutoff,)
                 ).rowcount
 
         return await self._call(write)
