@@ -169,7 +169,9 @@ async def print_status(
         current = await current_mappings(settings, mappings, store)
         states = {state.name: state for state in await store.all()}
         quarantine = {
-            name: await store.quarantined(name, 5) for name, s in states.items() if s.quarantined
+            name: await store.quarantine_examples(name, 5)
+            for name, s in states.items()
+            if s.quarantined
         }
     finally:
         await store.close()

@@ -1,8 +1,9 @@
 """The sync engine: source -> diff against the snapshot -> batches -> WalkMe -> snapshot.
 
 One segment run:
-1. stage the source's ids (after the id rules) in the state store;
-2. diff them against the snapshot of what WalkMe acknowledged, inside the store;
+1. read the source's ids and apply the id rules;
+2. diff them against the snapshot of what WalkMe acknowledged (``syncd.diff``,
+   streamed, in bounded memory);
 3. send ``remove`` batches, then ``add`` batches (a new segment is created with
    its first batch; an adopted or reset one is rebuilt with ``override``);
 4. record each acknowledged batch in the snapshot before sending the next, so a
@@ -15,17 +16,18 @@ import asyncio
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import structlog
 
 from syncd import metrics
+from syncd.diff import Diff, Quarantined, compute_diff
 from syncd.ids import SkippedIds, clean_ids
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
-from syncd.sources import SourceError, build_source
-from syncd.state import Action, SegmentState, Stage, StateError, StateStore
+from syncd.sources import Source, SourceError, build_source
+from syncd.state import Action, SegmentState, StateError, StateStore
 from syncd.state.base import RunResult
 from syncd.walkme import (
     WalkMeClient,
@@ -39,6 +41,7 @@ from syncd.walkme import (
 log = structlog.get_logger("syncd.engine")
 
 EXAMPLES_SHOWN = 5
+SNAPSHOT_CHUNK = 50_000
 Mode = Literal["create", "override", "update"]
 
 
@@ -88,6 +91,7 @@ class Outcome:
     plan: Plan | None = None
     quarantined: int = 0
     hold: Hold | None = None
+    interrupted: bool = False  # stopped by a signal after recording its last batch
 
 
 @dataclass
@@ -178,58 +182,94 @@ class Engine:
                 state = await self._store.begin_run(
                     mapping.name, outcome.run_id, system, mapping.external_id
                 )
-            async with self._store.stage(mapping.name) as stage:
-                log.debug("segment.reading", source=source.describe())
-                source_ids = 0
-                async for chunk in source.chunks():
-                    ids = clean_ids(chunk, outcome.skipped)
-                    source_ids += len(ids)
-                    await stage.add(ids)
-                if source_ids == 0 and state is not None and state.members > 0:
-                    # An empty or half-loaded table looks exactly like this.
-                    log.warning(
-                        "segment.source_empty",
-                        source=source.describe(),
-                        source_ids=0,
-                        snapshot_members=state.members,
-                    )
-                if state is None or state.segment_guid is None:
-                    mode: Mode = "create"
-                else:
-                    mode = "override" if state.needs_override else "update"
-                snapshot = state.members if state is not None and mode == "update" else 0
-                if dry_run:
-                    outcome.plan = await self._plan(mapping, stage, mode, snapshot, source_ids)
-                    outcome.result = "planned"
-                    return
-                await stage.release_quarantine()
-                if mode == "update" and not force:
-                    removes = await stage.pending("remove")
-                    outcome.hold = self._guard(mapping, snapshot, removes, source_ids)
-                    if outcome.hold is not None:
-                        outcome.result, outcome.error = "held", outcome.hold.reason
+            for attempt in (1, 2):
+                mode = _mode(state, mapping)
+                outcome.skipped = SkippedIds()
+                diff = await self._diff(mapping, source, state, mode, outcome)
+                try:
+                    if dry_run:
+                        outcome.plan = self._plan(mapping, diff, mode, state)
+                        outcome.result = "planned"
                         return
-                await self._push(mapping, system, stage, outcome)
+                    if mode == "update" and not force:
+                        snapshot = state.members if state else 0
+                        outcome.hold = self._guard(mapping, snapshot, diff.removes, diff.distinct)
+                        if outcome.hold is not None:
+                            outcome.result, outcome.error = "held", outcome.hold.reason
+                            return
+                    await self._store.release_quarantine(mapping.name, diff.released)
+                    await self._push(mapping, system, diff, outcome)
+                    break
+                except WalkMeNotFound:
+                    if attempt == 2:
+                        raise
+                    # Deleted in WalkMe behind our back: start over with a new segment.
+                    log.warning("segment.recreating", reason="WalkMe answered 404 on update")
+                    await self._store.forget_guid(mapping.name)
+                    state = await self._store.get(mapping.name)
+                finally:
+                    diff.close()
             outcome.result = "synced"
-        except (SourceError, WalkMeError, StateError, Interrupted) as exc:
+        except Interrupted as exc:
+            outcome.error, outcome.interrupted = str(exc), True
+        except (SourceError, WalkMeError, StateError) as exc:
             outcome.error = str(exc) or type(exc).__name__
         except Exception as exc:
             # A bug must fail this segment's run, not the daemon.
             log.exception("segment.internal_error")
             outcome.error = f"internal error: {type(exc).__name__}: {exc}"
 
-    async def _plan(
-        self, mapping: SegmentMapping, stage: Stage, mode: Mode, snapshot: int, source_ids: int
+    async def _diff(
+        self,
+        mapping: SegmentMapping,
+        source: Source,
+        state: SegmentState | None,
+        mode: Mode,
+        outcome: Outcome,
+    ) -> Diff:
+        """Source ids (after the id rules) against the snapshot; a new or rebuilt
+        segment is diffed against nothing, as everything must be sent."""
+        log.debug("segment.reading", source=source.describe())
+
+        async def cleaned() -> AsyncIterator[list[str]]:
+            async for chunk in source.chunks():
+                yield clean_ids(chunk, outcome.skipped)
+
+        if mode == "update" and state is not None:
+            snapshot = self._store.snapshot(mapping.name, SNAPSHOT_CHUNK)
+            snapshot_size = state.members
+            quarantined = await self._store.quarantined(mapping.name)
+        else:
+            snapshot, snapshot_size, quarantined = _nothing(), 0, Quarantined()
+        diff = await compute_diff(
+            cleaned(), snapshot, snapshot_size, quarantined, self._settings.work_dir
+        )
+        if diff.distinct == 0 and snapshot_size > 0:
+            # An empty or half-loaded table looks exactly like this.
+            log.warning(
+                "segment.source_empty",
+                source=source.describe(),
+                source_ids=0,
+                snapshot_members=snapshot_size,
+            )
+        return diff
+
+    def _plan(
+        self, mapping: SegmentMapping, diff: Diff, mode: Mode, state: SegmentState | None
     ) -> Plan:
-        removes = await stage.pending("remove") if mode == "update" else 0
+        snapshot = state.members if state is not None and mode == "update" else 0
         return Plan(
             mode=mode,
-            staged=await stage.size(),
-            adds=await stage.pending("add"),
-            removes=removes,
-            add_examples=await stage.examples("add", EXAMPLES_SHOWN),
-            remove_examples=await stage.examples("remove", EXAMPLES_SHOWN) if removes else [],
-            held=self._guard(mapping, snapshot, removes, source_ids) if mode == "update" else None,
+            staged=diff.distinct,
+            adds=diff.adds,
+            removes=diff.removes,
+            add_examples=diff.examples("add", EXAMPLES_SHOWN),
+            remove_examples=diff.examples("remove", EXAMPLES_SHOWN),
+            held=(
+                self._guard(mapping, snapshot, diff.removes, diff.distinct)
+                if mode == "update"
+                else None
+            ),
         )
 
     def _guard(
@@ -254,30 +294,19 @@ class Engine:
         return Hold(reason, removes, snapshot, source_ids, fraction)
 
     async def _push(
-        self, mapping: SegmentMapping, system: str, stage: Stage, outcome: Outcome
-    ) -> None:
-        try:
-            await self._push_once(mapping, system, stage, outcome)
-        except WalkMeNotFound:
-            # Deleted in WalkMe behind our back: start over with a new segment.
-            log.warning("segment.recreating", reason="WalkMe answered 404 on update")
-            await self._store.forget_guid(mapping.name)
-            await self._push_once(mapping, system, stage, outcome)
-
-    async def _push_once(
-        self, mapping: SegmentMapping, system: str, stage: Stage, outcome: Outcome
+        self, mapping: SegmentMapping, system: str, diff: Diff, outcome: Outcome
     ) -> None:
         guid, mode = await self._resolve(mapping, system)
         target = _Target(mapping, system, guid, outcome)
         size = self._settings.batch_size
         if mode == "update":
-            async for batch in stage.batches("remove", size):
+            for batch in diff.batches("remove", size):
                 self._check_stopping()
                 await self._deliver(target, "remove", batch)
         # A new segment is created with its first batch; an adopted or reset one
         # is rebuilt with override as its first batch.
         first: Action | None = None if mode == "update" else mode
-        async for batch in stage.batches("add", size):
+        for batch in diff.batches("add", size):
             self._check_stopping()
             await self._deliver(target, first or "add", batch)
             first = None
@@ -516,7 +545,24 @@ class Engine:
                 **fields,
             )
         else:
-            log.error("segment.failed", error=outcome.error, **fields)
+            # A shutdown mid-run is routine (deploys): no error-level line for it.
+            report = log.warning if outcome.interrupted else log.error
+            report("segment.failed", error=outcome.error, interrupted=outcome.interrupted, **fields)
+
+
+def _mode(state: SegmentState | None, mapping: SegmentMapping) -> Mode:
+    """How this run's first batch goes: create, override (rebuild), or plain update."""
+    if state is None or state.segment_guid is None:
+        return "create"
+    wanted = normalize_guid(mapping.segment_guid) if mapping.segment_guid else None
+    if state.needs_override or (wanted is not None and wanted != state.segment_guid):
+        return "override"
+    return "update"
+
+
+async def _nothing() -> AsyncIterator[list[str]]:
+    return
+    yield  # an empty async generator
 
 
 def record_run_metrics(outcome: Outcome, state: SegmentState | None) -> None:

@@ -10,6 +10,8 @@ MAX_ID_LENGTH = 100  # WalkMe: "Up to 100 characters per ID value"
 EXAMPLES_KEPT = 5
 # C0/C1 control characters cannot be a real user id and break WalkMe's matching.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# The same, less the newline: used on a whole chunk joined by newlines.
+_CONTROL_IN_CHUNK = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -31,10 +33,21 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
 
     Surrounding whitespace is stripped and empty values and NULLs dropped;
     numbers become strings; ids WalkMe cannot take are counted in ``skipped``.
-    Duplicates are left to the state store, which keeps each id once.
+    Duplicates are left to the diff, which keeps each id once.
     """
+    values = raw if isinstance(raw, list) else list(raw)
+    if all(type(value) is str for value in values):
+        # The common case, checked chunk-wide so the per-id work stays in C.
+        stripped = list(filter(None, map(str.strip, values)))
+        joined = "\n".join(stripped)
+        if (
+            max(map(len, stripped), default=0) <= MAX_ID_LENGTH
+            and joined.count("\n") == max(len(stripped) - 1, 0)  # no newline inside an id
+            and not _CONTROL_IN_CHUNK.search(joined)
+        ):
+            return stripped
     kept: list[str] = []
-    for value in raw:
+    for value in values:
         if value is None:
             continue
         text = (value if isinstance(value, str) else str(value)).strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd.admin import AdminServer
 from syncd.engine import Engine, set_segment_gauges
-from syncd.settings import Settings
+from syncd.settings import ConfigError, Settings
 from syncd.state import StateError, StateStore
 from syncd.webhook import HeapWebhookReceiver
 
@@ -56,9 +57,9 @@ class Daemon:
         self._started_at = datetime.now(UTC)
         for state in await self._store.all():
             set_segment_gauges(state)  # staleness survives restarts
-        await self.admin.start()
+        await self._listen(self.admin.start(), "SYNCD_ADMIN_PORT", self.admin.port)
         if self.receiver is not None:
-            await self.receiver.start()
+            await self._listen(self.receiver.start(), "SYNCD_WEBHOOK_PORT", self.receiver.port)
         schedule = self._settings.parsed_schedule
         self._scheduler.add_job(
             self._cycle,
@@ -77,17 +78,27 @@ class Daemon:
             admin_port=self.admin.port,
         )
         await self._stop.wait()
+        # No new work; runs in flight finish their current batch and record it.
+        # (Shutting the scheduler down first would cancel them mid-request.)
+        self._scheduler.pause()
         self._engine.stop()
-        self._scheduler.shutdown(wait=False)
         for handle in self._debounce.values():
             handle.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._scheduler.shutdown(wait=False)
         if self.receiver is not None:
             await self.receiver.stop()
         await self.admin.stop()
         log.info("daemon.stopped")
         return 0
+
+    @staticmethod
+    async def _listen(start: Awaitable[None], variable: str, port: int) -> None:
+        try:
+            await start
+        except OSError as exc:
+            raise ConfigError(f"{variable}: cannot listen on port {port}: {exc.strerror}") from None
 
     def _on_signal(self, signum: int) -> None:
         log.info("daemon.stopping", signal=signal.Signals(signum).name)

@@ -178,6 +178,8 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=8, ge=1, le=100)
     retry_max_wait: float = Field(default=60.0, gt=0, le=3600)
     ca_bundle: Path | None = None
+    # Where diffs spill ids to disk (a few bytes per member during a run).
+    work_dir: Path | None = None
     # Operations: /readyz lists segments not synced for this long (default 3 intervals).
     stale_after: float | None = Field(default=None, gt=0)
     history_days: float = Field(default=30, gt=0)

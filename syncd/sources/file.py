@@ -11,6 +11,7 @@ from typing import BinaryIO
 from syncd.sources.base import CHUNK_SIZE, SourceError
 
 MAX_LINE_BYTES = 1 << 20  # a longer "line" is binary junk, not a user id
+BLOCK_BYTES = 1 << 20
 
 
 class FileSource:
@@ -36,8 +37,10 @@ class FileSource:
         except OSError as exc:
             raise SourceError(f"cannot open {self.path}: {exc.strerror}") from None
         with handle:
-            lines = self._lines(handle)
-            values = self._csv_values(lines) if self.column else lines
+            if self.column is None:
+                yield from self._plain_chunks(handle)
+                return
+            values = self._csv_values(self._lines(handle))
             chunk: list[object] = []
             for value in values:
                 chunk.append(value)
@@ -46,6 +49,53 @@ class FileSource:
                     chunk = []
             if chunk:
                 yield chunk
+
+    def _plain_chunks(self, handle: BinaryIO) -> Iterator[list[object]]:
+        """One id per line, read in blocks: splitting and decoding stay in C."""
+        pending = b""
+        lines_before = 0
+        while True:
+            try:
+                block = handle.read(BLOCK_BYTES)
+            except OSError as exc:
+                raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
+            if not block:
+                break
+            data = pending + block
+            end = data.rfind(b"\n") + 1
+            complete, pending = data[:end], data[end:]
+            if len(pending) > MAX_LINE_BYTES:
+                raise self._too_long(lines_before + complete.count(b"\n") + 1)
+            if complete:
+                yield from _slices(self._decode_lines(complete, lines_before))
+                lines_before += complete.count(b"\n")
+        if pending:
+            yield from _slices(self._decode_lines(pending, lines_before))
+
+    def _decode_lines(self, data: bytes, lines_before: int) -> list[object]:
+        if b"\x00" in data:
+            line = lines_before + data[: data.index(b"\x00")].count(b"\n") + 1
+            raise SourceError(f"{self.path} line {line}: contains NUL bytes (binary file?)")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = lines_before + data[: exc.start].count(b"\n") + 1
+            raise SourceError(f"{self.path} line {line}: not valid UTF-8") from None
+        if lines_before == 0:
+            text = text.removeprefix("\ufeff")
+        lines = text.split("\n")
+        if lines and not lines[-1]:
+            lines.pop()
+        if max(map(len, lines), default=0) > MAX_LINE_BYTES:
+            index = next(i for i, line in enumerate(lines) if len(line) > MAX_LINE_BYTES)
+            raise self._too_long(lines_before + index + 1)
+        return list(lines)
+
+    def _too_long(self, line: int) -> SourceError:
+        return SourceError(
+            f"{self.path} line {line}: longer than {MAX_LINE_BYTES} bytes;"
+            " is this a text file of user ids?"
+        )
 
     def _lines(self, handle: BinaryIO) -> Iterator[str]:
         number = 0
@@ -58,10 +108,7 @@ class FileSource:
                 return
             number += 1
             if len(raw) > MAX_LINE_BYTES:
-                raise SourceError(
-                    f"{self.path} line {number}: longer than {MAX_LINE_BYTES} bytes;"
-                    " is this a text file of user ids?"
-                )
+                raise self._too_long(number)
             if b"\x00" in raw:
                 raise SourceError(f"{self.path} line {number}: contains NUL bytes (binary file?)")
             try:
@@ -90,3 +137,8 @@ class FileSource:
                     yield row[index]
         except csv.Error as exc:
             raise SourceError(f"{self.path}: malformed CSV: {exc}") from None
+
+
+def _slices(values: list[object]) -> Iterator[list[object]]:
+    for start in range(0, len(values), CHUNK_SIZE):
+        yield values[start : start + CHUNK_SIZE]

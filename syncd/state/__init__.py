@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from syncd.state.base import Action, Origin, SegmentState, Stage, StateError, StateStore
+from syncd.state.base import Action, Origin, SegmentState, StateError, StateStore
 from syncd.state.sqlite import SqliteStore
 
-__all__ = ["Action", "Origin", "SegmentState", "Stage", "StateError", "StateStore", "open_store"]
+__all__ = ["Action", "Origin", "SegmentState", "StateError", "StateStore", "open_store"]
 
 
 async def open_store(url: str) -> SqliteStore:

@@ -8,11 +8,11 @@ same transaction as the run progress that caused it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
+from syncd.diff import Quarantined
 from syncd.ids import SkippedIds
 
 Action = Literal["create", "override", "add", "remove"]
@@ -89,30 +89,6 @@ class RunRecord:
     error: str | None
 
 
-class Stage(Protocol):
-    """A run's desired membership, held in the store so the diff never needs RAM."""
-
-    async def add(self, ids: list[str]) -> None: ...
-
-    async def size(self) -> int:
-        """Distinct ids staged."""
-        ...
-
-    async def pending(self, action: Literal["add", "remove"]) -> int:
-        """Ids to add (staged, not in the snapshot) or remove (the reverse)."""
-        ...
-
-    async def examples(self, action: Literal["add", "remove"], limit: int) -> list[str]: ...
-
-    def batches(self, action: Literal["add", "remove"], size: int) -> AsyncIterator[list[str]]:
-        """Pending ids in batches; each batch is read after the previous one is recorded."""
-        ...
-
-    async def release_quarantine(self) -> int:
-        """Forget quarantined ids whose membership changed, so they are tried again."""
-        ...
-
-
 class StateStore(Protocol):
     async def get(self, name: str) -> SegmentState | None: ...
 
@@ -124,7 +100,9 @@ class StateStore(Protocol):
         """Create the segment's row if new and open a run record."""
         ...
 
-    def stage(self, name: str) -> AbstractAsyncContextManager[Stage]: ...
+    def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
+        """The ids WalkMe acknowledged for this segment, in chunks."""
+        ...
 
     async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
         """Point at an existing WalkMe segment whose members are unknown: rebuild it."""
@@ -151,7 +129,15 @@ class StateStore(Protocol):
         """Ids WalkMe rejected, with its answer: not sent again until they change."""
         ...
 
-    async def quarantined(self, name: str, limit: int) -> list[tuple[str, str, str]]:
+    async def quarantined(self, name: str) -> Quarantined:
+        """Every quarantined id of the segment, by action (a handful, normally)."""
+        ...
+
+    async def release_quarantine(self, name: str, released: Quarantined) -> None:
+        """Their membership changed: try them again."""
+        ...
+
+    async def quarantine_examples(self, name: str, limit: int) -> list[tuple[str, str, str]]:
         """Some quarantined (id, action, reason), newest first."""
         ...
 

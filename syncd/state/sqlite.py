@@ -9,16 +9,16 @@ transaction as one unit.)
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from syncd.diff import Quarantined
 from syncd.ids import SkippedIds
 from syncd.state.base import (
     Action,
@@ -34,7 +34,6 @@ from syncd.state.base import (
 
 SCHEMA_VERSION = 1
 _T = TypeVar("_T")
-_stage_numbers = itertools.count(1)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -291,6 +290,7 @@ class SqliteStore:
         def write() -> None:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
                 conn.execute(
                     "UPDATE segments SET segment_guid = ?, origin = ?, needs_override = 1,"
                     " members = 0 WHERE name = ?",
@@ -352,6 +352,7 @@ class SqliteStore:
         def write() -> None:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
                 conn.execute(
                     "UPDATE segments SET segment_guid = NULL, origin = NULL,"
                     " needs_override = 0, members = 0 WHERE name = ?",
@@ -374,7 +375,48 @@ class SqliteStore:
 
         await self._call(write)
 
-    async def quarantined(self, name: str, limit: int) -> list[tuple[str, str, str]]:
+    async def quarantined(self, name: str) -> Quarantined:
+        def read() -> Quarantined:
+            rows = self._conn.execute(
+                "SELECT action, id FROM quarantine WHERE segment = ?", (name,)
+            ).fetchall()
+            return Quarantined(
+                add=frozenset(member for action, member in rows if action == "add"),
+                remove=frozenset(member for action, member in rows if action == "remove"),
+            )
+
+        return await self._call(read)
+
+    async def release_quarantine(self, name: str, released: Quarantined) -> None:
+        if not released.add and not released.remove:
+            return
+        rows = [(name, "add", m) for m in released.add]
+        rows += [(name, "remove", m) for m in released.remove]
+
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.executemany(
+                    "DELETE FROM quarantine WHERE segment = ? AND action = ? AND id = ?", rows
+                )
+
+        await self._call(write)
+
+    async def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
+        def read(after: str) -> tuple[list[str], str | None]:
+            ids, last = self._conn.execute(
+                "SELECT json_group_array(id), max(id) FROM (SELECT id FROM members"
+                " WHERE segment = ? AND id > ? ORDER BY id LIMIT ?)",
+                (name, after, size),
+            ).fetchone()
+            return json.loads(ids), last
+
+        after: str | None = ""
+        while after is not None:
+            chunk, after = await self._call(read, after)
+            if chunk:
+                yield chunk
+
+    async def quarantine_examples(self, name: str, limit: int) -> list[tuple[str, str, str]]:
         def read() -> list[tuple[str, str, str]]:
             rows = self._conn.execute(
                 "SELECT id, action, reason FROM quarantine WHERE segment = ?"
@@ -575,129 +617,3 @@ class SqliteStore:
                 raise StateError(f"state store {self.path}: {exc}") from None
 
         await self._call(read)
-
-    # -- staging -------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def stage(self, name: str) -> AsyncIterator[SqliteStage]:
-        # A temporary table per run: dropped whole at the end, and stored in a
-        # temp file rather than memory, so large segments do not grow the heap.
-        table = f"staged_{next(_stage_numbers)}"
-
-        def create() -> None:
-            self._conn.execute(f"CREATE TABLE temp.{table} (id TEXT NOT NULL)")
-
-        def drop() -> None:
-            self._conn.execute(f"DROP TABLE IF EXISTS temp.{table}")
-
-        await self._call(create)
-        try:
-            yield SqliteStage(self, name, table)
-        finally:
-            await self._call(drop)
-
-
-class SqliteStage:
-    """Staged ids in a plain temp table, indexed once loading is done.
-
-    Appending and then building the index sorts once, which is several times
-    faster than keeping a B-tree ordered through a million random inserts.
-    Ids travel to and from SQLite as one JSON array per chunk, so the per-id
-    work stays in C.
-    """
-
-    def __init__(self, store: SqliteStore, segment: str, table: str) -> None:
-        self._store = store
-        self._segment = segment
-        self._table = f"temp.{table}"
-        self._index = f"temp.{table}_id"
-        self._bare = table
-        self._indexed = False
-
-    async def add(self, ids: list[str]) -> None:
-        if self._indexed:
-            raise StateError("ids staged after the diff started")
-        payload = json.dumps(ids)
-
-        def write() -> None:
-            self._store._conn.execute(
-                f"INSERT INTO {self._table} (id) SELECT value FROM json_each(?)", (payload,)
-            )
-
-        await self._store._call(write)
-
-    async def _read(self, function: Callable[[sqlite3.Connection], _T]) -> _T:
-        def run() -> _T:
-            conn = self._store._conn
-            if not self._indexed:
-                conn.execute(f"CREATE INDEX {self._index} ON {self._bare} (id)")
-                self._indexed = True
-            return function(conn)
-
-        return await self._store._call(run)
-
-    async def size(self) -> int:
-        sql = f"SELECT count(DISTINCT id) FROM {self._table}"
-        return await self._read(lambda conn: int(conn.execute(sql).fetchone()[0]))
-
-    def _pending_sql(self, action: Literal["add", "remove"]) -> str:
-        # Quarantined ids (rejected by WalkMe) wait until their membership changes.
-        if action == "add":
-            return (
-                f"SELECT DISTINCT s.id AS id FROM {self._table} s WHERE s.id > ? AND NOT EXISTS"
-                " (SELECT 1 FROM members m WHERE m.segment = ? AND m.id = s.id)"
-                " AND NOT EXISTS (SELECT 1 FROM quarantine q"
-                " WHERE q.segment = ? AND q.action = 'add' AND q.id = s.id)"
-                " ORDER BY s.id"
-            )
-        return (
-            "SELECT m.id AS id FROM members m WHERE m.segment = ? AND m.id > ? AND NOT EXISTS"
-            f" (SELECT 1 FROM {self._table} s WHERE s.id = m.id)"
-            " AND NOT EXISTS (SELECT 1 FROM quarantine q"
-            " WHERE q.segment = ? AND q.action = 'remove' AND q.id = m.id)"
-            " ORDER BY m.id"
-        )
-
-    def _params(self, action: Literal["add", "remove"], after: str) -> tuple[str, str, str]:
-        if action == "add":
-            return (after, self._segment, self._segment)
-        return (self._segment, after, self._segment)
-
-    async def release_quarantine(self) -> int:
-        """Forget quarantined ids whose membership changed: they get another try."""
-        sql = (
-            "DELETE FROM quarantine WHERE segment = ? AND ((action = 'add' AND id NOT IN"
-            f" (SELECT id FROM {self._table})) OR (action = 'remove' AND id IN"
-            f" (SELECT id FROM {self._table})))"
-        )
-        return await self._read(lambda conn: conn.execute(sql, (self._segment,)).rowcount)
-
-    async def pending(self, action: Literal["add", "remove"]) -> int:
-        sql = f"SELECT count(*) FROM ({self._pending_sql(action)})"
-        params = self._params(action, "")
-        return await self._read(lambda conn: int(conn.execute(sql, params).fetchone()[0]))
-
-    async def examples(self, action: Literal["add", "remove"], limit: int) -> list[str]:
-        return (await self._next(action, "", limit))[0]
-
-    async def _next(
-        self, action: Literal["add", "remove"], after: str, limit: int
-    ) -> tuple[list[str], str]:
-        sql = f"SELECT json_group_array(id), max(id) FROM ({self._pending_sql(action)} LIMIT ?)"
-        params = (*self._params(action, after), limit)
-
-        def read(conn: sqlite3.Connection) -> tuple[list[str], str]:
-            ids, last = conn.execute(sql, params).fetchone()
-            return json.loads(ids), last
-
-        return await self._read(read)
-
-    async def batches(
-        self, action: Literal["add", "remove"], size: int
-    ) -> AsyncIterator[list[str]]:
-        after = ""
-        while True:
-            batch, after = await self._next(action, after, size)
-            if not batch:
-                return
-            yield batch
