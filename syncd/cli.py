@@ -17,7 +17,7 @@ from syncd.app import Runtime, open_runtime
 from syncd.engine import Outcome, Plan, current_mappings
 from syncd.logs import configure_logging
 from syncd.scheduler import Daemon
-from syncd.settings import ConfigError, SegmentMapping, Settings, load_settings
+from syncd.settings import ConfigError, SegmentMapping, Settings, describe_url, load_settings
 from syncd.state import SegmentState, StateError, open_store
 from syncd.walkme import WalkMeError
 
@@ -68,7 +68,8 @@ async def cmd_sync(args: argparse.Namespace) -> int:
         for outcome in outcomes:
             _print_plan(outcome, settings.batch_size)
     # A held segment is not synced: exit 1 so scripts notice.
-    return EXIT_OK if all(o.result in ("synced", "planned") for o in outcomes) else EXIT_FAILED
+    done = ("synced", "planned", "skipped")  # skipped: another replica is running it
+    return EXIT_OK if all(o.result in done for o in outcomes) else EXIT_FAILED
 
 
 def _requests_needed(plan: Plan, batch: int) -> int:
@@ -113,7 +114,7 @@ async def cmd_check(_: argparse.Namespace) -> int:
     _out(f"ok    configuration: {len(mappings)} segment(s), schedule {settings.schedule}")
     try:
         async with open_runtime(settings, mappings) as runtime:
-            _out(f"ok    state store: {settings.state_url}")
+            _out(f"ok    state store: {describe_url(settings.state_url)}")
             try:
                 await runtime.client.access_token()
                 _out(f"ok    token from {settings.token_url}")

@@ -13,6 +13,8 @@ One segment run:
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -80,7 +82,7 @@ class Plan:
 @dataclass
 class Outcome:
     segment: str
-    result: Literal["synced", "failed", "held", "planned"]
+    result: Literal["synced", "failed", "held", "planned", "skipped"]
     run_id: str
     added: int = 0
     removed: int = 0
@@ -92,6 +94,7 @@ class Outcome:
     quarantined: int = 0
     hold: Hold | None = None
     interrupted: bool = False  # stopped by a signal after recording its last batch
+    lease_lost: bool = False  # another replica may have taken over: stop sending
 
 
 @dataclass
@@ -121,6 +124,9 @@ class Engine:
         self._locks: dict[str, asyncio.Lock] = {}
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._stopping = False
+        # Who holds a segment's lease: unique per process, readable in the database.
+        self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._ttl = settings.lease_ttl
 
     def stop(self) -> None:
         """Finish the batches in flight, then end every run."""
@@ -161,14 +167,46 @@ class Engine:
             with structlog.contextvars.bound_contextvars(
                 segment=mapping.name, run_id=outcome.run_id
             ):
+                if dry_run:
+                    await self._run(mapping, outcome, dry_run, force)
+                    return outcome
+                if not await self._store.acquire_lease(mapping.name, self._holder, self._ttl):
+                    # Several replicas share the work: this one is someone else's now.
+                    log.info("segment.skipped", reason="another replica is syncing it")
+                    outcome.result = "skipped"
+                    metrics.segment_runs.labels(mapping.name, "skipped").inc()
+                    return outcome
+                keeper = asyncio.create_task(self._keep_lease(mapping.name, outcome))
                 started = time.monotonic()
-                await self._run(mapping, outcome, dry_run, force)
-                outcome.duration_s = round(time.monotonic() - started, 3)
-                outcome.requests = sum(tally.values())
-                if not dry_run:
+                try:
+                    await self._run(mapping, outcome, dry_run, force)
+                finally:
+                    keeper.cancel()
+                    outcome.duration_s = round(time.monotonic() - started, 3)
+                    outcome.requests = sum(tally.values())
                     await self._finish(outcome)
                     self._log_outcome(outcome)
+                    await self._release_lease(mapping.name)
             return outcome
+
+    async def _keep_lease(self, name: str, outcome: Outcome) -> None:
+        """Renew the run's lease; if it is lost, the run stops after its current batch."""
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                renewed = await self._store.acquire_lease(name, self._holder, self._ttl)
+            except StateError:
+                renewed = False
+            if not renewed:
+                log.warning("segment.lease_lost")
+                outcome.lease_lost = True
+                return
+
+    async def _release_lease(self, name: str) -> None:
+        try:
+            await self._store.release_lease(name, self._holder)
+        except StateError as exc:  # it expires by itself
+            log.warning("state.unavailable", error=str(exc))
 
     async def _run(
         self, mapping: SegmentMapping, outcome: Outcome, dry_run: bool, force: bool
@@ -301,13 +339,13 @@ class Engine:
         size = self._settings.batch_size
         if mode == "update":
             for batch in diff.batches("remove", size):
-                self._check_stopping()
+                self._check_stopping(outcome)
                 await self._deliver(target, "remove", batch)
         # A new segment is created with its first batch; an adopted or reset one
         # is rebuilt with override as its first batch.
         first: Action | None = None if mode == "update" else mode
         for batch in diff.batches("add", size):
-            self._check_stopping()
+            self._check_stopping(outcome)
             await self._deliver(target, first or "add", batch)
             first = None
         if first is not None:
@@ -372,7 +410,7 @@ class Engine:
         try:
             while pending:
                 part = pending.pop()
-                self._check_stopping()
+                self._check_stopping(target.outcome)
                 try:
                     await self._send(target, action, part)
                 except WalkMeRejected as exc:
@@ -492,9 +530,11 @@ class Engine:
         )
         return existed
 
-    def _check_stopping(self) -> None:
+    def _check_stopping(self, outcome: Outcome) -> None:
         if self._stopping:
             raise Interrupted("stopped by shutdown; the next run carries on from the snapshot")
+        if outcome.lease_lost:
+            raise Interrupted("lost this segment's lease; another replica carries on")
 
     async def _finish(self, outcome: Outcome) -> None:
         result: RunResult = outcome.result if outcome.result in ("synced", "held") else "failed"

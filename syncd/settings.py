@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
@@ -38,7 +39,9 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 WAREHOUSE_SCHEMES = ("postgresql", "postgres", "redshift", "snowflake")
 
 # Values never echoed in errors: the warehouse URL holds a password.
-SECRET_FIELDS = frozenset({"walkme_client_secret", "heap_webhook_secret", "warehouse_url"})
+SECRET_FIELDS = frozenset(
+    {"walkme_client_secret", "heap_webhook_secret", "warehouse_url", "state_url"}
+)
 
 Guid = Annotated[str, Field(pattern=GUID_PATTERN)]
 
@@ -178,6 +181,8 @@ class Settings(BaseSettings):
     retry_attempts: int = Field(default=8, ge=1, le=100)
     retry_max_wait: float = Field(default=60.0, gt=0, le=3600)
     ca_bundle: Path | None = None
+    # Replicas sharing PostgreSQL state: a run's lease lapses this long after its holder dies.
+    lease_ttl: float = Field(default=60.0, ge=1, le=3600)
     # Where diffs spill ids to disk (a few bytes per member during a run).
     work_dir: Path | None = None
     # Operations: /readyz lists segments not synced for this long (default 3 intervals).
@@ -228,8 +233,11 @@ class Settings(BaseSettings):
     @field_validator("state_url")
     @classmethod
     def _state_url(cls, value: str) -> str:
-        if not value.startswith("sqlite:///"):
-            raise ValueError(f"{value!r}: expected sqlite:///relative.db or sqlite:////abs.db")
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(
+                "expected sqlite:///relative.db, sqlite:////absolute.db or"
+                " postgresql://user:password@host:port/database"
+            )
         return value
 
     @field_validator("warehouse_url")
@@ -332,6 +340,14 @@ class Settings(BaseSettings):
 
     def system_for(self, mapping: SegmentMapping) -> str:
         return (mapping.system_guid or self.walkme_system_guid).lower()
+
+
+def describe_url(url: str) -> str:
+    """A URL without its user and password, safe for logs and errors."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _secret_value(value: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:

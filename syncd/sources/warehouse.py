@@ -12,17 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from syncd.settings import describe_url
 from syncd.sources.base import CHUNK_SIZE, SourceError
 
 CONNECT_TIMEOUT = 30.0
-
-
-def describe_url(url: str) -> str:
-    """The URL without user or password, safe for logs and errors."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 class WarehouseSource:

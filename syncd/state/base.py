@@ -182,6 +182,13 @@ class StateStore(Protocol):
         """The desired membership Heap pushed, in chunks."""
         ...
 
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take (or renew) the right to run this segment; False while another holds it.
+        A holder that dies loses the lease when ``ttl_s`` passes without a renewal."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None: ...
+
     async def ping(self) -> None:
         """Raise StateError unless the store answers."""
         ...

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -79,6 +80,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
     since TEXT NOT NULL,
     PRIMARY KEY (segment, action, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    segment TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS heap_segments (
     heap_segment_id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -608,6 +614,30 @@ class SqliteStore:
                 ).rowcount
 
         return await self._call(write)
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        def write() -> bool:
+            now = time.time()
+            with self._transaction() as conn:
+                return (
+                    conn.execute(
+                        "INSERT INTO leases (segment, holder, expires_at) VALUES (?, ?, ?)"
+                        " ON CONFLICT (segment) DO UPDATE SET holder = excluded.holder,"
+                        " expires_at = excluded.expires_at"
+                        " WHERE leases.holder = excluded.holder OR leases.expires_at < ?",
+                        (name, holder, now + ttl_s, now),
+                    ).rowcount
+                    > 0
+                )
+
+        return await self._call(write)
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM leases WHERE segment = ? AND holder = ?", (name, holder))
+
+        await self._call(write)
 
     async def ping(self) -> None:
         def read() -> None:

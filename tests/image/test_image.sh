@@ -61,7 +61,7 @@ cleanup() {
     if [[ $status -ne 0 ]]; then
         if [[ $container_started -eq 1 ]]; then
             log "last container log lines (stdout+stderr):"
-            "$DOCKER" logs --tail 40 "$container" 2>&1 | sed 's/^/    /' >&2
+            "$DOCKER" logs --tail 15 "$container" 2>&1 | cut -c1-600 | sed 's/^/    /' >&2
         fi
         if [[ -s $work/sandbox.log ]]; then
             log "sandbox log:"
@@ -236,13 +236,28 @@ def state(sandbox: str) -> dict:
     return json.loads(body)
 
 
-def wait_segment(sandbox: str, name: str, path: str, timeout: float) -> None:
+def no_failed_runs(docker: str, container: str) -> None:
+    """Nothing here should ever fail: stop at the first segment.failed line."""
+    logs = subprocess.run(
+        [docker, "logs", container], capture_output=True, text=True, check=False
+    ).stdout
+    for line in logs.splitlines():
+        if '"segment.failed"' in line or '"segment.internal_error"' in line:
+            record = json.loads(line)
+            fail(f"a run failed: {record.get('error') or record.get('exception')}")
+
+
+def wait_segment(
+    sandbox: str, name: str, path: str, timeout: float, docker: str = "", container: str = ""
+) -> None:
     """Poll until the sandbox holds exactly one segment, named `name`, equal to the file."""
     with open(path, encoding="utf-8") as f:
         want = {line.strip() for line in f if line.strip()}
     deadline = time.time() + timeout
     summary = "no segment yet"
     while time.time() < deadline:
+        if container:
+            no_failed_runs(docker, container)
         doc = state(sandbox)
         segments = doc["segments"]
         found = [s for s in segments if s["name"] == name]
@@ -298,6 +313,8 @@ def check_logs(path: str) -> None:
             for key in ("timestamp", "level"):
                 if key not in record:
                     fail(f"stdout line {number} has no {key!r}: {line[:200]!r}")
+            if record["event"] in ("segment.failed", "segment.internal_error", "segment.held"):
+                fail(f"stdout line {number}: {line[:600]}")
             seen[record["event"]] = seen.get(record["event"], 0) + 1
     if not seen:
         fail("no log lines on stdout")
@@ -319,7 +336,7 @@ if command == "wait-ok":
 elif command == "metrics":
     metrics(args[0], args[1])
 elif command == "wait-segment":
-    wait_segment(args[0], args[1], args[2], float(args[3]))
+    wait_segment(args[0], args[1], args[2], float(args[3]), *args[4:6])
 elif command == "counts":
     counts(args[0])
 elif command == "check-logs":
@@ -344,6 +361,7 @@ wait_synced() {
     local want=$1 skip=$2 deadline=$((SECONDS + TIMEOUT)) n
     while :; do
         stdout_log >"$work/stdout.log"
+        probe check-logs "$work/stdout.log" >/dev/null || die "stdout is not clean JSON lines"
         n=$(probe synced "$work/stdout.log" "$skip" | wc -l)
         ((n >= want)) && return 0
         ((SECONDS < deadline)) || die "only $n segment.synced line(s) after line $skip within ${TIMEOUT}s (wanted $want)"
@@ -414,7 +432,8 @@ ready_s=$(probe wait-ok "http://127.0.0.1:$admin_port/readyz" "$TIMEOUT" "$t0" "
 log "/readyz answered 200 ${ready_s}s after docker run"
 
 # 1. The WalkMe segment equals the file.
-segment=$(probe wait-segment "$sandbox_url" "$SEGMENT_NAME" "$work/members.txt" "$TIMEOUT") \
+segment=$(probe wait-segment "$sandbox_url" "$SEGMENT_NAME" "$work/members.txt" "$TIMEOUT" \
+              "$DOCKER" "$container") \
     || die "the sandbox segment does not equal the file"
 log "segment synced: $segment"
 
