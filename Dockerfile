@@ -48,7 +48,8 @@ COPY syncd ./syncd
 # Then the project itself; afterwards drop pip/setuptools (not needed at runtime,
 # and they differ between bases) and compile bytecode now, because the runtime root
 # filesystem is read-only. unchecked-hash .pyc files stay valid whatever the file
-# mtimes are after COPY --from.
+# mtimes are after COPY --from. `syncd --help` imports the whole CLI: a module missing
+# from pyproject.toml's dependencies fails the build here, not the container at start.
 RUN --mount=type=secret,id=pip_ca \
     set -eu; \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
@@ -58,7 +59,8 @@ RUN --mount=type=secret,id=pip_ca \
     /opt/syncd/bin/python -m pip check; \
     /opt/syncd/bin/python -m pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
     /opt/syncd/bin/python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/syncd/lib; \
-    test -x /opt/syncd/bin/syncd
+    test -x /opt/syncd/bin/syncd; \
+    /opt/syncd/bin/syncd --help >/dev/null
 
 ############################################################ runtime
 FROM ${BASE_IMAGE} AS runtime

@@ -1,11 +1,12 @@
 """The diff: a source's ids against the snapshot, streamed, in bounded memory.
 
-Both sides are split by hash into partitions of at most ``PARTITION_IDS`` ids,
-spilled to a private work directory, and compared one partition at a time with
-Python sets (the set operations run in C). Memory therefore depends on the
-partition size, not on the segment's: a 10,000,000-member segment is 25
-partitions. The adds and removes are written to files and read back in batches,
-so the engine never holds more than one batch of them either.
+Both sides are spilled to a private work directory, split into ranges of ids of
+about ``PARTITION_IDS`` each (range bounds come from a sample of both sides), and
+compared one range at a time with Python sets. Memory therefore depends on the
+partition size, not on the segment's: a 10,000,000-member segment is 40 ranges.
+Every per-id step (splitting, sorting, set operations) runs inside CPython's C
+code; Python loops only over chunks. The adds and removes are written to files
+and read back in batches, so the engine never holds more than one batch of them.
 
 Quarantined ids (WalkMe refused them) are left out of the plan until their
 membership changes; the diff reports which of them changed, so the store can
@@ -15,16 +16,18 @@ release them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
-PARTITION_IDS = 400_000  # ~40 MB of Python strings and set per partition
-READ_IDS = 25_000  # ids read back from a spill file at a time
+PARTITION_IDS = 250_000  # ~50 MB of Python strings and sets while one partition is compared
+READ_BYTES = 1 << 20  # spill files are read back a block at a time
+SAMPLE_EVERY = 128  # every n-th id of each side joins the sample that sets range bounds
 
 Kind = Literal["add", "remove"]
 
@@ -76,137 +79,116 @@ def partitions_for(ids: int) -> int:
     return max(1, math.ceil(ids / PARTITION_IDS))
 
 
-class _Spill:
-    """Newline-separated ids in ``parts`` files, by hash."""
-
-    def __init__(self, folder: Path, name: str, parts: int) -> None:
-        self.parts = parts
-        self.paths = [folder / f"{name}.{part}" for part in range(parts)]
-        self._files = [path.open("w", encoding="utf-8", newline="\n") for path in self.paths]
-        self.written = 0
-
-    def write(self, ids: list[str]) -> None:
-        self.written += len(ids)
-        if self.parts == 1:
-            self._files[0].write("\n".join(ids) + "\n" if ids else "")
-            return
-        buckets: list[list[str]] = [[] for _ in range(self.parts)]
-        parts = self.parts
-        for member in ids:
-            # hash() is salted per process; both sides are split in this process.
-            buckets[hash(member) % parts].append(member)
-        for bucket, handle in zip(buckets, self._files, strict=True):
-            if bucket:
-                handle.write("\n".join(bucket) + "\n")
-
-    def close(self) -> None:
-        for handle in self._files:
-            handle.close()
+def _write(handle: TextIO, ids: list[str]) -> None:
+    if ids:
+        handle.write("\n".join(ids) + "\n")
 
 
 def _read_set(path: Path) -> set[str]:
-    text = path.read_text(encoding="utf-8")
-    ids = set(text.split("\n"))
+    ids = set(path.read_text(encoding="utf-8").split("\n"))
     ids.discard("")
     return ids
 
 
 def _read_chunks(path: Path) -> Iterator[list[str]]:
+    """Ids from a spill file, a block at a time (splitting stays in C)."""
     with path.open(encoding="utf-8", newline="\n") as handle:
-        chunk: list[str] = []
-        for line in handle:
-            chunk.append(line[:-1])
-            if len(chunk) >= READ_IDS:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+        rest = ""
+        while block := handle.read(READ_BYTES):
+            lines = (rest + block).split("\n")
+            rest = lines.pop()
+            yield lines
+        if rest:
+            yield [rest]
 
 
 async def compute_diff(
     source: AsyncIterator[list[str]],
     snapshot: AsyncIterator[list[str]],
-    snapshot_size: int,
     quarantined: Quarantined,
     work_dir: Path | None = None,
 ) -> Diff:
     """Compare the (cleaned) source ids with the snapshot; the caller closes the Diff."""
     diff = Diff(Path(tempfile.mkdtemp(prefix="syncd-diff-", dir=work_dir)))
     try:
-        await _compute(diff, source, snapshot, snapshot_size, quarantined)
+        sample: list[str] = []
+        source_ids = await _spill(source, diff.workdir / "source", sample)
+        snapshot_ids = await _spill(snapshot, diff.workdir / "snapshot", sample)
+        bounds = _bounds(sample, partitions_for(max(source_ids, snapshot_ids)))
+        await asyncio.to_thread(_compare, diff, bounds, quarantined)
     except BaseException:
         diff.close()
         raise
     return diff
 
 
-async def _compute(
-    diff: Diff,
-    source: AsyncIterator[list[str]],
-    snapshot: AsyncIterator[list[str]],
-    snapshot_size: int,
-    quarantined: Quarantined,
-) -> None:
-    folder = diff.workdir
-    # The source is spilled whole first: its size decides the partitioning.
-    raw = _Spill(folder, "raw", 1)
+async def _spill(chunks: AsyncIterator[list[str]], path: Path, sample: list[str]) -> int:
+    count = 0
+    with path.open("w", encoding="utf-8", newline="\n") as handle:
+        async for chunk in chunks:
+            _write(handle, chunk)
+            sample += chunk[::SAMPLE_EVERY]
+            count += len(chunk)
+    return count
+
+
+def _bounds(sample: list[str], parts: int) -> list[str]:
+    """``parts - 1`` ids that cut the sample into equal ranges."""
+    if parts <= 1 or not sample:
+        return []
+    sample.sort()
+    return sorted({sample[len(sample) * part // parts] for part in range(1, parts)})
+
+
+def _split(path: Path, bounds: list[str]) -> list[Path]:
+    """Cut a spill file into ranges: [..bounds[0]), [bounds[0]..bounds[1]), ..."""
+    if not bounds:
+        return [path]
+    paths = [path.with_suffix(f".{part}") for part in range(len(bounds) + 1)]
+    handles = [part.open("w", encoding="utf-8", newline="\n") for part in paths]
     try:
-        async for chunk in source:
-            raw.write(chunk)
+        for chunk in _read_chunks(path):
+            chunk.sort()
+            start = 0
+            for handle, bound in zip(handles, bounds, strict=False):
+                end = bisect.bisect_left(chunk, bound, start)
+                _write(handle, chunk[start:end])
+                start = end
+            _write(handles[-1], chunk[start:])
     finally:
-        raw.close()
-    parts = partitions_for(max(raw.written, snapshot_size))
-    if parts == 1:
-        source_paths = raw.paths
-    else:
-        split = _Spill(folder, "source", parts)
-        try:
-            for chunk in _read_chunks(raw.paths[0]):
-                split.write(chunk)
-        finally:
-            split.close()
-        raw.paths[0].unlink()
-        source_paths = split.paths
-
-    snap = _Spill(folder, "snapshot", parts)
-    try:
-        async for chunk in snapshot:
-            snap.write(chunk)
-    finally:
-        snap.close()
-
-    await asyncio.to_thread(_compare, diff, source_paths, snap.paths, quarantined)
+        for handle in handles:
+            handle.close()
+    path.unlink()
+    return paths
 
 
-def _compare(
-    diff: Diff, source_paths: list[Path], snapshot_paths: list[Path], quarantined: Quarantined
-) -> None:
-    """Partition by partition: removes = snapshot - source, adds = source - snapshot."""
+def _compare(diff: Diff, bounds: list[str], quarantined: Quarantined) -> None:
+    """Range by range: removes = snapshot - source, adds = source - snapshot."""
+    sources = _split(diff.workdir / "source", bounds)
+    snapshots = _split(diff.workdir / "snapshot", bounds)
     kept_add: set[str] = set()  # quarantined adds still wanted: stay quarantined
     returned: set[str] = set()  # quarantined removes back in the source: released
     with (
         diff.path("add").open("w", encoding="utf-8", newline="\n") as adds,
         diff.path("remove").open("w", encoding="utf-8", newline="\n") as removes,
     ):
-        for source_path, snapshot_path in zip(source_paths, snapshot_paths, strict=True):
+        for source_path, snapshot_path in zip(sources, snapshots, strict=True):
             wanted = _read_set(source_path)
             source_path.unlink()
             diff.distinct += len(wanted)
             kept_add |= quarantined.add & wanted
             returned |= quarantined.remove & wanted
-            for chunk in _read_chunks(snapshot_path):
-                gone = [member for member in chunk if member not in wanted]
-                gone = [member for member in gone if member not in quarantined.remove]
-                if gone:
-                    removes.write("\n".join(gone) + "\n")
-                    diff.removes += len(gone)
-                wanted.difference_update(chunk)
+            held = _read_set(snapshot_path)
             snapshot_path.unlink()
+            gone = held - wanted - quarantined.remove
+            _write(removes, sorted(gone))
+            diff.removes += len(gone)
+            wanted -= held
+            del held
             wanted -= quarantined.add
-            if wanted:
-                # Sorted, so a first sync appends to the snapshot's index in order.
-                adds.write("\n".join(sorted(wanted)) + "\n")
-                diff.adds += len(wanted)
+            # Sorted: ranges come in order, so a first sync appends to the snapshot's index.
+            _write(adds, sorted(wanted))
+            diff.adds += len(wanted)
     diff.released = Quarantined(
         add=frozenset(quarantined.add - kept_add), remove=frozenset(returned)
     )

@@ -95,6 +95,8 @@ class Outcome:
     hold: Hold | None = None
     interrupted: bool = False  # stopped by a signal after recording its last batch
     lease_lost: bool = False  # another replica may have taken over: stop sending
+    source_fingerprint: str | None = None
+    unchanged: bool = False  # the source's fingerprint matched: nothing was read
 
 
 @dataclass
@@ -220,6 +222,16 @@ class Engine:
                 state = await self._store.begin_run(
                     mapping.name, outcome.run_id, system, mapping.external_id
                 )
+            if not dry_run:
+                outcome.source_fingerprint = await source.fingerprint()
+                if _unchanged(state, mapping, outcome.source_fingerprint):
+                    # The source is byte-for-byte what the last successful run
+                    # delivered, so the diff would be empty: skip reading it.
+                    assert state is not None
+                    outcome.skipped = SkippedIds(state.skipped, state.skipped_examples)
+                    outcome.unchanged = True
+                    outcome.result = "synced"
+                    return
             for attempt in (1, 2):
                 mode = _mode(state, mapping)
                 outcome.skipped = SkippedIds()
@@ -279,9 +291,7 @@ class Engine:
             quarantined = await self._store.quarantined(mapping.name)
         else:
             snapshot, snapshot_size, quarantined = _nothing(), 0, Quarantined()
-        diff = await compute_diff(
-            cleaned(), snapshot, snapshot_size, quarantined, self._settings.work_dir
-        )
+        diff = await compute_diff(cleaned(), snapshot, quarantined, self._settings.work_dir)
         if diff.distinct == 0 and snapshot_size > 0:
             # An empty or half-loaded table looks exactly like this.
             log.warning(
@@ -547,6 +557,7 @@ class Engine:
                 outcome.skipped,
                 outcome.requests,
                 outcome.quarantined,
+                outcome.source_fingerprint,
             )
             state = await self._store.get(outcome.segment)
         except StateError as exc:
@@ -571,7 +582,7 @@ class Engine:
                 examples=outcome.skipped.examples,
             )
         if outcome.result == "synced":
-            log.info("segment.synced", **fields)
+            log.info("segment.synced", unchanged=outcome.unchanged, **fields)
         elif outcome.hold is not None:
             hold = outcome.hold
             log.warning(
@@ -588,6 +599,18 @@ class Engine:
             # A shutdown mid-run is routine (deploys): no error-level line for it.
             report = log.warning if outcome.interrupted else log.error
             report("segment.failed", error=outcome.error, interrupted=outcome.interrupted, **fields)
+
+
+def _unchanged(
+    state: SegmentState | None, mapping: SegmentMapping, fingerprint: str | None
+) -> bool:
+    return (
+        fingerprint is not None
+        and state is not None
+        and state.source_fingerprint == fingerprint
+        and state.last_result == "synced"
+        and _mode(state, mapping) == "update"
+    )
 
 
 def _mode(state: SegmentState | None, mapping: SegmentMapping) -> Mode:

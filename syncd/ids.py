@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+ID_RULES_VERSION = 1  # bump when the rules change: stored source fingerprints then expire
 MAX_ID_LENGTH = 100  # WalkMe: "Up to 100 characters per ID value"
 EXAMPLES_KEPT = 5
 # C0/C1 control characters cannot be a real user id and break WalkMe's matching.
@@ -36,7 +37,7 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
     Duplicates are left to the diff, which keeps each id once.
     """
     values = raw if isinstance(raw, list) else list(raw)
-    if all(type(value) is str for value in values):
+    if set(map(type, values)) <= {str}:
         # The common case, checked chunk-wide so the per-id work stays in C.
         stripped = list(filter(None, map(str.strip, values)))
         joined = "\n".join(stripped)

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from syncd import metrics
 from syncd.admin import AdminServer
 from syncd.engine import Engine, set_segment_gauges
 from syncd.settings import ConfigError, Settings
@@ -57,6 +58,10 @@ class Daemon:
         self._started_at = datetime.now(UTC)
         for state in await self._store.all():
             set_segment_gauges(state)  # staleness survives restarts
+        for name in await self._engine.mappings():
+            for result in ("synced", "failed", "held"):
+                # Series exist from the start, so increase() sees the first failure.
+                metrics.segment_runs.labels(name, result)
         await self._listen(self.admin.start(), "SYNCD_ADMIN_PORT", self.admin.port)
         if self.receiver is not None:
             await self._listen(self.receiver.start(), "SYNCD_WEBHOOK_PORT", self.receiver.port)

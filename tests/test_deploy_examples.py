@@ -67,6 +67,17 @@ def compose_service(name: str = "syncd") -> dict[str, Any]:
     return service
 
 
+def env_file_values() -> dict[str, str]:
+    """The compose service's env_file, as Compose reads it (KEY=value, # comments)."""
+    values: dict[str, str] = {}
+    text = (COMPOSE.parent / compose_service()["env_file"]).read_text(encoding="utf-8")
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value
+    return values
+
+
 def statefulset_pod() -> dict[str, Any]:
     pod: dict[str, Any] = manifest("StatefulSet")["spec"]["template"]["spec"]
     return pod
@@ -177,7 +188,12 @@ def test_compose_keeps_state_in_a_named_volume() -> None:
     service = compose_service()
     assert "syncd-data:/data" in service["volumes"]
     assert "syncd-data" in document["volumes"]
-    assert service["environment"]["SYNCD_STATE_URL"] == "sqlite:////data/syncd.db"
+    # The state file must land in the volume: the image's default, or syncd.env's.
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "SYNCD_STATE_URL=sqlite:////data/syncd.db" in dockerfile
+    for source in (service["environment"], env_file_values()):
+        url = source.get("SYNCD_STATE_URL", "sqlite:////data/syncd.db")
+        assert url.startswith(("sqlite:////data/", "postgresql://")), url
     config = [v for v in service["volumes"] if v.split(":")[1:] == ["/config", "ro"]]
     assert len(config) == 1, "the config folder is mounted read-only at /config"
 

@@ -27,3 +27,8 @@ class Source(Protocol):
     def chunks(self) -> AsyncIterator[list[object]]:
         """The membership, chunk by chunk."""
         ...
+
+    async def fingerprint(self) -> str | None:
+        """A cheap digest that changes whenever the membership may have changed,
+        or None when the source has none (then every run diffs in full)."""
+        ...

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from syncd.ids import ID_RULES_VERSION
 from syncd.sources.base import CHUNK_SIZE, SourceError
 
 MAX_LINE_BYTES = 1 << 20  # a longer "line" is binary junk, not a user id
@@ -21,6 +23,21 @@ class FileSource:
 
     def describe(self) -> str:
         return f"file {self.path}" + (f" column {self.column!r}" if self.column else "")
+
+    async def fingerprint(self) -> str | None:
+        """SHA-256 of the file's bytes (plus the column and the id rules' version)."""
+
+        def digest() -> str:
+            hasher = hashlib.sha256(f"{ID_RULES_VERSION}|{self.column}|".encode())
+            with self.path.open("rb") as handle:
+                while block := handle.read(BLOCK_BYTES):
+                    hasher.update(block)
+            return hasher.hexdigest()
+
+        try:
+            return await asyncio.to_thread(digest)
+        except OSError:
+            return None  # reading it properly reports the error
 
     async def chunks(self) -> AsyncIterator[list[object]]:
         # File reads block; each chunk is read on a worker thread.

@@ -17,6 +17,9 @@ class HeapWebhookSource:
         self._store = store
         self.heap_segment_id = heap_segment_id
 
+    async def fingerprint(self) -> str | None:
+        return None  # no cheap way to tell that the membership is unchanged
+
     def describe(self) -> str:
         return f"Heap webhook segment {self.heap_segment_id}"
 

@@ -26,6 +26,9 @@ class WarehouseSource:
     def __repr__(self) -> str:
         return f"<WarehouseSource {describe_url(self._url)}>"
 
+    async def fingerprint(self) -> str | None:
+        return None  # no cheap way to tell that the membership is unchanged
+
     def describe(self) -> str:
         return f"warehouse {describe_url(self._url)}"
 

@@ -41,6 +41,8 @@ class SegmentState:
     skipped_examples: list[str] = field(default_factory=list)
     orphaned_at: datetime | None = None
     quarantined: int = 0
+    # The source's fingerprint at the last successful run (sources that have one).
+    source_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,10 @@ class StateStore(Protocol):
         skipped: SkippedIds,
         requests: int,
         quarantined: int,
-    ) -> None: ...
+        source_fingerprint: str | None = None,
+    ) -> None:
+        """Close the run; a synced run keeps the source's fingerprint, others clear it."""
+        ...
 
     async def history(self, name: str, limit: int) -> list[RunRecord]:
         """The segment's runs, newest first."""

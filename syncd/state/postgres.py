@@ -51,7 +51,8 @@ _MIGRATIONS = [
         last_success_at TIMESTAMPTZ,
         skipped BIGINT NOT NULL DEFAULT 0,
         skipped_examples TEXT NOT NULL DEFAULT '[]',
-        orphaned_at TIMESTAMPTZ
+        orphaned_at TIMESTAMPTZ,
+        source_fingerprint TEXT
     );
     CREATE TABLE members (
         segment TEXT NOT NULL,
@@ -113,7 +114,8 @@ assert len(_MIGRATIONS) == SCHEMA_VERSION
 _COLUMNS = (
     "name, system_guid, segment_guid, external_id, origin, needs_override, members,"
     " last_run_at, last_result, last_error, last_success_at, skipped, skipped_examples,"
-    " orphaned_at, (SELECT count(*) FROM quarantine q WHERE q.segment = segments.name)"
+    " orphaned_at, (SELECT count(*) FROM quarantine q WHERE q.segment = segments.name),"
+    " source_fingerprint"
 )
 
 
@@ -139,6 +141,7 @@ def _state(row: asyncpg.Record) -> SegmentState:
         skipped_examples=json.loads(row[12]),
         orphaned_at=row[13],
         quarantined=row[14],
+        source_fingerprint=row[15],
     )
 
 
@@ -317,6 +320,7 @@ class PostgresStore:
         skipped: SkippedIds,
         requests: int,
         quarantined: int,
+        source_fingerprint: str | None = None,
     ) -> None:
         async with self._conn() as conn, conn.transaction():
             await conn.execute(
@@ -331,7 +335,7 @@ class PostgresStore:
             )
             await conn.execute(
                 "UPDATE segments SET last_run_at = now(), last_result = $1, last_error = $2,"
-                " skipped = $3, skipped_examples = $4,"
+                " skipped = $3, skipped_examples = $4, source_fingerprint = $6,"
                 " last_success_at = CASE WHEN $1 = 'synced' THEN now() ELSE last_success_at END"
                 " WHERE name = $5",
                 result,
@@ -339,6 +343,7 @@ class PostgresStore:
                 skipped.count,
                 json.dumps(skipped.examples),
                 name,
+                source_fingerprint if result == "synced" else None,
             )
 
     async def mark_orphans(self, configured: set[str]) -> list[SegmentState]:

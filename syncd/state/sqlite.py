@@ -36,8 +36,10 @@ from syncd.state.base import (
 SCHEMA_VERSION = 1
 _T = TypeVar("_T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS segments (
+# Each entry migrates from the previous version; index + 1 is the version it makes.
+_MIGRATIONS = [
+    """
+CREATE TABLE segments (
     name TEXT PRIMARY KEY,
     system_guid TEXT NOT NULL,
     segment_guid TEXT,
@@ -51,14 +53,15 @@ CREATE TABLE IF NOT EXISTS segments (
     last_success_at TEXT,
     skipped INTEGER NOT NULL DEFAULT 0,
     skipped_examples TEXT NOT NULL DEFAULT '[]',
-    orphaned_at TEXT
+    orphaned_at TEXT,
+    source_fingerprint TEXT
 );
-CREATE TABLE IF NOT EXISTS members (
+CREATE TABLE members (
     segment TEXT NOT NULL,
     id TEXT NOT NULL,
     PRIMARY KEY (segment, id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS runs (
+CREATE TABLE runs (
     run_id TEXT PRIMARY KEY,
     segment TEXT NOT NULL,
     started_at TEXT NOT NULL,
@@ -71,8 +74,8 @@ CREATE TABLE IF NOT EXISTS runs (
     quarantined INTEGER NOT NULL DEFAULT 0,
     error TEXT
 );
-CREATE INDEX IF NOT EXISTS runs_by_segment ON runs (segment, started_at);
-CREATE TABLE IF NOT EXISTS quarantine (
+CREATE INDEX runs_by_segment ON runs (segment, started_at);
+CREATE TABLE quarantine (
     segment TEXT NOT NULL,
     action TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -80,12 +83,12 @@ CREATE TABLE IF NOT EXISTS quarantine (
     since TEXT NOT NULL,
     PRIMARY KEY (segment, action, id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS leases (
+CREATE TABLE leases (
     segment TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS heap_segments (
+CREATE TABLE heap_segments (
     heap_segment_id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
     mapping_name TEXT NOT NULL,
@@ -93,12 +96,12 @@ CREATE TABLE IF NOT EXISTS heap_segments (
     complete_tasks INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS heap_members (
+CREATE TABLE heap_members (
     heap_segment_id INTEGER NOT NULL,
     id TEXT NOT NULL,
     PRIMARY KEY (heap_segment_id, id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS heap_pages (
+CREATE TABLE heap_pages (
     sync_task_id TEXT NOT NULL,
     page_number INTEGER NOT NULL,
     heap_segment_id INTEGER NOT NULL,
@@ -107,6 +110,8 @@ CREATE TABLE IF NOT EXISTS heap_pages (
     PRIMARY KEY (sync_task_id, page_number)
 );
 """
+]
+assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
 def _now() -> str:
@@ -191,8 +196,11 @@ class SqliteStore:
             # 16 MiB page caches: big diffs stay fast, memory stays bounded.
             conn.execute("PRAGMA cache_size = -16384")
             conn.execute("PRAGMA temp.cache_size = -16384")
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for number in range(version, SCHEMA_VERSION):
+                # executescript commits first; each step records its own version.
+                conn.executescript(
+                    f"BEGIN; {_MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
+                )
             self._db = conn
         except (sqlite3.DatabaseError, OSError, StateError) as exc:
             if conn is not None:
@@ -226,6 +234,7 @@ class SqliteStore:
             skipped,
             examples,
             orphaned_at,
+            source_fingerprint,
             quarantined,
         ) = row
         return SegmentState(
@@ -244,12 +253,14 @@ class SqliteStore:
             skipped_examples=json.loads(examples),
             orphaned_at=_time(orphaned_at),
             quarantined=quarantined,
+            source_fingerprint=source_fingerprint,
         )
 
     _COLUMNS = (
         "name, system_guid, segment_guid, external_id, origin, needs_override, members,"
         " last_run_at, last_result, last_error, last_success_at, skipped, skipped_examples,"
-        " orphaned_at, (SELECT count(*) FROM quarantine q WHERE q.segment = segments.name)"
+        " orphaned_at, source_fingerprint,"
+        " (SELECT count(*) FROM quarantine q WHERE q.segment = segments.name)"
     )
 
     async def get(self, name: str) -> SegmentState | None:
@@ -409,12 +420,13 @@ class SqliteStore:
 
     async def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
         def read(after: str) -> tuple[list[str], str | None]:
+            # One newline-joined string per chunk: ids never hold a newline (id rules).
             ids, last = self._conn.execute(
-                "SELECT json_group_array(id), max(id) FROM (SELECT id FROM members"
+                "SELECT group_concat(id, char(10)), max(id) FROM (SELECT id FROM members"
                 " WHERE segment = ? AND id > ? ORDER BY id LIMIT ?)",
                 (name, after, size),
             ).fetchone()
-            return json.loads(ids), last
+            return (ids.split("\n") if ids else []), last
 
         after: str | None = ""
         while after is not None:
@@ -441,7 +453,7 @@ class SqliteStore:
                     f"SELECT {self._COLUMNS} FROM segments ORDER BY name"
                 ).fetchall()
                 for row in rows:
-                    name, guid, since = row[0], row[2], row[-2]
+                    name, guid, since = row[0], row[2], row[13]
                     orphan = name not in configured and guid is not None
                     if orphan and since is None:
                         conn.execute(
@@ -492,6 +504,7 @@ class SqliteStore:
         skipped: SkippedIds,
         requests: int,
         quarantined: int,
+        source_fingerprint: str | None = None,
     ) -> None:
         def write() -> None:
             now = _now()
@@ -503,7 +516,7 @@ class SqliteStore:
                 )
                 conn.execute(
                     "UPDATE segments SET last_run_at = ?, last_result = ?, last_error = ?,"
-                    " skipped = ?, skipped_examples = ?,"
+                    " skipped = ?, skipped_examples = ?, source_fingerprint = ?,"
                     " last_success_at = CASE WHEN ? = 'synced' THEN ? ELSE last_success_at END"
                     " WHERE name = ?",
                     (
@@ -512,6 +525,7 @@ class SqliteStore:
                         error,
                         skipped.count,
                         json.dumps(skipped.examples),
+                        source_fingerprint if result == "synced" else None,
                         result,
                         now,
                         name,

@@ -279,17 +279,22 @@ def metrics(url: str, segment: str) -> None:
     status, body = get(url)
     if status != 200:
         fail(f"{url}: HTTP {status}")
-    text = body.decode()
-    label = '{segment="%s"' % segment
+    label = 'segment="%s"' % segment
+    series: dict[str, list[str]] = {}
+    for line in body.decode().splitlines():
+        name, brace, rest = line.partition("{")
+        if brace and label in rest.split("}", 1)[0]:
+            series.setdefault(name, []).append(line)
     for name in ("syncd_last_success_timestamp_seconds", "syncd_segment_runs_total"):
-        if not any(line.startswith(name + label) for line in text.splitlines()):
-            fail(f"{url} has no {name}{label}...}} series")
-    for line in text.splitlines():
-        if line.startswith("syncd_last_success_timestamp_seconds" + label):
-            age = time.time() - float(line.rsplit(" ", 1)[1])
-            if not 0 <= age < 120:
-                fail(f"syncd_last_success_timestamp_seconds is {age:.0f}s old: {line}")
-            print(f"{age:.1f}")
+        if name not in series:
+            fail(f"{url} has no {name}{{{label}}} series")
+    if not any('result="synced"' in line for line in series["syncd_segment_runs_total"]):
+        fail(f"{url}: no synced run counted: {series['syncd_segment_runs_total']}")
+    (line,) = series["syncd_last_success_timestamp_seconds"]
+    age = time.time() - float(line.rsplit(" ", 1)[1])
+    if not 0 <= age < 120:
+        fail(f"syncd_last_success_timestamp_seconds is {age:.0f}s old: {line}")
+    print(f"{age:.1f}")
 
 
 def counts(sandbox: str) -> None:

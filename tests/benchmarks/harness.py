@@ -1,0 +1,254 @@
+"""Processes the benchmarks start: the sandbox WalkMe, ``syncd sync``, state stores.
+
+Every ``syncd sync`` is a separate process, waited for with ``os.wait4`` so its own
+CPU time and peak RSS are known exactly (``RUSAGE_CHILDREN`` would mix in the
+sandbox's, which holds every member in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+
+from syncd.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SANDBOX_SYSTEM_GUID
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+SYNC_TIMEOUT_S = 3600.0
+_databases = itertools.count(1)
+
+
+# ------------------------------------------------------------------------- sandbox
+
+
+class Sandbox:
+    """``python -m syncd.sandbox`` in its own process, on a free port of 127.0.0.1."""
+
+    def __init__(self, log: Path, delay: float = 0.0) -> None:
+        self._log_path = log
+        self._delay = delay
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.url = ""
+
+    def __enter__(self) -> Sandbox:
+        port = _free_port()
+        command = [sys.executable, "-m", "syncd.sandbox", "--port", str(port)]
+        if self._delay:
+            command += ["--delay", str(self._delay)]
+        self._log = self._log_path.open("wb")
+        self._proc = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=_clean_env()
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.state()
+                return self
+            except OSError:
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__(None, None, None)
+                    raise RuntimeError(
+                        f"the sandbox did not start: {self._log_path.read_text()[-2000:]}"
+                    ) from None
+                time.sleep(0.05)
+
+    def __exit__(self, *_: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+    def state(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/_sandbox/state", timeout=60) as answer:  # noqa: S310
+            document: dict[str, Any] = json.load(answer)
+        return document
+
+    def segment_requests(self) -> int:
+        """Create and update requests so far (token and list requests do not count)."""
+        by_kind = self.state()["requests"]["byKind"]
+        return int(by_kind.get("create", 0)) + int(by_kind.get("update", 0))
+
+    def sizes(self) -> dict[str, int]:
+        """Members per segment, by segment name."""
+        return {item["name"]: int(item["size"]) for item in self.state()["segments"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without SYNCD_* variables: only what a case sets reaches syncd."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SYNCD_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# -------------------------------------------------------------------------- stores
+
+
+def postgres_base_url() -> str:
+    return os.environ.get("SYNCD_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+
+
+async def _admin(url: str, statement: str) -> str:
+    conn = await asyncpg.connect(url, timeout=30)
+    try:
+        return await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def postgres_version() -> str:
+    try:
+        conn_url = postgres_base_url()
+
+        async def version() -> str:
+            conn = await asyncpg.connect(conn_url, timeout=10)
+            try:
+                return str(await conn.fetchval("SHOW server_version"))
+            finally:
+                await conn.close()
+
+        return asyncio.run(version())
+    except (OSError, asyncpg.PostgresError) as exc:
+        return f"unreachable ({exc})"
+
+
+@contextlib.contextmanager
+def fresh_store(kind: str, folder: Path) -> Iterator[str]:
+    """A ``SYNCD_STATE_URL`` nobody used before; dropped (or deleted) afterwards."""
+    if kind == "sqlite":
+        yield "sqlite:///" + str((folder / "state.db").resolve())
+        return
+    assert kind == "postgresql", kind
+    base = postgres_base_url()
+    name = f"syncd_bench_{os.getpid()}_{next(_databases)}"
+    asyncio.run(_admin(base, f'CREATE DATABASE "{name}"'))
+    try:
+        yield urllib.parse.urlsplit(base)._replace(path="/" + name).geturl()
+    finally:
+        asyncio.run(_admin(base, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# ----------------------------------------------------------------------- syncd sync
+
+
+@dataclass
+class Measured:
+    """One ``syncd sync`` process."""
+
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    exit_code: int
+    outcomes: list[dict[str, Any]] = field(default_factory=list)  # segment.* end lines
+    log: Path | None = None
+
+    def errors(self) -> list[str]:
+        shown = [
+            f"{o.get('segment')}: {o.get('event')} {o.get('error') or o.get('reason') or ''}"
+            for o in self.outcomes
+            if o.get("event") != "segment.synced"
+        ]
+        return shown[:3]
+
+
+def sync_env(
+    api_url: str,
+    state_url: str,
+    mappings: Sequence[Mapping[str, Any]],
+    work_dir: Path,
+    **extra: object,
+) -> dict[str, str]:
+    """The environment of one ``syncd sync``: the sandbox, the store, the mappings."""
+    env = _clean_env()
+    env.update(
+        {
+            "SYNCD_WALKME_CLIENT_ID": DEFAULT_CLIENT_ID,
+            "SYNCD_WALKME_CLIENT_SECRET": DEFAULT_CLIENT_SECRET,
+            "SYNCD_WALKME_SYSTEM_GUID": SANDBOX_SYSTEM_GUID,
+            "SYNCD_WALKME_API_URL": api_url,
+            "SYNCD_SEGMENTS": json.dumps(list(mappings)),
+            "SYNCD_STATE_URL": state_url,
+            "SYNCD_WORK_DIR": str(work_dir),
+            "SYNCD_ADMIN_PORT": "0",
+            "SYNCD_LOG_FORMAT": "json",
+            "SYNCD_LOG_LEVEL": "info",
+        }
+    )
+    env.update({f"SYNCD_{key.upper()}": str(value) for key, value in extra.items()})
+    return env
+
+
+def run_sync(env: Mapping[str, str], log: Path, profile: Path | None = None) -> Measured:
+    """Run ``python -m syncd sync`` once and measure the whole process.
+
+    With ``profile``, py-spy records it (raw format) and the numbers are py-spy's
+    process tree's, not comparable with unprofiled runs.
+    """
+    command = [sys.executable, "-m", "syncd", "sync"]
+    if profile is not None:
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        command = [spy, "record", "-f", "raw", "-r", "200", "-o", str(profile), "--", *command]
+    with log.open("wb") as out:
+        started = time.monotonic()
+        proc = subprocess.Popen(command, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
+        timer = threading.Timer(SYNC_TIMEOUT_S, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_rss_mb=usage.ru_maxrss / 1024,  # kilobytes on Linux
+        exit_code=proc.returncode,
+        outcomes=_outcomes(log),
+        log=log,
+    )
+
+
+def _outcomes(log: Path) -> list[dict[str, Any]]:
+    ends = ("segment.synced", "segment.failed", "segment.held", "segment.internal_error")
+    found: list[dict[str, Any]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") in ends:
+            found.append(entry)
+    return found

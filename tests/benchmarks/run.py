@@ -1,0 +1,469 @@
+"""The benchmark cases, their targets (issue 6, section 3) and the report.
+
+Cases, each with a fresh sandbox process and a fresh state store:
+
+* one segment of N members (``--sizes``): the first sync, a cycle with no change,
+  a 1% churn cycle (0.5% removed, 0.5% new) and then a 0.1% churn cycle;
+* 100 segments of 10,000 members in one cycle (first sync, no change, 1% churn)
+  with ``SYNCD_CONCURRENCY`` = 1, 4 and 8 (``--concurrency``).
+
+Every cycle is one ``python -m syncd sync`` process, measured whole: wall time,
+CPU time and peak RSS of that process; segment requests (create + update) as the
+sandbox counted them; the minimum possible; and the ratio of wall time to a floor
+timed here in the same run (reading the source ids and JSON-encoding the minimal
+request bodies, nothing else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tests.benchmarks.data import CHURN_01, CHURN_1, Step, floor_seconds, series
+from tests.benchmarks.harness import (
+    Measured,
+    Sandbox,
+    fresh_store,
+    postgres_base_url,
+    postgres_version,
+    run_sync,
+    sync_env,
+)
+
+LAST_RUN = Path(__file__).with_name("last_run.md")
+STORES = ("sqlite", "postgresql")
+DEFAULT_SIZES = (100_000, 1_000_000, 10_000_000)
+MANY_SEGMENTS, MANY_MEMBERS = 100, 10_000
+QUICK_MANY_MEMBERS = 1_000
+
+
+@dataclass(frozen=True)
+class Check:
+    label: str
+    ok: bool
+    miss: str = ""  # what was measured, when not ok
+
+
+@dataclass
+class Row:
+    case: str
+    store: str
+    members: int
+    measured: Measured
+    requests: int
+    minimum: int
+    floor_s: float
+    checks: list[Check] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # wrong results, not slowness
+
+    @property
+    def ratio(self) -> float:
+        return self.measured.wall_s / self.floor_s if self.floor_s > 0 else float("inf")
+
+    @property
+    def met(self) -> bool:
+        return not self.problems and all(check.ok for check in self.checks)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def targets(cycle: str, size: int, row: Row) -> list[Check]:
+    """Section 3's targets for this cycle; every cycle must send exactly the minimum."""
+    m = row.measured
+    checks = [
+        Check(f"= {row.minimum} req", row.requests == row.minimum, f"{row.requests} req"),
+    ]
+    wall_limit = None
+    if size == 1_000_000:
+        wall_limit = {"first sync": 8.0, "1% churn": 1.5, "no change": 1.0}.get(cycle)
+        checks.append(Check("< 150 MB", m.peak_rss_mb < 150, f"{m.peak_rss_mb:.0f} MB"))
+    elif size == 10_000_000:
+        wall_limit = {"0.1% churn": 20.0}.get(cycle)
+        checks.append(Check("< 400 MB", m.peak_rss_mb < 400, f"{m.peak_rss_mb:.0f} MB"))
+    if wall_limit is not None:
+        checks.insert(0, Check(f"< {wall_limit:g} s", m.wall_s < wall_limit, f"{m.wall_s:.2f} s"))
+    return checks
+
+
+def problems(measured: Measured, sizes: dict[str, int], expected: dict[str, int]) -> list[str]:
+    """What went wrong beyond slowness: a failed run, or WalkMe not holding the source."""
+    found: list[str] = []
+    if measured.exit_code != 0:
+        found.append(f"exit {measured.exit_code}")
+        found += measured.errors()
+    wrong = [name for name, size in expected.items() if sizes.get(name) != size]
+    if wrong:
+        name = wrong[0]
+        found.append(
+            f"{len(wrong)} segment(s) wrong size in WalkMe, e.g. {name!r}:"
+            f" {sizes.get(name)} != {expected[name]}"
+        )
+    return found
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Options:
+    sizes: list[int]
+    stores: list[str]
+    concurrency: list[int]
+    many_members: int
+    seed: int
+    latency: float
+    floor_repeats: int
+    data_dir: Path | None
+    profile: Path | None
+    write: bool
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _point(link: Path, target: Path) -> None:
+    """Make ``link`` the segment's source file, as if the source had been rewritten."""
+    fresh = link.with_name(link.name + ".new")
+    fresh.unlink(missing_ok=True)
+    fresh.symlink_to(target)
+    fresh.replace(link)
+
+
+def _progress(row: Row) -> None:
+    m = row.measured
+    stamp = datetime.now().strftime("%H:%M:%S")
+    verdict = "ok" if row.met else "MISSED " + _met(row)
+    print(
+        f"[{stamp}] {row.store:<10} {row.case:<28} {row.members:>11,}  wall {m.wall_s:7.2f} s"
+        f"  cpu {m.cpu_s:7.2f} s  rss {m.peak_rss_mb:6.0f} MB  req {row.requests}/{row.minimum}"
+        f"  floor {row.floor_s:6.2f} s  {verdict}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run_single(opts: Options, root: Path, store: str, size: int, steps: list[Step]) -> list[Row]:
+    """One segment of ``size`` members through its cycles, on a fresh sandbox and store."""
+    case = root / f"{store}-{size}"
+    work = case / "work"
+    work.mkdir(parents=True)
+    name = f"Benchmark {size}"
+    source = case / "source.txt"
+    mapping = {"name": name, "source": {"type": "file", "path": str(source)}}
+    rows: list[Row] = []
+    try:
+        with (
+            Sandbox(case / "sandbox.log", opts.latency) as sandbox,
+            fresh_store(store, case) as state_url,
+        ):
+            for step in steps:
+                _point(source, step.path)
+                env = sync_env(sandbox.url, state_url, [mapping], work)
+                before = sandbox.segment_requests()
+                measured = run_sync(
+                    env, case / f"{_slug(step.name)}.log", _profile(opts, store, size, step.name)
+                )
+                row = Row(
+                    case=step.name,
+                    store=store,
+                    members=size,
+                    measured=measured,
+                    requests=sandbox.segment_requests() - before,
+                    minimum=step.minimum_requests(),
+                    floor_s=floor_seconds([(name, step)], repeats=opts.floor_repeats),
+                )
+                row.checks = targets(step.name, size, row)
+                row.problems = problems(measured, sandbox.sizes(), {name: step.members})
+                _progress(row)
+                rows.append(row)
+    finally:
+        shutil.rmtree(case, ignore_errors=True)
+    return rows
+
+
+def run_many(
+    opts: Options, root: Path, store: str, concurrency: int, per_segment: list[list[Step]]
+) -> list[Row]:
+    """Many segments synced in one cycle with ``SYNCD_CONCURRENCY=concurrency``."""
+    case = root / f"{store}-many-c{concurrency}"
+    work, sources = case / "work", case / "sources"
+    work.mkdir(parents=True)
+    sources.mkdir()
+    count, each = len(per_segment), per_segment[0][0].members
+    names = [f"Segment {index:03d}" for index in range(count)]
+    links = [sources / f"segment{index:03d}.txt" for index in range(count)]
+    mappings = [
+        {"name": name, "source": {"type": "file", "path": str(link)}}
+        for name, link in zip(names, links, strict=True)
+    ]
+    label = f"{count}x{each // 1000}k" if each >= 1000 else f"{count}x{each}"
+    rows: list[Row] = []
+    try:
+        with (
+            Sandbox(case / "sandbox.log", opts.latency) as sandbox,
+            fresh_store(store, case) as state_url,
+        ):
+            for cycle in range(len(per_segment[0])):
+                steps = [segment[cycle] for segment in per_segment]
+                for link, step in zip(links, steps, strict=True):
+                    _point(link, step.path)
+                env = sync_env(sandbox.url, state_url, mappings, work, concurrency=concurrency)
+                before = sandbox.segment_requests()
+                title = f"{label} {steps[0].name}, c={concurrency}"
+                measured = run_sync(
+                    env, case / f"{_slug(steps[0].name)}.log", _profile(opts, store, count, title)
+                )
+                row = Row(
+                    case=title,
+                    store=store,
+                    members=count * each,
+                    measured=measured,
+                    requests=sandbox.segment_requests() - before,
+                    minimum=sum(step.minimum_requests() for step in steps),
+                    floor_s=floor_seconds(
+                        list(zip(names, steps, strict=True)), repeats=opts.floor_repeats
+                    ),
+                )
+                row.checks = targets(steps[0].name, 0, row)
+                row.problems = problems(
+                    measured,
+                    sandbox.sizes(),
+                    {name: step.members for name, step in zip(names, steps, strict=True)},
+                )
+                _progress(row)
+                rows.append(row)
+    finally:
+        shutil.rmtree(case, ignore_errors=True)
+    return rows
+
+
+def _profile(opts: Options, store: str, size: int, title: str) -> Path | None:
+    if opts.profile is None:
+        return None
+    opts.profile.mkdir(parents=True, exist_ok=True)
+    return opts.profile / f"{store}-{size}-{_slug(title)}.txt"
+
+
+def compare_concurrency(rows: list[Row]) -> None:
+    """Concurrency > 1 must beat 1 on the same store and cycle."""
+    baseline: dict[tuple[str, str], float] = {}
+    for row in rows:
+        cycle = row.case.rsplit(", c=", 1)[0]
+        if row.case.endswith(", c=1"):
+            baseline[(row.store, cycle)] = row.measured.wall_s
+    for row in rows:
+        cycle, _, c = row.case.rpartition(", c=")
+        base = baseline.get((row.store, cycle))
+        if c != "1" and base is not None:
+            speedup = base / row.measured.wall_s
+            row.checks.append(Check("faster than c=1", speedup > 1.0, f"{speedup:.2f}x of c=1"))
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _met(row: Row) -> str:
+    if row.met:
+        return "yes"
+    misses = row.problems + [f"{c.label}: {c.miss}" for c in row.checks if not c.ok]
+    return "**no**: " + "; ".join(misses)
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| case | store | members | wall s | cpu s | peak RSS MB | requests | minimum"
+        " | floor s | ratio | target | met? |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
+    ]
+    for row in rows:
+        m = row.measured
+        lines.append(
+            f"| {row.case} | {row.store} | {row.members:,} | {m.wall_s:.2f} | {m.cpu_s:.2f}"
+            f" | {m.peak_rss_mb:.0f} | {row.requests} | {row.minimum} | {row.floor_s:.3f}"
+            f" | {row.ratio:.1f}x | {', '.join(c.label for c in row.checks)} | {_met(row)} |"
+        )
+    return "\n".join(lines)
+
+
+def machine(stores: Sequence[str]) -> list[str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    info = [
+        f"- machine: {usable} usable CPUs (nproc), {model}; load average at start {load}",
+        f"- {platform.python_implementation()} {platform.python_version()}"
+        f" on {platform.system()} {platform.release()}; SQLite {sqlite3.sqlite_version}",
+    ]
+    if "postgresql" in stores:
+        info.append(f"- PostgreSQL {postgres_version()} ({_without_password(postgres_base_url())})")
+    return info
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def report(opts: Options, rows: Sequence[Row], started: datetime, seconds: float, argv: str) -> str:
+    met = sum(row.met for row in rows)
+    parts = [
+        f"# syncd benchmarks, {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"`python -m tests.benchmarks{' ' + argv if argv else ''}`",
+        "",
+        *machine(opts.stores),
+        f"- benchmark wall-clock runtime: {seconds:.0f} s; {met} of {len(rows)} rows met"
+        " their targets",
+        "- wall, CPU and peak RSS are the `python -m syncd sync` process's own (os.wait4);"
+        " PostgreSQL's server CPU is not in `cpu s`. Requests: create + update as the"
+        " sandbox counted them. Floor: reading the source ids and JSON-encoding the minimal"
+        f" request bodies in the benchmark process, best of {opts.floor_repeats}."
+        " Source files are in the page cache.",
+    ]
+    if opts.latency:
+        parts.append(f"- the sandbox waited {opts.latency} s before each segment answer")
+    if opts.profile is not None:
+        parts.append("- **profiled with py-spy: timings are not comparable**")
+    parts += ["", table(rows), ""]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks",
+        description="Benchmark `syncd sync` against the sandbox WalkMe on 127.0.0.1.",
+    )
+    parser.add_argument(
+        "--sizes", type=_ints, default=list(DEFAULT_SIZES), help="members per case (comma list)"
+    )
+    parser.add_argument(
+        "--stores",
+        default=",".join(STORES),
+        help="comma list of: sqlite, postgresql (SYNCD_TEST_POSTGRES_URL names the server)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        default="1,4,8",
+        help="SYNCD_CONCURRENCY values for the 100-segment case; 'none' skips it",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke check: 100k only, 100x1,000 with c=1,4"
+    )
+    parser.add_argument("--seed", type=int, default=6)
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="the sandbox waits S seconds before each segment answer (default 0)",
+    )
+    parser.add_argument("--floor-repeats", type=int, default=3, metavar="N")
+    parser.add_argument(
+        "--data-dir", type=Path, help="keep generated source files here and reuse them"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record every sync with py-spy (raw format) into DIR; timings are then skewed",
+    )
+    parser.add_argument("--write", action="store_true", help=f"also write {LAST_RUN.name}")
+    args = parser.parse_args(argv)
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    unknown = sorted(set(stores) - set(STORES))
+    if unknown:
+        parser.error(f"unknown store(s): {', '.join(unknown)}")
+    concurrency = [] if args.concurrency == "none" else _ints(args.concurrency)
+    sizes, many = args.sizes, MANY_MEMBERS
+    if args.quick:
+        sizes, many = [100_000], QUICK_MANY_MEMBERS
+        concurrency = [c for c in concurrency if c in (1, 4)] if concurrency else []
+    return Options(
+        sizes=sizes,
+        stores=stores,
+        concurrency=concurrency,
+        many_members=many,
+        seed=args.seed,
+        latency=args.latency,
+        floor_repeats=max(1, args.floor_repeats),
+        data_dir=args.data_dir,
+        profile=args.profile,
+        write=args.write,
+    )
+
+
+@contextlib.contextmanager
+def _data_root(opts: Options, root: Path) -> Iterator[Path]:
+    if opts.data_dir is not None:
+        opts.data_dir.mkdir(parents=True, exist_ok=True)
+        yield opts.data_dir
+        return
+    yield root / "data"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    started, clock = datetime.now(UTC), time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="syncd-bench-") as temp:
+        root = Path(temp)
+        with _data_root(opts, root) as data:
+            for size in opts.sizes:
+                print(f"generating {size:,} ids...", file=sys.stderr, flush=True)
+                folder = data / f"single-{size}-seed{opts.seed}"
+                steps = series(folder, size, opts.seed, (CHURN_1, CHURN_01))
+                for store in opts.stores:
+                    rows += run_single(opts, root, store, size, steps)
+                if opts.data_dir is None:
+                    shutil.rmtree(folder, ignore_errors=True)
+            if opts.concurrency:
+                each = opts.many_members
+                per_segment = [
+                    series(
+                        data / f"many-{each}-seed{opts.seed}" / f"segment{index:03d}",
+                        each,
+                        opts.seed + index,
+                        (CHURN_1,),
+                        first_number=index * 2 * each,
+                    )
+                    for index in range(MANY_SEGMENTS)
+                ]
+                many: list[Row] = []
+                for store in opts.stores:
+                    for concurrency in opts.concurrency:
+                        many += run_many(opts, root, store, concurrency, per_segment)
+                compare_concurrency(many)
+                rows += many
+    seconds = time.monotonic() - clock
+    argv_text = " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(opts, rows, started, seconds, argv_text)
+    print(text)
+    if opts.write:
+        LAST_RUN.write_text(text)
+    # Missed targets are reported; only wrong results (failed syncs) fail the command.
+    return 1 if any(row.problems for row in rows) else 0

@@ -1,0 +1,1 @@
+"""Several ``syncd run`` replicas sharing one PostgreSQL state store."""
