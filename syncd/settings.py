@@ -170,7 +170,8 @@ class Settings(BaseSettings):
     segments: str | None = None
     segments_file: Path | None = None
     schedule: str = "15m"
-    state_url: str = "sqlite:///syncd.db"
+    # A PostgreSQL URL may hold a password: kept out of repr().
+    state_url: str = Field(default="sqlite:///syncd.db", repr=False)
     batch_size: int = Field(default=MAX_BATCH_SIZE, ge=1, le=MAX_BATCH_SIZE)
     concurrency: int = Field(default=4, ge=1, le=64)
     log_format: Literal["json", "console"] = "json"

@@ -218,6 +218,21 @@ def run_sync(env: Mapping[str, str], log: Path, profile: Path | None = None) -> 
     if profile is not None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         command = [spy, "record", "-f", "raw", "-r", "200", "-o", str(profile), "--", *command]
+    measured = run_process(command, env, log)
+    measured.outcomes = _outcomes(log)
+    return measured
+
+
+def startup_seconds(folder: Path, repeats: int = 3) -> float:
+    """Wall time of a Python process that only imports syncd's command line: the
+    part of every ``syncd sync`` that no store or diff can make faster."""
+    command = [sys.executable, "-c", "import syncd.cli"]
+    log = folder / "startup.log"
+    return min(run_process(command, _clean_env(), log).wall_s for _ in range(repeats))
+
+
+def run_process(command: Sequence[str], env: Mapping[str, str], log: Path) -> Measured:
+    """Run ``command`` with its output in ``log``; wall, CPU and peak RSS of it alone."""
     with log.open("wb") as out:
         started = time.monotonic()
         proc = subprocess.Popen(command, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
@@ -234,7 +249,6 @@ def run_sync(env: Mapping[str, str], log: Path, profile: Path | None = None) -> 
         cpu_s=usage.ru_utime + usage.ru_stime,
         peak_rss_mb=usage.ru_maxrss / 1024,  # kilobytes on Linux
         exit_code=proc.returncode,
-        outcomes=_outcomes(log),
         log=log,
     )
 

@@ -39,6 +39,7 @@ from tests.benchmarks.harness import (
     postgres_base_url,
     postgres_version,
     run_sync,
+    startup_seconds,
     sync_env,
 )
 
@@ -46,7 +47,7 @@ LAST_RUN = Path(__file__).with_name("last_run.md")
 STORES = ("sqlite", "postgresql")
 DEFAULT_SIZES = (100_000, 1_000_000, 10_000_000)
 MANY_SEGMENTS, MANY_MEMBERS = 100, 10_000
-QUICK_MANY_MEMBERS = 1_000
+QUICK_MANY_SEGMENTS, QUICK_MANY_MEMBERS = 20, 1_000
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ class Options:
     sizes: list[int]
     stores: list[str]
     concurrency: list[int]
+    many_segments: int
     many_members: int
     seed: int
     latency: float
@@ -299,7 +301,7 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine(stores: Sequence[str]) -> list[str]:
+def machine(stores: Sequence[str], startup_s: float) -> list[str]:
     model = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -312,6 +314,8 @@ def machine(stores: Sequence[str]) -> list[str]:
         f"- machine: {usable} usable CPUs (nproc), {model}; load average at start {load}",
         f"- {platform.python_implementation()} {platform.python_version()}"
         f" on {platform.system()} {platform.release()}; SQLite {sqlite3.sqlite_version}",
+        f"- a Python process that only imports syncd's CLI takes {startup_s:.2f} s wall"
+        " (best of 3): every `syncd sync` pays it",
     ]
     if "postgresql" in stores:
         info.append(f"- PostgreSQL {postgres_version()} ({_without_password(postgres_base_url())})")
@@ -322,14 +326,21 @@ def _without_password(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def report(opts: Options, rows: Sequence[Row], started: datetime, seconds: float, argv: str) -> str:
+def report(
+    opts: Options,
+    rows: Sequence[Row],
+    started: datetime,
+    seconds: float,
+    argv: str,
+    startup_s: float,
+) -> str:
     met = sum(row.met for row in rows)
     parts = [
         f"# syncd benchmarks, {started:%Y-%m-%d %H:%M} UTC",
         "",
         f"`python -m tests.benchmarks{' ' + argv if argv else ''}`",
         "",
-        *machine(opts.stores),
+        *machine(opts.stores, startup_s),
         f"- benchmark wall-clock runtime: {seconds:.0f} s; {met} of {len(rows)} rows met"
         " their targets",
         "- wall, CPU and peak RSS are the `python -m syncd sync` process's own (os.wait4);"
@@ -372,7 +383,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="SYNCD_CONCURRENCY values for the 100-segment case; 'none' skips it",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke check: 100k only, 100x1,000 with c=1,4"
+        "--quick",
+        action="store_true",
+        help="smoke check: 100k only, and 20 segments of 1,000 with c=1,4",
     )
     parser.add_argument("--seed", type=int, default=6)
     parser.add_argument(
@@ -399,15 +412,16 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     if unknown:
         parser.error(f"unknown store(s): {', '.join(unknown)}")
     concurrency = [] if args.concurrency == "none" else _ints(args.concurrency)
-    sizes, many = args.sizes, MANY_MEMBERS
+    sizes, segments, members = args.sizes, MANY_SEGMENTS, MANY_MEMBERS
     if args.quick:
-        sizes, many = [100_000], QUICK_MANY_MEMBERS
+        sizes, segments, members = [100_000], QUICK_MANY_SEGMENTS, QUICK_MANY_MEMBERS
         concurrency = [c for c in concurrency if c in (1, 4)] if concurrency else []
     return Options(
         sizes=sizes,
         stores=stores,
         concurrency=concurrency,
-        many_members=many,
+        many_segments=segments,
+        many_members=members,
         seed=args.seed,
         latency=args.latency,
         floor_repeats=max(1, args.floor_repeats),
@@ -432,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="syncd-bench-") as temp:
         root = Path(temp)
+        startup_s = startup_seconds(root)
         with _data_root(opts, root) as data:
             for size in opts.sizes:
                 print(f"generating {size:,} ids...", file=sys.stderr, flush=True)
@@ -445,13 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 each = opts.many_members
                 per_segment = [
                     series(
-                        data / f"many-{each}-seed{opts.seed}" / f"segment{index:03d}",
+                        data / f"many-{opts.many_segments}x{each}-seed{opts.seed}" / f"{index:03d}",
                         each,
                         opts.seed + index,
                         (CHURN_1,),
                         first_number=index * 2 * each,
                     )
-                    for index in range(MANY_SEGMENTS)
+                    for index in range(opts.many_segments)
                 ]
                 many: list[Row] = []
                 for store in opts.stores:
@@ -461,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows += many
     seconds = time.monotonic() - clock
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(opts, rows, started, seconds, argv_text)
+    text = report(opts, rows, started, seconds, argv_text, startup_s)
     print(text)
     if opts.write:
         LAST_RUN.write_text(text)
