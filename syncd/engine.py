@@ -222,7 +222,6 @@ class Engine:
                 state = await self._store.begin_run(
                     mapping.name, outcome.run_id, system, mapping.external_id
                 )
-            if not dry_run:
                 outcome.source_fingerprint = await source.fingerprint()
                 if _unchanged(state, mapping, outcome.source_fingerprint):
                     # The source is byte-for-byte what the last successful run

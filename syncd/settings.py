@@ -345,10 +345,18 @@ class Settings(BaseSettings):
 
 def describe_url(url: str) -> str:
     """A URL without its user and password, safe for logs and errors."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    scheme = url.split("://", 1)[0] if "://" in url else "?"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        path = parts.path
+    except ValueError:
+        return f"{scheme}://(unparsable URL)"
+    if "@" in path or (parts.password and parts.password in host + path):
+        # A password with an unencoded "/", "?" or "#" confuses URL parsing.
+        return f"{scheme}://(unparsable URL)"
+    return f"{scheme}://{host}{port}{path}"
 
 
 def _secret_value(value: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:

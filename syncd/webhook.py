@@ -94,6 +94,10 @@ def _user_ids(data: dict[str, Any], key: str) -> list[str]:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise BadPage(f"data.{key} holds an id that is not a string")
         text = str(value).strip()
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+            raise BadPage(f"data.{key} holds an id that is not valid Unicode") from None
         if text:
             ids.append(text)
     return ids

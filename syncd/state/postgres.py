@@ -160,6 +160,12 @@ class PostgresStore:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, timeout=30)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise StateError(f"{where}: cannot connect: {_reason(exc)}") from None
+        except ValueError:
+            # The driver's parse errors quote the URL, password included.
+            raise StateError(
+                f"{where}: cannot connect: SYNCD_STATE_URL is not a valid PostgreSQL URL"
+                " (percent-encode special characters in the password)"
+            ) from None
         store = cls(pool, where)
         try:
             await store._migrate()

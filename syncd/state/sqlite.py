@@ -182,12 +182,6 @@ class SqliteStore:
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 10000")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"{where}: written by a newer syncd (schema {version}, this one knows"
-                    f" {SCHEMA_VERSION}); upgrade syncd"
-                )
             # WAL: readers (syncd status) never block the daemon; NORMAL sync is
             # durable across process crashes, which is what the snapshot needs.
             conn.execute("PRAGMA journal_mode = WAL")
@@ -196,11 +190,7 @@ class SqliteStore:
             # 16 MiB page caches: big diffs stay fast, memory stays bounded.
             conn.execute("PRAGMA cache_size = -16384")
             conn.execute("PRAGMA temp.cache_size = -16384")
-            for number in range(version, SCHEMA_VERSION):
-                # executescript commits first; each step records its own version.
-                conn.executescript(
-                    f"BEGIN; {_MIGRATIONS[number]}; PRAGMA user_version = {number + 1}; COMMIT;"
-                )
+            self._migrate(conn, where)
             self._db = conn
         except (sqlite3.DatabaseError, OSError, StateError) as exc:
             if conn is not None:
@@ -209,6 +199,27 @@ class SqliteStore:
                 raise
             reason = exc.strerror if isinstance(exc, OSError) else f"{exc} (a syncd state file?)"
             raise StateError(f"{where}: {reason}") from None
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, where: str) -> None:
+        # The write lock first, then the version: two processes opening a new file
+        # together must not both create the tables.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{where}: written by a newer syncd (schema {version}, this one knows"
+                    f" {SCHEMA_VERSION}); upgrade syncd"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                for statement in filter(str.strip, _MIGRATIONS[number].split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     async def close(self) -> None:
         if self._db is not None:
@@ -382,7 +393,7 @@ class SqliteStore:
         self, name: str, action: Literal["add", "remove"], rejected: list[tuple[str, str]]
     ) -> None:
         def write() -> None:
-            now = _now()
+            now = datetime.now(UTC).isoformat()  # microseconds: "newest first" must hold
             with self._transaction() as conn:
                 conn.executemany(
                     "INSERT OR REPLACE INTO quarantine (segment, action, id, reason, since)"
@@ -477,6 +488,7 @@ class SqliteStore:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM runs WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM leases WHERE segment = ?", (name,))
                 return conn.execute("DELETE FROM segments WHERE name = ?", (name,)).rowcount > 0
 
         return await self._call(write)
@@ -617,7 +629,7 @@ class SqliteStore:
         return await self._call(read)
 
     async def prune_history(self, before: datetime) -> int:
-        cutoff = before.isoformat(timespec="seconds")
+        cutoff = before.astimezone(UTC).isoformat(timespec="seconds")
 
         def write() -> int:
             with self._transaction() as conn:

@@ -1,8 +1,8 @@
 """Processes the benchmarks start: the sandbox WalkMe, ``syncd sync``, state stores.
 
-Every ``syncd sync`` is a separate process, waited for with ``os.wait4`` so its own
-CPU time and peak RSS are known exactly (``RUSAGE_CHILDREN`` would mix in the
-sandbox's, which holds every member in memory).
+Every ``syncd sync`` is a separate process, waited for with ``os.wait4`` (by
+``launcher.py``) so its own CPU time and peak RSS are known exactly
+(``RUSAGE_CHILDREN`` would mix in the sandbox's, which holds every member in memory).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -32,6 +31,7 @@ from syncd.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SANDBOX_SYST
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SYNC_TIMEOUT_S = 3600.0
+LAUNCHER = Path(__file__).with_name("launcher.py")
 _databases = itertools.count(1)
 
 
@@ -86,6 +86,18 @@ class Sandbox:
         with urllib.request.urlopen(f"{self.url}/_sandbox/state", timeout=60) as answer:  # noqa: S310
             document: dict[str, Any] = json.load(answer)
         return document
+
+    def cpu_seconds(self) -> float:
+        """CPU time the sandbox has used so far (Linux /proc; 0 elsewhere)."""
+        if self._proc is None:
+            return 0.0
+        try:
+            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        # Fields after the command name, which is in parentheses: utime, stime are 14, 15.
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def segment_requests(self) -> int:
         """Create and update requests so far (token and list requests do not count)."""
@@ -217,7 +229,8 @@ def run_sync(env: Mapping[str, str], log: Path, profile: Path | None = None) -> 
     command = [sys.executable, "-m", "syncd", "sync"]
     if profile is not None:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        command = [spy, "record", "-f", "raw", "-r", "200", "-o", str(profile), "--", *command]
+        command = [spy, "record", "-f", "raw", "--threads", "--idle", "-r", "200"]
+        command += ["-o", str(profile), "--", sys.executable, "-m", "syncd", "sync"]
     measured = run_process(command, env, log)
     measured.outcomes = _outcomes(log)
     return measured
@@ -232,23 +245,20 @@ def startup_seconds(folder: Path, repeats: int = 3) -> float:
 
 
 def run_process(command: Sequence[str], env: Mapping[str, str], log: Path) -> Measured:
-    """Run ``command`` with its output in ``log``; wall, CPU and peak RSS of it alone."""
+    """Run ``command`` with its output in ``log``; wall, CPU and peak RSS of it alone
+    (measured by ``launcher.py``, see there why)."""
+    result = log.with_suffix(".rusage.json")
+    launcher = [sys.executable, str(LAUNCHER), str(result), str(SYNC_TIMEOUT_S), "--"]
     with log.open("wb") as out:
-        started = time.monotonic()
-        proc = subprocess.Popen(command, env=dict(env), stdout=out, stderr=subprocess.STDOUT)
-        timer = threading.Timer(SYNC_TIMEOUT_S, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        subprocess.run(
+            [*launcher, *command], env=dict(env), stdout=out, stderr=subprocess.STDOUT, check=True
+        )
+    usage = json.loads(result.read_text())
     return Measured(
-        wall_s=wall,
-        cpu_s=usage.ru_utime + usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024,  # kilobytes on Linux
-        exit_code=proc.returncode,
+        wall_s=usage["wall_s"],
+        cpu_s=usage["cpu_s"],
+        peak_rss_mb=usage["peak_rss_kb"] / 1024,
+        exit_code=usage["exit_code"],
         log=log,
     )
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ WAREHOUSE_URL = f"postgresql://heapreader:{PG_PASSWORD}@127.0.0.1:1/heap"
 RETRY_ATTEMPTS = 20  # generous: random faults never exhaust them
 RETRY_MAX_WAIT = 1.0  # small: retries (and Retry-After, capped by it) stay fast
 TERMINAL_EVENTS = ("segment.synced", "segment.failed", "segment.held")
+DROPPED = web.RequestKey("chaos_dropped", bool)  # the sandbox dropped this request's answer
 
 
 # --------------------------------------------------------------------------- ids
@@ -122,9 +124,10 @@ class ChaosSandbox(WalkMeSandbox):
     - every ``Retry-After`` it sent is kept (``retry_after_sent``);
     - ``drop_creates``: that many creates are applied, then their connections
       dropped unanswered (the ambiguous create);
-    - ``stall_write``: the create/update with this number (1-based, counting every
-      create/update received) is applied, then its answer is held back for
-      ``stall_s`` seconds (a request "in flight" for as long as a test needs);
+    - ``stall_write``: the first create/update from this number on (1-based,
+      counting every create/update received) that WalkMe applies and answers
+      has its answer held back for ``stall_s`` seconds (a request "in flight"
+      for as long as a test needs); one request per arming;
     - ``slow_on_create``: (delay, seconds): WalkMe turns slow (every segment call
       answers after ``delay``) the moment the first create arrives, for ``seconds``.
     """
@@ -164,7 +167,9 @@ class ChaosSandbox(WalkMeSandbox):
         if call.kind == "create" and call.applied and self.drop_creates > 0:
             self.drop_creates -= 1
             call.drop = True
-        return super()._finish(request, call, response)
+        response = super()._finish(request, call, response)
+        request[DROPPED] = bool(call.drop)
+        return response
 
     async def _segment_call(
         self,
@@ -184,7 +189,14 @@ class ChaosSandbox(WalkMeSandbox):
             self.slow_started_at = time.monotonic()
             asyncio.get_running_loop().call_later(seconds, self._back_to_normal)
         response = await super()._segment_call(request, kind, operation)
-        if number is not None and number == self.stall_write and response.status < 300:
+        if (
+            number is not None
+            and self.stall_write is not None
+            and number >= self.stall_write
+            and response.status < 300
+            and not request.get(DROPPED, False)
+        ):
+            self.stall_write = None  # one request per arming
             body = json.loads(await request.read())
             ids = body.get("userIds")
             with self._lock:
@@ -521,10 +533,11 @@ class Scenario:
         assert not problems, "not converged:\n" + "\n".join(problems)
 
 
+ScenarioFactory = Callable[..., Scenario]
+
+
 @pytest.fixture
-def make_scenario(
-    tmp_path: Path, transcript: Transcript
-) -> Iterator[Callable[..., Scenario]]:
+def make_scenario(tmp_path: Path, transcript: Transcript) -> Iterator[ScenarioFactory]:
     """``make_scenario(**ChaosSandbox kwargs)``: a running sandbox and a folder.
 
     Daemons still alive at the end are killed; sandboxes are stopped.

@@ -97,23 +97,40 @@ async def _drop_database(url: str, database: str) -> None:
         await conn.close()
 
 
+@dataclass(frozen=True)
+class Database:
+    """A fresh database for one test, or why there is none."""
+
+    url: str | None
+    problem: str | None = None
+
+    def ready(self) -> str:
+        """Its URL, or a test failure (never a skip) saying how to get a server."""
+        if self.url is None:
+            pytest.fail(self.problem or "no PostgreSQL", pytrace=False)
+        return self.url
+
+
 @pytest.fixture
-def fresh_database() -> Iterator[str]:
-    """The URL of a new, empty database on the test server; dropped afterwards."""
+def fresh_database() -> Iterator[Database]:
+    """A new, empty database on the test server; dropped afterwards."""
     url = postgres_url()
     database = f"syncd_replicas_{secrets.token_hex(6)}"
+    problem = None
     try:
         asyncio.run(_create_database(url, database))
     except Unreachable as exc:
-        pytest.fail(str(exc), pytrace=False)
+        problem = str(exc)
     except asyncpg.PostgresError as exc:
-        pytest.fail(
-            f"cannot create a test database on {url}: {exc}. Point"
-            " SYNCD_TEST_POSTGRES_URL at a server and user allowed to CREATE DATABASE.",
-            pytrace=False,
+        problem = (
+            f"cannot create a test database on {url}: {exc}. Point SYNCD_TEST_POSTGRES_URL"
+            " at a server and a user allowed to CREATE DATABASE."
         )
+    if problem is not None:
+        yield Database(None, problem)
+        return
     try:
-        yield _with_database(url, database)
+        yield Database(_with_database(url, database))
     finally:
         asyncio.run(_drop_database(url, database))
 
@@ -207,6 +224,11 @@ class RecordingSandbox(WalkMeSandbox):
         os.kill(pid, signal.SIGKILL)
         self.killed.set()
 
+    def last_change_at(self) -> float:
+        """When WalkMe last applied a change (0.0: never)."""
+        with self._applied_lock:
+            return self.applied[-1].at if self.applied else 0.0
+
     def applied_changes(self) -> list[Applied]:
         with self._applied_lock:
             return list(self.applied)
@@ -282,6 +304,7 @@ class Replica:
     admin_port: int
     stdout_path: Path
     stderr_path: Path
+    env: dict[str, str]
     process: subprocess.Popen[bytes]
     _files: list[IO[bytes]] = field(default_factory=list)
 
@@ -300,7 +323,7 @@ class Replica:
             stdout=out,
             stderr=err,
         )
-        return cls(index, api_port, admin_port, stdout_path, stderr_path, process, [out, err])
+        return cls(index, api_port, admin_port, stdout_path, stderr_path, env, process, [out, err])
 
     @property
     def pid(self) -> int:

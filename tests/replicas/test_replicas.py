@@ -2,34 +2,40 @@
 (issue 6 §2).
 
 Setup: a fresh PostgreSQL database; the WalkMe sandbox on a thread of this
-process, serving each replica on its own port (so every request WalkMe applies is
+process, serving each replica on its own port (so every change WalkMe applies is
 attributed to the replica that sent it) and remembering the ids of every applied
-change in the order it applied them; 30 file-source segments of 2,000-20,000 ids;
-3 replicas (``SYNCD_SCHEDULE=3s``, ``SYNCD_LEASE_TTL=5``, batches of 500, guard
-off); WalkMe answers after 0.05 s, so runs take several requests and overlap.
+change in the order it applied them (the sandbox's own ``requestLog`` has only
+counts); 30 file-source segments of 2,000-20,000 ids; 3 replicas
+(``SYNCD_SCHEDULE=3s``, ``SYNCD_LEASE_TTL=5``, batches of 500, removal guard off);
+WalkMe answers after 0.05 s, so runs take several requests and overlap.
 
 For 60 s a churn thread rewrites every source file each 2 s (seeded random adds
-and removes of 2-6 % each, written to a temporary file and renamed in). Half way
-through, the next batch WalkMe applies for any replica gets that replica
-SIGKILLed before it hears the answer: the worst moment, a batch applied in WalkMe
-but never recorded in the snapshot. The segments whose leases it held then are
-its in-flight segments; their in-flight batch is its last applied change for each.
+and removes of 2-6 % of its size each, written aside and renamed in). 30 s in,
+the next batch WalkMe applies for any replica gets that replica SIGKILLed from
+inside the sandbox, before it hears WalkMe's answer: a batch applied in WalkMe
+but never recorded in the snapshot, the case "a batch that was in flight on the
+killed replica" is about. The segments whose leases it held at that moment are
+its in-flight segments; their in-flight batch is its last change WalkMe applied
+there (its other runs' requests waiting in the sandbox still land after the kill).
 
-What is measured, from WalkMe's side (the sandbox applied log, with ids):
+What is measured, from WalkMe's side:
 
-- replaying every applied change per segment in order, an id *added while already
-  a member* or *removed while not a member* is a redundant send (an id sent more
-  than once). Redundant sends are allowed only for ids of the killed replica's
-  in-flight batch of that segment, only by later requests of other replicas, and
-  only once per id: at most one batch per segment. ids sent = effective membership
-  changes + redundant sends, so "minimum needed" is the effective change count;
-- convergence: after churn stops, within 60 s, every WalkMe segment equals its
-  final file and the PostgreSQL snapshot (``members`` table, the ``segments``
-  counter and ``syncd status --json``) equals WalkMe;
-- exactly one WalkMe segment per mapping (no double create across replicas);
+- an id *sent more than once*: replaying every applied change of a segment in
+  order, an id added while already a member or removed while not a member (an
+  override re-sending a member counts too). Allowed only for ids of the killed
+  replica's in-flight batch of that segment, sent by another replica after the
+  kill, once per id: at most one batch per segment. ids sent = effective
+  membership changes (the minimum needed) + ids sent more than once;
+- convergence: after churn stops, every WalkMe segment equals its final file and
+  the PostgreSQL snapshot (``members`` table and ``segments`` counter) equals
+  WalkMe; polled up to 60 s, but given up once WalkMe has received nothing for a
+  lease TTL plus three cycles (16 s), since nothing would change any more;
+- exactly one WalkMe segment per mapping (no double create across replicas), and
+  ``syncd status --json`` agrees with the ``members`` table;
 - ``segment.skipped`` lines appear (replicas step around each other's leases),
-  every replica synced some segments, no Traceback, no internal error, no failed
-  run other than interruptions, and the survivors exit 0 on SIGTERM.
+  every replica synced some segments, ``cycle.finished`` counts only failed or
+  held runs as failed, no Traceback, no internal error, no failed run other than
+  interruptions, and the survivors exit 0 on SIGTERM.
 
 The counts are printed (``pytest -s tests/replicas``).
 """
@@ -49,11 +55,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from syncd.sandbox import Faults
 
 from .conftest import (
     CLIENT_SECRET,
     Applied,
+    Database,
+    Kill,
     RecordingSandbox,
     Replica,
     connect,
@@ -69,13 +79,15 @@ REPLICAS = 3
 SIZES = (2_000, 20_000)
 BATCH = 500
 DELAY = 0.05
-SCHEDULE = "3s"
+SCHEDULE_S = 3
+SCHEDULE = f"{SCHEDULE_S}s"
 LEASE_TTL = 5
 CHURN_S = 60.0
 CHURN_STEP_S = 2.0
 CHURN_FRACTION = (0.02, 0.06)  # of a segment's size, added and (separately) removed
 KILL_AFTER_S = 30.0
 CONVERGE_WITHIN_S = 60.0
+STUCK_AFTER_S = LEASE_TTL + 3 * SCHEDULE_S + 1  # a dead holder's lease lapses, then three cycles
 STOP_WITHIN_S = 30.0
 
 
@@ -125,8 +137,11 @@ def make_sources(directory: Path, rng: random.Random) -> list[SourceFile]:
 
 @dataclass
 class Churner:
+    """Rewrites every source file each CHURN_STEP_S from ``start`` until ``until``."""
+
     sources: list[SourceFile]
     rng: random.Random
+    start: float
     until: float
     stop: threading.Event = field(default_factory=threading.Event)
     steps: int = 0
@@ -134,15 +149,14 @@ class Churner:
 
     def run(self) -> None:
         try:
-            due = time.monotonic() + CHURN_STEP_S
-            while due <= self.until:
+            for step in range(1, round((self.until - self.start) / CHURN_STEP_S) + 1):
+                due = self.start + step * CHURN_STEP_S
                 if self.stop.wait(max(0.0, due - time.monotonic())):
                     return
                 for source in self.sources:
                     source.churn(self.rng)
                     source.write()
                 self.steps += 1
-                due += CHURN_STEP_S
         except BaseException as exc:
             self.error = exc
 
@@ -310,7 +324,212 @@ def replay(
     return result
 
 
-# ---------------------------------------------------------------------------- the test
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything the live phase saw, for the report and the verdict."""
+
+    sources: list[SourceFile]
+    replicas: list[Replica]
+    churner: Churner
+    churn_started: float
+    kill: Kill
+    victim: Replica
+    held: set[str]  # segments whose lease the victim held when it died
+    converged_after: float | None
+    gave_up: str
+    exits: dict[int, int | None]
+    status: dict[str, Any]
+    stored: Snapshot
+    changes: list[Applied]
+    walkme: list[dict[str, Any]]
+    walkme_members: dict[str, set[str]]
+    request_counts: dict[str, Any]
+    setup_s: float = 0.0
+    wall_s: float = 0.0
+    names: dict[str, str] = field(init=False)
+    guids: dict[str, str] = field(init=False)
+    in_flight: dict[str, Applied] = field(init=False)
+    replayed: Replay = field(init=False)
+    events: dict[int, list[dict[str, Any]]] = field(init=False)
+    counts: dict[int, Counter[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = {segment["guid"]: segment["name"] for segment in self.walkme}
+        self.guids = {segment["name"]: segment["guid"] for segment in self.walkme}
+        # The killed replica's in-flight batch of each segment it held: its last
+        # change WalkMe applied there (one it sent and never heard back about).
+        self.in_flight = {}
+        for change in self.changes:
+            if change.port == self.kill.port and self.names.get(change.guid) in self.held:
+                self.in_flight[change.guid] = change
+        self.replayed = replay(self.changes, self.names, self.in_flight, self.kill.port)
+        self.events = {replica.index: replica.events() for replica in self.replicas}
+        self.counts = {
+            index: Counter(str(entry.get("event")) for entry in entries)
+            for index, entries in self.events.items()
+        }
+
+    def takeovers(self) -> dict[str, float]:
+        """Seconds from the kill to another replica's first change of each in-flight segment."""
+        taken: dict[str, float] = {}
+        for change in self.changes:
+            batch = self.in_flight.get(change.guid)
+            name = self.names[change.guid]
+            if batch and change.seq > self.kill.seq and change.port != self.kill.port:
+                taken.setdefault(name, round(change.at - self.kill.at, 1))
+        return taken
+
+
+def report(run: Run) -> str:
+    replayed, kill = run.replayed, run.kill
+    port_index = {replica.api_port: replica.index for replica in run.replicas}
+    unchanged = {
+        index: sum(1 for e in entries if e.get("event") == "segment.synced" and e.get("unchanged"))
+        for index, entries in run.events.items()
+    }
+    in_flight = sorted(run.in_flight.items(), key=lambda item: run.names[item[0]])
+    converged = f"{run.converged_after:.1f} s" if run.converged_after is not None else "NOT REACHED"
+    lines = [
+        "",
+        f"replicas {REPLICAS}, segments {SEGMENTS}, batch {BATCH}, WalkMe delay {DELAY} s,"
+        f" schedule {SCHEDULE}, lease TTL {LEASE_TTL} s, seed {SEED}",
+        f"churn: {run.churner.steps} rewrites of every file, {CHURN_STEP_S:.0f} s apart, over"
+        f" {CHURN_S:.0f} s; final sources hold {sum(len(s.members) for s in run.sources)} ids",
+        f"killed: replica {run.victim.index} (pid {run.victim.pid}),"
+        f" {kill.at - run.churn_started:.1f} s into the churn, right after WalkMe applied its"
+        f" change #{kill.seq}; it held {len(run.held)} leases; in-flight batches: "
+        + ", ".join(f"{run.names[g]} {c.action} {len(c.ids)} ids" for g, c in in_flight),
+        f"taken over by another replica after (s): {run.takeovers()}",
+        f"requests to WalkMe: {run.request_counts['total']} {run.request_counts['byKind']},"
+        f" statuses {run.request_counts['byStatus']}",
+        f"applied segment changes: {len(run.changes)}; by replica "
+        + ", ".join(
+            f"{port_index.get(port, port)}: {n}"
+            for port, n in sorted(replayed.requests_by_port.items(), key=lambda i: i[0])
+        ),
+        f"ids sent: {replayed.ids_sent}; effective membership changes (the minimum needed):"
+        f" {replayed.effective}; sent more than once: {replayed.excused + replayed.violating_ids}"
+        f" (ids of the killed replica's in-flight batches: {replayed.excused}"
+        f" {dict(sorted(replayed.excused_by_segment.items()))}; any other: "
+        f"{replayed.violating_ids})",
+        "per replica: "
+        + "; ".join(
+            f"{i}: synced {c['segment.synced']} ({unchanged[i]} unchanged), skipped"
+            f" {c['segment.skipped']}, lease_lost {c['segment.lease_lost']}, failed"
+            f" {c['segment.failed']}, cycles {c['cycle.finished']}"
+            for i, c in sorted(run.counts.items())
+        ),
+        f"convergence after churn stopped: {converged}",
+        f"survivors' exit statuses on SIGTERM: {run.exits}",
+        f"wall time: {run.wall_s:.1f} s (replicas up and churn started after {run.setup_s:.1f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def _attribution(ids: set[str], batch: Applied | None) -> str:
+    if batch is None or not ids:
+        return ""
+    return (
+        f" ({len(ids & batch.ids)} of them ids of the killed replica's in-flight"
+        f" {batch.action} batch of {len(batch.ids)})"
+    )
+
+
+def verdict(run: Run) -> list[str]:
+    problems: list[str] = []
+    if run.victim.process.returncode != -9:
+        problems.append(f"the killed replica exited with {run.victim.process.returncode}, not -9")
+    if run.gave_up:
+        details = []
+        for source in run.sources:
+            guid = run.guids.get(source.name)
+            if guid is None:
+                details.append(f"{source.name}: no WalkMe segment")
+                continue
+            members, batch = run.walkme_members[guid], run.in_flight.get(guid)
+            extra, missing = members - source.members, source.members - members
+            if extra:
+                details.append(
+                    f"{source.name}: WalkMe holds {len(extra)} ids the source does not"
+                    + _attribution(extra, batch)
+                )
+            if missing:
+                details.append(
+                    f"{source.name}: WalkMe lacks {len(missing)} ids of the source"
+                    + _attribution(missing, batch)
+                )
+            held = run.stored.members.get(source.name, set())
+            if held != members:
+                details.append(
+                    f"{source.name}: the PostgreSQL snapshot holds {len(held - members)} ids"
+                    f" WalkMe does not and lacks {len(members - held)} WalkMe holds"
+                    + _attribution((held - members) | (members - held), batch)
+                )
+        problems.append(f"{run.gave_up}:\n  " + "\n  ".join(details))
+    if len(run.walkme) != SEGMENTS or len(run.guids) != SEGMENTS:
+        by_name = sorted(Counter(s["name"] for s in run.walkme).items())
+        problems.append(f"WalkMe holds {len(run.walkme)} segments, expected {SEGMENTS}: {by_name}")
+    if run.replayed.violations:
+        problems.append(
+            f"{run.replayed.violating_ids} ids sent more than once outside the killed replica's"
+            " in-flight batches:\n  " + "\n  ".join(run.replayed.violations[:20])
+        )
+    for guid, members in run.walkme_members.items():
+        if run.replayed.final.get(guid) != members:
+            problems.append(f"replaying the applied log does not give {run.names[guid]}'s members")
+    rows = {row["segment"]: row for row in run.status["segments"]}
+    for source in run.sources:
+        row = rows.get(source.name, {})
+        stored = (run.stored.guids.get(source.name), len(run.stored.members.get(source.name, ())))
+        if (row.get("segment_guid"), row.get("members")) != stored:
+            problems.append(
+                f"syncd status --json shows {source.name} as {row.get('segment_guid')} with"
+                f" {row.get('members')} members; the members table: {stored[0]} with {stored[1]}"
+            )
+    counts = run.counts
+    if not any(c["segment.skipped"] for c in counts.values()):
+        problems.append("no replica logged segment.skipped: the replicas never met a lease")
+    for index, c in sorted(counts.items()):
+        if not c["segment.synced"]:
+            problems.append(f"replica {index} synced no segment: the work was not shared")
+        if c["segment.internal_error"]:
+            problems.append(f"replica {index} logged segment.internal_error")
+        failed = [
+            e
+            for e in run.events[index]
+            if e.get("event") == "segment.failed" and not e.get("interrupted")
+        ]
+        for entry in failed[:5]:
+            problems.append(f"replica {index}: a run failed: {entry}")
+        # cycle.finished's "failed" must count failed (or held) runs, not segments this
+        # replica skipped because another one was syncing them.
+        said_failed = sum(
+            int(e.get("failed", 0)) for e in run.events[index] if e.get("event") == "cycle.finished"
+        )
+        not_synced = c["segment.failed"] + c["segment.held"]
+        if said_failed > not_synced:
+            problems.append(
+                f"replica {index}: its cycle.finished lines report {said_failed} failed runs in"
+                f" all, but it logged {c['segment.failed']} segment.failed and"
+                f" {c['segment.held']} segment.held lines (and {c['segment.skipped']}"
+                " segment.skipped): skipped segments are counted as failed"
+            )
+    for replica in run.replicas:
+        out, err = replica.stdout(), replica.stderr()
+        if "Traceback" in out or "Traceback" in err:
+            problems.append(f"a Traceback in replica {replica.index}'s output:\n{replica.tail()}")
+        if CLIENT_SECRET in out or CLIENT_SECRET in err:
+            problems.append(f"the client secret appeared in replica {replica.index}'s output")
+    for index, code in sorted(run.exits.items()):
+        if code != 0:
+            problems.append(
+                f"replica {index} exited with {code} on SIGTERM (None: still running"
+                f" {STOP_WITHIN_S:.0f} s later)"
+            )
+    return problems
 
 
 def _status_json(env: dict[str, str], cwd: Path) -> dict[str, Any]:
@@ -328,9 +547,71 @@ def _status_json(env: dict[str, str], cwd: Path) -> dict[str, Any]:
     return status
 
 
+def _start_replicas(
+    sandbox: RecordingSandbox, url: str, segments_file: Path, tmp_path: Path
+) -> list[Replica]:
+    replicas = []
+    for index, api_port in enumerate(sandbox.ports):
+        admin_port = free_port()
+        work_dir = tmp_path / f"work-{index}"
+        work_dir.mkdir()
+        env = replica_env(
+            api_port=api_port,
+            state_url=url,
+            segments_file=segments_file,
+            admin_port=admin_port,
+            work_dir=work_dir,
+            schedule=SCHEDULE,
+            lease_ttl=str(LEASE_TTL),
+            batch_size=str(BATCH),
+            max_remove_fraction="1.0",
+            http_timeout="20",
+            retry_max_wait="2",
+        )
+        replicas.append(
+            Replica.start(index, tmp_path / f"replica-{index}", env, api_port, admin_port)
+        )
+
+    def all_started() -> bool:
+        for replica in replicas:
+            if replica.process.poll() is not None:
+                raise AssertionError(
+                    f"replica {replica.index} exited with {replica.process.returncode}"
+                    f" before starting\n{replica.tail()}"
+                )
+        return all(replica.count("daemon.started") for replica in replicas)
+
+    wait_until(all_started, 30, "the three replicas to start")
+    return replicas
+
+
+def _await_convergence(
+    sandbox: RecordingSandbox, sources: list[SourceFile], url: str, churn_stopped: float
+) -> tuple[float | None, str]:
+    """Seconds after churn stopped until converged, or None and why it gave up."""
+    deadline = churn_stopped + CONVERGE_WITHIN_S
+    while True:
+        remaining = convergence_problems(sandbox, sources, url)
+        now = time.monotonic()
+        if not remaining:
+            return now - churn_stopped, ""
+        if now > deadline:
+            return None, f"not converged {CONVERGE_WITHIN_S:.0f} s after churn stopped"
+        quiet = now - max(churn_stopped, sandbox.last_change_at())
+        if quiet > STUCK_AFTER_S:
+            # Nothing sent for a lease TTL plus three cycles: it has settled, and
+            # waiting out the rest of the minute would change nothing.
+            return None, (
+                f"not converged: WalkMe received no change for {quiet:.0f} s"
+                f" ({now - churn_stopped:.0f} s after churn stopped), so it settled diverged"
+            )
+        time.sleep(0.5)
+
+
 def test_three_replicas_share_one_postgres_through_churn_and_a_sigkill(
-    fresh_database: str, tmp_path: Path
+    fresh_database: Database, tmp_path: Path
 ) -> None:
+    database_url = fresh_database.ready()
     began = time.monotonic()
     rng = random.Random(SEED)
     sources = make_sources(tmp_path / "sources", rng)
@@ -338,222 +619,68 @@ def test_three_replicas_share_one_postgres_through_churn_and_a_sigkill(
     segments_file = tmp_path / "segments.json"
     segments_file.write_text(json.dumps(mappings), encoding="utf-8")
 
-    problems: list[str] = []
     replicas: list[Replica] = []
     churner: Churner | None = None
-    envs: list[dict[str, str]] = []
     with recording_sandbox(REPLICAS, Faults(delay=DELAY)) as sandbox:
         try:
-            for index, api_port in enumerate(sandbox.ports):
-                admin_port = free_port()
-                env = replica_env(
-                    api_port=api_port,
-                    state_url=fresh_database,
-                    segments_file=segments_file,
-                    admin_port=admin_port,
-                    work_dir=tmp_path / f"work-{index}",
-                    schedule=SCHEDULE,
-                    lease_ttl=str(LEASE_TTL),
-                    batch_size=str(BATCH),
-                    max_remove_fraction="1.0",
-                    http_timeout="20",
-                    retry_max_wait="2",
-                )
-                (tmp_path / f"work-{index}").mkdir()
-                envs.append(env)
-                replicas.append(
-                    Replica.start(index, tmp_path / f"replica-{index}", env, api_port, admin_port)
-                )
+            replicas = _start_replicas(sandbox, database_url, segments_file, tmp_path)
             by_port = {replica.api_port: replica for replica in replicas}
-
-            def all_started() -> bool:
-                for replica in replicas:
-                    if replica.process.poll() is not None:
-                        raise AssertionError(
-                            f"replica {replica.index} exited with {replica.process.returncode}"
-                            f" before starting\n{replica.tail()}"
-                        )
-                return all(replica.count("daemon.started") for replica in replicas)
-
-            wait_until(all_started, 30, "the three replicas to start")
             churn_started = time.monotonic()
-            churner = Churner(sources, rng, churn_started + CHURN_S)
+            churner = Churner(sources, rng, churn_started, churn_started + CHURN_S)
             thread = threading.Thread(target=churner.run, name="churn", daemon=True)
             thread.start()
 
             # Half way: SIGKILL whichever replica next has a batch applied by WalkMe,
-            # before it hears the answer.
+            # before it hears WalkMe's answer.
             time.sleep(max(0.0, churn_started + KILL_AFTER_S - time.monotonic()))
             sandbox.arm_kill({replica.api_port: replica.pid for replica in replicas})
             assert sandbox.killed.wait(30), "no replica sent a batch within 30 s of arming"
             kill = sandbox.kill
             assert kill is not None
             victim = by_port[kill.port]
-            held = leases_of(fresh_database, victim.pid)
+            held = leases_of(database_url, victim.pid)  # before anyone takes them over
             victim.process.wait(timeout=10)
-            if victim.process.returncode != -9:
-                problems.append(f"the victim exited with {victim.process.returncode}, not -9")
 
             thread.join(timeout=CHURN_S + 10)
             assert not thread.is_alive(), "the churn thread did not finish"
             if churner.error is not None:
                 raise churner.error
-            churn_stopped = time.monotonic()
-
-            remaining: list[str] = []
-            converged_after: float | None = None
-            deadline = churn_stopped + CONVERGE_WITHIN_S
-            while True:
-                remaining = convergence_problems(sandbox, sources, fresh_database)
-                if not remaining:
-                    converged_after = time.monotonic() - churn_stopped
-                    break
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            status = _status_json(envs[0], tmp_path)
-
-            survivors = [replica for replica in replicas if replica is not victim]
-            exits = {replica.index: replica.terminate(STOP_WITHIN_S) for replica in survivors}
+            converged_after, gave_up = _await_convergence(
+                sandbox, sources, database_url, time.monotonic()
+            )
+            status = _status_json(replicas[0].env, tmp_path)
+            exits = {
+                replica.index: replica.terminate(STOP_WITHIN_S)
+                for replica in replicas
+                if replica is not victim
+            }
         finally:
             if churner is not None:
                 churner.stop.set()
             for replica in replicas:
                 replica.close()
-        changes = sandbox.applied_changes()
         walkme = walkme_segments(sandbox)
-        request_counts = sandbox.request_counts()
-        final_members = {s["guid"]: sandbox.members(s["guid"]) for s in walkme}
-
-    # ------------------------------------------------------------ what happened
-    names = {segment["guid"]: segment["name"] for segment in walkme}
-    guids = {segment["name"]: segment["guid"] for segment in walkme}
-    in_flight: dict[str, Applied] = {}
-    for change in changes:
-        if change.port == kill.port and names.get(change.guid) in held:
-            in_flight[change.guid] = change  # the last one per segment wins
-    result = replay(changes, names, in_flight, kill.port)
-    events = {replica.index: replica.events() for replica in replicas}
-    counts = {
-        replica.index: Counter(str(entry.get("event")) for entry in events[replica.index])
-        for replica in replicas
-    }
-    port_index = {replica.api_port: replica.index for replica in replicas}
-    failed_runs = [
-        (replica.index, entry)
-        for replica in replicas
-        for entry in events[replica.index]
-        if entry.get("event") == "segment.failed" and not entry.get("interrupted")
-    ]
-
-    # ------------------------------------------------------------ the counts
-    lines = [
-        "",
-        f"replicas: {REPLICAS}, segments: {SEGMENTS}, batch {BATCH}, WalkMe delay {DELAY} s,"
-        f" schedule {SCHEDULE}, lease TTL {LEASE_TTL} s",
-        f"churn: {churner.steps} steps of {CHURN_STEP_S} s over {CHURN_S:.0f} s,"
-        f" final source sizes {sum(len(s.members) for s in sources)} ids",
-        f"killed: replica {victim.index} (pid {victim.pid}) at"
-        f" {kill.at - churn_started:.1f} s into the churn, right after WalkMe applied its"
-        f" change #{kill.seq}; leases it held: {len(held)}; in-flight batches: "
-        + ", ".join(
-            f"{names[guid]} {change.action} {len(change.ids)} ids"
-            for guid, change in sorted(in_flight.items(), key=lambda item: names[item[0]])
-        ),
-        f"requests to WalkMe: {request_counts['total']} ({request_counts['byKind']},"
-        f" statuses {request_counts['byStatus']}, dropped {request_counts['dropped']})",
-        f"applied segment changes: {len(changes)}; by replica "
-        + ", ".join(
-            f"{port_index.get(port, port)}: {n}"
-            for port, n in sorted(result.requests_by_port.items())
-        ),
-        f"ids sent: {result.ids_sent}; effective membership changes (the minimum needed):"
-        f" {result.effective}; re-sent: {result.excused + result.violating_ids}"
-        f" (within the killed replica's in-flight batches: {result.excused}"
-        f" {dict(result.excused_by_segment)}; elsewhere: {result.violating_ids})",
-        "per replica: "
-        + "; ".join(
-            f"{i}: synced {c['segment.synced']}, skipped {c['segment.skipped']},"
-            f" lease_lost {c['segment.lease_lost']}, failed {c['segment.failed']},"
-            f" cycles {c['cycle.finished']}"
-            for i, c in counts.items()
-        ),
-        "convergence after churn stopped: "
-        + (f"{converged_after:.1f} s" if converged_after is not None else "NOT REACHED"),
-        f"survivors' exit statuses on SIGTERM: {exits}",
-        f"test wall time: {time.monotonic() - began:.1f} s",
-    ]
-    print("\n".join(lines))
-
-    # ------------------------------------------------------------ the verdict
-    if remaining:
-        details = []
-        for problem in remaining:
-            details.append(problem)
-        for source in sources:
-            guid = guids.get(source.name)
-            if guid is None:
-                continue
-            members = final_members[guid]
-            batch = in_flight.get(guid)
-            extra, missing = members - source.members, source.members - members
-            if extra or missing:
-                from_batch = (
-                    f"; of these, {len(extra & batch.ids)} extra and {len(missing & batch.ids)}"
-                    f" missing are ids of the killed replica's in-flight {batch.action} batch"
-                    f" ({len(batch.ids)} ids)"
-                    if batch is not None
-                    else ""
-                )
-                details.append(
-                    f"{source.name}: at the end WalkMe has {len(extra)} extra and misses"
-                    f" {len(missing)} ids{from_batch}"
-                )
-        problems.append(
-            f"not converged {CONVERGE_WITHIN_S:.0f} s after churn stopped:\n  "
-            + "\n  ".join(details)
+        run = Run(
+            sources=sources,
+            replicas=replicas,
+            churner=churner,
+            churn_started=churn_started,
+            kill=kill,
+            victim=victim,
+            held=held,
+            converged_after=converged_after,
+            gave_up=gave_up,
+            exits=exits,
+            status=status,
+            stored=snapshot(database_url),
+            changes=sandbox.applied_changes(),
+            walkme=walkme,
+            walkme_members={s["guid"]: sandbox.members(s["guid"]) for s in walkme},
+            request_counts=sandbox.request_counts(),
+            setup_s=churn_started - began,
+            wall_s=time.monotonic() - began,
         )
-    if len(walkme) != SEGMENTS or len(guids) != SEGMENTS:
-        problems.append(
-            f"WalkMe holds {len(walkme)} segments under {len(guids)} names, expected"
-            f" {SEGMENTS}: {sorted(Counter(s['name'] for s in walkme).items())}"
-        )
-    if result.violations:
-        problems.append(
-            f"{result.violating_ids} ids re-sent outside the killed replica's in-flight"
-            " batches:\n  " + "\n  ".join(result.violations[:20])
-        )
-    for guid, members in final_members.items():
-        if result.final.get(guid) != members:
-            problems.append(f"replaying the applied log does not give {names[guid]}'s members")
-    rows = {row["segment"]: row for row in status["segments"]}
-    for source in sources:
-        row = rows.get(source.name, {})
-        guid = guids.get(source.name)
-        if (
-            guid is None
-            or row.get("segment_guid") != guid
-            or row.get("members") != len(final_members[guid])
-        ):
-            problems.append(f"syncd status --json disagrees with WalkMe for {source.name}: {row}")
-    if not any(c["segment.skipped"] for c in counts.values()):
-        problems.append("no replica logged segment.skipped: the replicas never met a lease")
-    for index, c in counts.items():
-        if not c["segment.synced"]:
-            problems.append(f"replica {index} synced no segment: the work was not shared")
-        if c["segment.internal_error"]:
-            problems.append(f"replica {index} logged segment.internal_error")
-    for index, entry in failed_runs[:10]:
-        problems.append(f"replica {index}: a run failed: {entry}")
-    for replica in replicas:
-        if "Traceback" in replica.stderr() or "Traceback" in replica.stdout():
-            problems.append(f"a Traceback in replica {replica.index}'s output:\n{replica.tail()}")
-        if CLIENT_SECRET in replica.stderr() or CLIENT_SECRET in replica.stdout():
-            problems.append(f"the client secret appeared in replica {replica.index}'s output")
-    for index, code in exits.items():
-        if code != 0:
-            problems.append(
-                f"replica {index} exited with {code} on SIGTERM (None: did not exit within"
-                f" {STOP_WITHIN_S:.0f} s)"
-            )
-    assert not problems, "\n".join(problems)
+    print(report(run))
+    problems = verdict(run)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -16,7 +17,7 @@ import pytest
 from syncd.diff import Quarantined
 from syncd.ids import SkippedIds
 from syncd.state import SegmentState, StateError, StateStore, open_store
-from syncd.state.base import HeapPage, HeapSegment
+from syncd.state.base import HeapPage, HeapSegment, RunResult
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
 
 # Ids and names that trip up quoting, CSV, LIKE/format strings, JSON and collations.
@@ -368,16 +369,41 @@ async def test_finish_run_and_history(store: StateStore) -> None:
     assert second.last_run_at is not None
     assert second.last_run_at >= first.last_run_at
     newest, oldest = await store.history("vip", 10)
-    assert (newest.run_id, newest.result, newest.error) == ("r2", "failed", "WalkMe said 'no' (100%)")
+    assert (newest.run_id, newest.result, newest.error) == (
+        "r2",
+        "failed",
+        "WalkMe said 'no' (100%)",
+    )
     assert oldest.run_id == "r1"
     assert [r.run_id for r in await store.history("vip", 1)] == ["r2"]
     assert await store.history("other", 10) == []
 
 
+async def test_source_fingerprint_is_kept_only_by_a_synced_run(store: StateStore) -> None:
+    fingerprint = "sha256:0f1e'2d,3c%4b"
+    begun = await store.begin_run("vip", "r1", SYSTEM, None)
+    assert begun.source_fingerprint is None
+    await store.finish_run("vip", "r1", "synced", None, SkippedIds(), 1, 0, fingerprint)
+    assert (await state(store, "vip")).source_fingerprint == fingerprint
+    # A new run starts from it (that is how an unchanged source is recognised).
+    assert (await store.begin_run("vip", "r2", SYSTEM, None)).source_fingerprint == fingerprint
+    await store.finish_run("vip", "r2", "held", "guard", SkippedIds(), 0, 0, fingerprint)
+    assert (await state(store, "vip")).source_fingerprint is None
+    await store.begin_run("vip", "r3", SYSTEM, None)
+    await store.finish_run("vip", "r3", "synced", None, SkippedIds(), 0, 0, "sha256:new")
+    assert (await state(store, "vip")).source_fingerprint == "sha256:new"
+    await store.begin_run("vip", "r4", SYSTEM, None)
+    await store.finish_run("vip", "r4", "failed", "boom", SkippedIds(), 0, 0, "sha256:new")
+    assert (await state(store, "vip")).source_fingerprint is None
+    await store.begin_run("vip", "r5", SYSTEM, None)
+    await store.finish_run("vip", "r5", "synced", None, SkippedIds(), 0, 0)  # no fingerprint
+    assert (await state(store, "vip")).source_fingerprint is None
+
+
 async def test_history_is_newest_first_and_limited(store: StateStore) -> None:
     for number in range(6):
         await store.begin_run("vip", f"r{number}", SYSTEM, None)
-        result = "held" if number % 2 else "synced"
+        result: RunResult = "held" if number % 2 else "synced"
         await store.finish_run("vip", f"r{number}", result, None, SkippedIds(), 0, 0)
     await store.begin_run("other", "o1", SYSTEM, None)
     assert [r.run_id for r in await store.history("vip", 10)] == [
@@ -444,8 +470,9 @@ async def test_mark_orphans(store: StateStore) -> None:
     assert orphans[0] == await store.get("dropped")
     assert (await state(store, "kept")).orphaned_at is None
     assert (await state(store, "never-created")).orphaned_at is None
-    # Marked once: a later call keeps the first time (SQLite keeps whole seconds).
-    await asyncio.sleep(1.05)
+    # Marked once: a later call, in the next second (SQLite keeps whole seconds),
+    # keeps the first time.
+    await asyncio.sleep(1.02 - time.time() % 1)
     again = await store.mark_orphans({"kept"})
     assert [(o.name, o.orphaned_at) for o in again] == [("dropped", since)]
     # Configured again: no longer an orphan.
@@ -641,11 +668,11 @@ async def test_lease_expires_after_ttl(store: StateStore) -> None:
 
 
 async def test_renewal_extends_the_lease(store: StateStore) -> None:
-    assert await store.acquire_lease("vip", "replica-a", 0.5) is True
-    await asyncio.sleep(0.3)
-    assert await store.acquire_lease("vip", "replica-a", 0.5) is True
-    await asyncio.sleep(0.3)  # 0.6 s after the first take, 0.3 s after the renewal
-    assert await store.acquire_lease("vip", "replica-b", 0.5) is False
+    assert await store.acquire_lease("vip", "replica-a", 0.8) is True
+    await asyncio.sleep(0.5)
+    assert await store.acquire_lease("vip", "replica-a", 0.8) is True
+    await asyncio.sleep(0.5)  # past the first expiry, well before the renewed one
+    assert await store.acquire_lease("vip", "replica-b", 0.8) is False
 
 
 # -- ping, reopen, close ---------------------------------------------------------------------
@@ -659,7 +686,7 @@ async def test_reopen_keeps_everything(store_url: str, store: StateStore) -> Non
     await seed(store, "vip", TRICKY_IDS, run_id="r1")
     skipped = SkippedIds()
     skipped.add("y" * 130, "too long")
-    await store.finish_run("vip", "r1", "synced", None, skipped, 3, 1)
+    await store.finish_run("vip", "r1", "synced", None, skipped, 3, 1, "sha256:fp")
     await store.quarantine("vip", "add", [("q'1", "400 nope")])
     await seed(store, "gone", ["g"])
     await store.begin_run(TRICKY_NAME, "r2", SYSTEM, "ext,1%")
@@ -693,6 +720,7 @@ async def test_reopen_keeps_everything(store_url: str, store: StateStore) -> Non
         }
         assert after == before
         assert before["snapshot"] == sorted(TRICKY_IDS)
+        assert (await state(reopened, "vip")).source_fingerprint == "sha256:fp"
         orphans = await reopened.mark_orphans({"vip", TRICKY_NAME})
         assert [(s.name, s.orphaned_at) for s in orphans] == [
             (s.name, s.orphaned_at) for s in before_orphans
@@ -703,6 +731,28 @@ async def test_reopen_keeps_everything(store_url: str, store: StateStore) -> Non
         assert (await reopened.store_heap_page(page("t1", 2, 2, ["h4"]))).task_complete is True
     finally:
         await reopened.close()
+
+
+async def test_two_stores_opening_a_new_store_together(store_url: str) -> None:
+    """A daemon starting while an operator runs ``syncd status``: both must open.
+
+    (A race, so SQLite tries it on several new files; the PostgreSQL database is
+    already migrated here: test_postgres.py races on empty databases.)
+    """
+    urls = [store_url]
+    if store_url.startswith("sqlite:"):
+        urls = [store_url.replace("s.db", f"new-{n}.db") for n in range(8)]
+    for url in urls:
+        opened = await asyncio.gather(open_store(url), open_store(url), return_exceptions=True)
+        stores = [one for one in opened if not isinstance(one, BaseException)]
+        try:
+            assert len(stores) == 2, f"an open failed: {opened}"
+            first, second = stores
+            await first.begin_run("vip", "r1", SYSTEM, None)
+            assert [s.name for s in await second.all()] == ["vip"]
+        finally:
+            for one in stores:
+                await one.close()
 
 
 async def test_closed_store_raises_state_error(store: StateStore) -> None:
@@ -719,7 +769,7 @@ async def test_closed_store_raises_state_error(store: StateStore) -> None:
 
 async def test_awkward_ids_and_names_round_trip(store: StateStore) -> None:
     name = TRICKY_NAME
-    await store.begin_run(name, "run'1,%", SYSTEM, "ext \"1\", 100%")
+    await store.begin_run(name, "run'1,%", SYSTEM, 'ext "1", 100%')
     await store.record_batch(name, "run'1,%", "create", TRICKY_IDS[:10], GUID)
     await store.record_batch(name, "run'1,%", "add", TRICKY_IDS[10:])
     assert sorted(await members(store, name)) == sorted(TRICKY_IDS)
@@ -731,7 +781,7 @@ async def test_awkward_ids_and_names_round_trip(store: StateStore) -> None:
     now = await state(store, name)
     assert (now.name, now.external_id, now.members) == (
         name,
-        "ext \"1\", 100%",
+        'ext "1", 100%',
         len(TRICKY_IDS[1::2]),
     )
     assert [s.name for s in await store.all()] == [name]

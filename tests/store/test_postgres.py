@@ -1,0 +1,301 @@
+"""What only the PostgreSQL store does: its schema, several replicas, connection errors.
+
+Each test gets an empty database of its own (``pg_url``); see conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from syncd.state import StateError, StateStore, open_store
+from syncd.state.base import HeapPage
+from tests.store.conftest import (
+    GUID,
+    SYSTEM,
+    PostgresUnreachable,
+    admin_connection,
+    admin_url,
+)
+
+TABLES = {
+    "syncd_schema",
+    "segments",
+    "members",
+    "runs",
+    "quarantine",
+    "leases",
+    "heap_segments",
+    "heap_members",
+    "heap_pages",
+}
+SECRET = "s3cr3tXq"  # in every part of every test password: a leak of any part shows
+
+
+async def tables(url: str) -> set[str]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        )
+    finally:
+        await conn.close()
+    return {row[0] for row in rows}
+
+
+async def schema_versions(url: str) -> list[int]:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT version FROM syncd_schema ORDER BY version")
+    finally:
+        await conn.close()
+    return [row[0] for row in rows]
+
+
+async def connections_to(url: str) -> int:
+    """Sessions open on the database, other than this check's own."""
+    database = urlsplit(url).path.lstrip("/")
+    conn = await admin_connection()
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            database,
+        )
+    finally:
+        await conn.close()
+    return count
+
+
+async def require_postgres() -> None:
+    """Fail (never skip) when there is no server to make the test meaningful."""
+    try:
+        conn = await admin_connection()
+    except PostgresUnreachable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    await conn.close()
+
+
+async def open_pair(url: str) -> tuple[StateStore, StateStore]:
+    """Two replicas' stores on one database (the first one creates the schema)."""
+    first = await open_store(url)
+    try:
+        second = await open_store(url)
+    except BaseException:
+        await first.close()
+        raise
+    return first, second
+
+
+def heap_page(task: str, number: int, total: int, segment: int, add: list[str]) -> HeapPage:
+    return HeapPage(segment, f"Heap {segment}", task, number, total, add, [])
+
+
+# -- schema --------------------------------------------------------------------------------
+
+
+async def test_schema_is_created_on_an_empty_database(pg_url: str) -> None:
+    assert await tables(pg_url) == set()
+    store = await open_store(pg_url)
+    try:
+        await store.begin_run("vip", "r1", SYSTEM, None)
+        await store.record_batch("vip", "r1", "create", ["a", "b"], GUID)
+    finally:
+        await store.close()
+    assert await tables(pg_url) == TABLES
+    assert await schema_versions(pg_url) == [1]
+
+    again = await open_store(pg_url)  # a second open changes nothing
+    try:
+        state = await again.get("vip")
+        assert state is not None
+        assert state.members == 2
+        assert [m async for chunk in again.snapshot("vip", 10) for m in chunk] == ["a", "b"]
+    finally:
+        await again.close()
+    assert await tables(pg_url) == TABLES
+    assert await schema_versions(pg_url) == [1]
+
+
+async def test_a_newer_schema_is_refused(pg_url: str) -> None:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("CREATE TABLE syncd_schema (version INTEGER NOT NULL)")
+        await conn.execute("INSERT INTO syncd_schema (version) VALUES (1), (99)")
+    finally:
+        await conn.close()
+    with pytest.raises(StateError, match="newer syncd") as raised:
+        await open_store(pg_url)
+    assert "99" in str(raised.value)
+    # Nothing was touched, and the refused store left no connection behind.
+    assert await tables(pg_url) == {"syncd_schema"}
+    assert await schema_versions(pg_url) == [1, 99]
+    for _ in range(40):
+        if await connections_to(pg_url) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await connections_to(pg_url) == 0
+
+
+async def test_replicas_opening_together_both_succeed(pg_url: str) -> None:
+    stores = await asyncio.gather(open_store(pg_url), open_store(pg_url), return_exceptions=True)
+    opened = [store for store in stores if not isinstance(store, BaseException)]
+    try:
+        assert len(opened) == 2, f"an open failed: {stores}"
+        first, second = opened
+        await first.begin_run("vip", "r1", SYSTEM, None)
+        await second.ping()
+        state = await second.get("vip")
+        assert state is not None
+        assert state.name == "vip"
+    finally:
+        for store in opened:
+            await store.close()
+    assert await schema_versions(pg_url) == [1]
+    assert await tables(pg_url) == TABLES
+
+
+# -- connection errors -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _bad_url(case: str) -> str:
+    server = urlsplit(admin_url())
+    user = server.username or "postgres"
+    host = server.hostname or "127.0.0.1"
+    where = f"{host}:{server.port or 5432}"
+    database = server.path.lstrip("/") or "postgres"
+    return {
+        "unknown-role": f"postgresql://syncd_no_such_role:{SECRET}@{where}/{database}",
+        "unknown-database": f"postgresql://{user}:{SECRET}@{where}/syncd_t_no_such_database",
+        "closed-port": f"postgresql://{user}:{SECRET}@127.0.0.1:{_free_port()}/{database}",
+        "unknown-host": f"postgresql://{user}:{SECRET}@no-such-host.invalid:5432/{database}",
+        # Generated passwords hold URL delimiters; unencoded, they end the password early.
+        "password-with-hash": f"postgresql://{user}:{SECRET}A#{SECRET}B@{where}/{database}",
+        "password-with-slash": f"postgresql://{user}:{SECRET}A/{SECRET}B@{where}/{database}",
+        "password-with-question-mark": (
+            f"postgresql://{user}:{SECRET}A?{SECRET}B@{where}/{database}"
+        ),
+        "password-digits-then-slash": f"postgresql://{user}:5432/{SECRET}@{where}/{database}",
+        "percent-encoded-password": (
+            f"postgresql://syncd_no_such_role:{SECRET}%40%2F%23@{where}/{database}"
+        ),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown-role",
+        "unknown-database",
+        "closed-port",
+        "unknown-host",
+        "password-with-hash",
+        "password-with-slash",
+        "password-with-question-mark",
+        "password-digits-then-slash",
+        "percent-encoded-password",
+    ],
+)
+async def test_connection_errors_never_show_the_password(case: str) -> None:
+    await require_postgres()
+    url = _bad_url(case)
+    try:
+        store = await asyncio.wait_for(open_store(url), timeout=30)
+    except StateError as exc:
+        message = str(exc)
+    except Exception as exc:  # must be a StateError, and still never leak the password
+        leaked = SECRET in f"{exc} {exc!r}"
+        pytest.fail(
+            f"open_store raised {type(exc).__name__}, not StateError"
+            f"{' (its message holds the password)' if leaked else ''}: {exc}",
+            pytrace=False,
+        )
+    else:
+        await store.close()
+        pytest.fail(f"{case}: open_store succeeded", pytrace=False)
+    assert SECRET not in message, message
+    assert "cannot connect" in message, message
+
+
+# -- several replicas on one database ----------------------------------------------------------
+
+
+async def test_last_pages_at_two_replicas_complete_the_task_once(pg_url: str) -> None:
+    first, second = await open_pair(pg_url)
+    try:
+        for task in range(6):  # a known segment: the last two of three pages race
+            await first.store_heap_page(heap_page(f"t{task}", 1, 3, 1, [f"a{task}"]))
+            receipts = await asyncio.gather(
+                first.store_heap_page(heap_page(f"t{task}", 2, 3, 1, [f"b{task}"])),
+                second.store_heap_page(heap_page(f"t{task}", 3, 3, 1, [f"c{task}"])),
+            )
+            assert sorted(r.task_complete for r in receipts) == [False, True], task
+            assert not any(r.duplicate for r in receipts)
+        for segment in range(10, 16):  # a new segment: its first and only two pages race
+            receipts = await asyncio.gather(
+                first.store_heap_page(heap_page(f"n{segment}", 1, 2, segment, ["x"])),
+                second.store_heap_page(heap_page(f"n{segment}", 2, 2, segment, ["y"])),
+            )
+            assert sorted(r.task_complete for r in receipts) == [False, True], segment
+        counts = {
+            s.heap_segment_id: (s.members, s.complete_tasks) for s in await first.heap_segments()
+        }
+        assert counts == {1: (18, 6)} | {segment: (2, 1) for segment in range(10, 16)}
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_one_page_delivered_to_two_replicas_is_applied_once(pg_url: str) -> None:
+    first, second = await open_pair(pg_url)
+    try:
+        for task in range(6):
+            same = heap_page(f"t{task}", 1, 1, 7, [f"u{task}", "shared"])
+            receipts = await asyncio.gather(
+                first.store_heap_page(same), second.store_heap_page(same)
+            )
+            assert sorted(r.duplicate for r in receipts) == [False, True], task
+            assert sum(r.task_complete for r in receipts) == 1, task
+        [segment] = await first.heap_segments()
+        assert (segment.members, segment.complete_tasks) == (7, 6)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_one_replica_wins_a_lease(pg_url: str) -> None:
+    first, second = await open_pair(pg_url)
+    try:
+        for number in range(10):
+            name = f"segment-{number}"
+            won = await asyncio.gather(
+                first.acquire_lease(name, "replica-a", 30),
+                second.acquire_lease(name, "replica-b", 30),
+            )
+            assert sorted(won) == [False, True], name
+        # An expired lease, taken over by two replicas at once: still one winner.
+        for number in range(5):
+            name = f"expired-{number}"
+            assert await first.acquire_lease(name, "replica-dead", 0.1)
+        await asyncio.sleep(0.3)
+        for number in range(5):
+            name = f"expired-{number}"
+            won = await asyncio.gather(
+                first.acquire_lease(name, "replica-a", 30),
+                second.acquire_lease(name, "replica-b", 30),
+            )
+            assert sorted(won) == [False, True], name
+    finally:
+        await first.close()
+        await second.close()

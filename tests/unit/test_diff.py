@@ -1,0 +1,345 @@
+"""``syncd.diff``: the source's ids against the snapshot, streamed and partitioned."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import tempfile
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import syncd.diff
+from syncd.diff import Diff, Kind, Quarantined, compute_diff
+from syncd.ids import MAX_ID_LENGTH, SkippedIds, clean_ids
+
+
+async def chunks(*parts: Iterable[str]) -> AsyncIterator[list[str]]:
+    for part in parts:
+        yield list(part)
+
+
+async def diff_of(
+    source: list[list[str]],
+    snapshot: list[list[str]],
+    work_dir: Path,
+    quarantined: Quarantined | None = None,
+) -> Diff:
+    return await compute_diff(
+        chunks(*source), chunks(*snapshot), quarantined or Quarantined(), work_dir
+    )
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return list(folder.iterdir())
+
+
+def everything(diff: Diff, kind: Kind) -> list[str]:
+    return [member for batch in diff.batches(kind, 1000) for member in batch]
+
+
+def summary(diff: Diff) -> tuple[set[str], set[str], int, int, int, Quarantined]:
+    adds, removes = everything(diff, "add"), everything(diff, "remove")
+    assert len(adds) == len(set(adds))
+    assert len(removes) == len(set(removes))
+    return set(adds), set(removes), diff.adds, diff.removes, diff.distinct, diff.released
+
+
+async def test_adds_removes_and_distinct(tmp_path: Path) -> None:
+    diff = await diff_of([["a", "b", "c"], ["d"], []], [["c", "d", "e"], ["f"]], tmp_path)
+    try:
+        assert (diff.distinct, diff.adds, diff.removes) == (4, 2, 2)
+        assert (diff.count("add"), diff.count("remove")) == (2, 2)
+        assert sorted(everything(diff, "add")) == ["a", "b"]
+        assert sorted(everything(diff, "remove")) == ["e", "f"]
+        assert diff.released == Quarantined()
+    finally:
+        diff.close()
+
+
+async def test_nothing_to_do(tmp_path: Path) -> None:
+    diff = await diff_of([["a", "b"]], [["b", "a"]], tmp_path)
+    try:
+        assert (diff.distinct, diff.adds, diff.removes) == (2, 0, 0)
+        assert list(diff.batches("add", 3)) == []
+        assert list(diff.batches("remove", 3)) == []
+        assert diff.examples("add", 5) == []
+    finally:
+        diff.close()
+
+
+async def test_empty_source_removes_everything(tmp_path: Path) -> None:
+    diff = await diff_of([], [["a", "b"]], tmp_path)
+    try:
+        assert (diff.distinct, diff.adds, diff.removes) == (0, 0, 2)
+        assert sorted(everything(diff, "remove")) == ["a", "b"]
+    finally:
+        diff.close()
+
+
+async def test_duplicates_in_the_source_count_once(tmp_path: Path) -> None:
+    diff = await diff_of([["a", "a", "b"], ["b", "a"], ["c", "c"]], [["c"]], tmp_path)
+    try:
+        assert (diff.distinct, diff.adds, diff.removes) == (3, 2, 0)
+        assert sorted(everything(diff, "add")) == ["a", "b"]
+    finally:
+        diff.close()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 10, 11, 1000])
+async def test_batches_cover_exactly_the_ids(tmp_path: Path, size: int) -> None:
+    new = [f"n{i}" for i in range(10)]
+    old = [f"o{i}" for i in range(7)]
+    diff = await diff_of([new[:6], new[6:]], [old], tmp_path)
+    try:
+        sides: list[tuple[Kind, list[str]]] = [("add", new), ("remove", old)]
+        for kind, expected in sides:
+            batches = list(diff.batches(kind, size))
+            flat = [member for batch in batches for member in batch]
+            assert sorted(flat) == sorted(expected)
+            assert all(0 < len(batch) <= size for batch in batches)
+            assert len(batches) == math.ceil(len(expected) / size)
+        # Read twice, the same batches (the engine reads them once, a dry run again).
+        assert list(diff.batches("add", size)) == list(diff.batches("add", size))
+    finally:
+        diff.close()
+
+
+async def test_examples(tmp_path: Path) -> None:
+    diff = await diff_of([["a", "b", "c", "d"]], [["x", "y"]], tmp_path)
+    try:
+        examples = diff.examples("add", 2)
+        assert len(examples) == 2
+        assert set(examples) <= {"a", "b", "c", "d"}
+        assert sorted(diff.examples("add", 10)) == ["a", "b", "c", "d"]
+        assert sorted(diff.examples("remove", 10)) == ["x", "y"]
+        assert len(diff.examples("remove", 1)) == 1
+    finally:
+        diff.close()
+
+
+# -- quarantine --------------------------------------------------------------------------
+
+
+async def test_quarantined_add_stays_out_while_in_the_source(tmp_path: Path) -> None:
+    held = Quarantined(add=frozenset({"bad", "also-bad"}))
+    diff = await diff_of([["bad", "good", "also-bad"]], [["old"]], tmp_path, held)
+    try:
+        assert sorted(everything(diff, "add")) == ["good"]
+        assert diff.adds == 1
+        assert diff.distinct == 3  # still counted as source ids
+        assert diff.released == Quarantined()
+    finally:
+        diff.close()
+
+
+async def test_quarantined_add_released_when_gone_from_the_source(tmp_path: Path) -> None:
+    held = Quarantined(add=frozenset({"bad", "still-bad"}))
+    diff = await diff_of([["good", "still-bad"]], [], tmp_path, held)
+    try:
+        assert sorted(everything(diff, "add")) == ["good"]
+        assert diff.released == Quarantined(add=frozenset({"bad"}))
+    finally:
+        diff.close()
+
+
+async def test_quarantined_remove_stays_out_while_gone(tmp_path: Path) -> None:
+    held = Quarantined(remove=frozenset({"stuck"}))
+    diff = await diff_of([["kept"]], [["kept", "stuck", "gone"]], tmp_path, held)
+    try:
+        assert sorted(everything(diff, "remove")) == ["gone"]
+        assert diff.removes == 1
+        assert diff.released == Quarantined()
+    finally:
+        diff.close()
+
+
+async def test_quarantined_remove_released_when_back_in_the_source(tmp_path: Path) -> None:
+    held = Quarantined(remove=frozenset({"stuck", "other"}))
+    diff = await diff_of([["kept", "stuck"]], [["kept", "stuck", "other"]], tmp_path, held)
+    try:
+        assert everything(diff, "remove") == []
+        assert everything(diff, "add") == []  # in the snapshot already
+        assert diff.released == Quarantined(remove=frozenset({"stuck"}))
+    finally:
+        diff.close()
+
+
+async def test_quarantine_of_both_kinds_together(tmp_path: Path) -> None:
+    held = Quarantined(add=frozenset({"a1", "a2"}), remove=frozenset({"r1", "r2"}))
+    source = [["a1", "new", "r2", "same"]]
+    snapshot = [["r1", "r2", "same", "old"]]
+    diff = await diff_of(source, snapshot, tmp_path, held)
+    try:
+        assert sorted(everything(diff, "add")) == ["new"]
+        assert sorted(everything(diff, "remove")) == ["old"]
+        assert diff.released == Quarantined(add=frozenset({"a2"}), remove=frozenset({"r2"}))
+    finally:
+        diff.close()
+
+
+# -- partitions and the work directory ------------------------------------------------------
+# (Partition bounds come from a sample of both sides; the tests make PARTITION_IDS
+# tiny so that even a handful of ids is cut into many ranges.)
+
+
+async def test_many_partitions_give_the_same_diff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new = [f"user-{i}" for i in range(0, 150)] + ["é", "日本", "🎉", "a,b", 'q"', "50%"]
+    old = [f"user-{i}" for i in range(100, 230)] + ["日本", "gone'", "gone%"]
+    held = Quarantined(
+        add=frozenset({"user-5", "user-999"}), remove=frozenset({"user-200", "user-120"})
+    )
+    source = [new[i : i + 13] + new[:3] for i in range(0, len(new), 13)]  # with duplicates
+    snapshot = [old[i : i + 17] for i in range(0, len(old), 17)]
+
+    whole = await diff_of(source, snapshot, tmp_path, held)
+    parts: list[int] = []
+    split_file = syncd.diff._split
+
+    def counted(path: Path, bounds: list[str]) -> list[Path]:
+        paths = split_file(path, bounds)
+        parts.append(len(paths))
+        return paths
+
+    monkeypatch.setattr(syncd.diff, "_split", counted)
+    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 7)
+    split = await diff_of(source, snapshot, tmp_path, held)
+    assert len(parts) == 2
+    assert min(parts) > 10  # both sides were cut into many ranges
+    try:
+        assert summary(split) == summary(whole)
+        assert summary(whole)[0] == set(new) - set(old) - {"user-5"}
+        assert summary(whole)[1] == set(old) - set(new) - {"user-200"}
+        for size in (1, 5, 1000):
+            batches = list(split.batches("add", size))
+            assert all(len(batch) <= size for batch in batches)
+            assert len(batches) == math.ceil(split.adds / size)
+    finally:
+        whole.close()
+        split.close()
+
+
+async def test_partitions_decided_by_the_larger_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 3)
+    old = [f"o{i}" for i in range(40)]
+    diff = await diff_of([["o1", "new"]], [old[:20], old[20:]], tmp_path)
+    try:
+        assert sorted(everything(diff, "add")) == ["new"]
+        assert sorted(everything(diff, "remove")) == sorted(set(old) - {"o1"})
+    finally:
+        diff.close()
+
+
+async def test_close_removes_the_work_directory(tmp_path: Path) -> None:
+    diff = await diff_of([["a"]], [["b"]], tmp_path)
+    assert diff.workdir.parent == tmp_path
+    assert diff.workdir.is_dir()
+    diff.close()
+    assert not diff.workdir.exists()
+    assert leftovers(tmp_path) == []
+    diff.close()  # twice is fine
+
+
+async def test_a_failing_source_leaves_no_work_directory(tmp_path: Path) -> None:
+    async def failing() -> AsyncIterator[list[str]]:
+        yield ["a", "b"]
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        await compute_diff(failing(), chunks(["x"]), Quarantined(), tmp_path)
+    assert leftovers(tmp_path) == []
+
+
+# -- property ------------------------------------------------------------------------------
+
+# Short ids that overlap between old and new, and unicode of every kind (no
+# surrogates: those are not text a source can hand over).
+SHORT = st.text(alphabet="abcé日🎉,'\"% ", min_size=1, max_size=3)
+UNICODE = st.text(st.characters(codec="utf-8"), min_size=1, max_size=4)
+LONG = st.text(alphabet="xyz ", min_size=95, max_size=120)  # around the 100-char limit
+RAW = st.lists(st.one_of(SHORT, SHORT, UNICODE, LONG), max_size=30)
+
+
+def cleaned(raw: list[str]) -> list[list[str]]:
+    """Through the id rules in chunks of 5, as the engine reads a source."""
+    return [clean_ids(raw[i : i + 5], SkippedIds()) for i in range(0, len(raw), 5)]
+
+
+async def apply(
+    raw_old: list[str], raw_new: list[str], size: int, quarantined: Quarantined, partition: int
+) -> tuple[set[str], set[str], Diff, list[list[str]], list[list[str]]]:
+    old = {member for chunk in cleaned(raw_old) for member in chunk}
+    source = cleaned(raw_new)
+    new = {member for chunk in source for member in chunk}
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        mock.patch.object(syncd.diff, "PARTITION_IDS", partition),
+    ):
+        diff = await compute_diff(chunks(*source), chunks(sorted(old)), quarantined, Path(folder))
+        try:
+            removes = list(diff.batches("remove", size))
+            adds = list(diff.batches("add", size))
+        finally:
+            diff.close()
+        assert leftovers(Path(folder)) == []
+    return old, new, diff, adds, removes
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw_old=RAW,
+    raw_new=RAW,
+    size=st.integers(min_value=1, max_value=7),
+    partition=st.sampled_from([400_000, 4]),
+)
+def test_applying_the_diff_turns_old_into_new(
+    raw_old: list[str], raw_new: list[str], size: int, partition: int
+) -> None:
+    old, new, diff, adds, removes = asyncio.run(
+        apply(raw_old, raw_new, size, Quarantined(), partition)
+    )
+    result = set(old)
+    for batch in removes:
+        result.difference_update(batch)
+    for batch in adds:
+        result.update(batch)
+    assert result == new
+    assert all(0 < len(batch) <= size for batch in adds + removes)
+    assert len(adds) + len(removes) == math.ceil(diff.adds / size) + math.ceil(diff.removes / size)
+    flat_adds = [member for batch in adds for member in batch]
+    flat_removes = [member for batch in removes for member in batch]
+    assert sorted(flat_adds) == sorted(new - old)
+    assert sorted(flat_removes) == sorted(old - new)
+    assert (diff.adds, diff.removes, diff.distinct) == (len(new - old), len(old - new), len(new))
+    assert all(0 < len(member) <= MAX_ID_LENGTH for member in flat_adds + flat_removes)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw_old=RAW,
+    raw_new=RAW,
+    size=st.integers(min_value=1, max_value=7),
+    partition=st.sampled_from([400_000, 4]),
+    data=st.data(),
+)
+def test_quarantined_ids_wait_until_their_membership_changes(
+    raw_old: list[str], raw_new: list[str], size: int, partition: int, data: st.DataObject
+) -> None:
+    pool = sorted({m for chunk in cleaned(raw_old + raw_new) for m in chunk} | {"elsewhere"})
+    held = Quarantined(
+        add=frozenset(data.draw(st.sets(st.sampled_from(pool)))),
+        remove=frozenset(data.draw(st.sets(st.sampled_from(pool)))),
+    )
+    old, new, diff, adds, removes = asyncio.run(apply(raw_old, raw_new, size, held, partition))
+    assert {m for batch in adds for m in batch} == (new - old) - held.add
+    assert {m for batch in removes for m in batch} == (old - new) - held.remove
+    assert diff.released == Quarantined(add=held.add - new, remove=held.remove & new)
+    assert all(0 < len(batch) <= size for batch in adds + removes)
