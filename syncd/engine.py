@@ -32,6 +32,7 @@ from syncd.sources import Source, SourceError, build_source
 from syncd.state import Action, SegmentState, StateError, StateStore
 from syncd.state.base import RunResult
 from syncd.walkme import (
+    WalkMeAuthError,
     WalkMeClient,
     WalkMeError,
     WalkMeNotFound,
@@ -95,6 +96,7 @@ class Outcome:
     hold: Hold | None = None
     interrupted: bool = False  # stopped by a signal after recording its last batch
     lease_lost: bool = False  # another replica may have taken over: stop sending
+    lease_renewed_at: float = 0.0  # monotonic time the lease was last confirmed
     source_fingerprint: str | None = None
     unchanged: bool = False  # the source's fingerprint matched: nothing was read
 
@@ -178,6 +180,7 @@ class Engine:
                     outcome.result = "skipped"
                     metrics.segment_runs.labels(mapping.name, "skipped").inc()
                     return outcome
+                outcome.lease_renewed_at = time.monotonic()
                 keeper = asyncio.create_task(self._keep_lease(mapping.name, outcome))
                 started = time.monotonic()
                 try:
@@ -203,6 +206,7 @@ class Engine:
                 log.warning("segment.lease_lost")
                 outcome.lease_lost = True
                 return
+            outcome.lease_renewed_at = time.monotonic()
 
     async def _release_lease(self, name: str) -> None:
         try:
@@ -231,6 +235,7 @@ class Engine:
                     outcome.unchanged = True
                     outcome.result = "synced"
                     return
+                state = await self._replay_pending(mapping, system, state, outcome)
             for attempt in (1, 2):
                 mode = _mode(state, mapping)
                 outcome.skipped = SkippedIds()
@@ -267,6 +272,25 @@ class Engine:
             # A bug must fail this segment's run, not the daemon.
             log.exception("segment.internal_error")
             outcome.error = f"internal error: {type(exc).__name__}: {exc}"
+
+    async def _replay_pending(
+        self, mapping: SegmentMapping, system: str, state: SegmentState, outcome: Outcome
+    ) -> SegmentState:
+        """A batch whose answer was lost may or may not be in WalkMe; sending it again
+        (add, remove and override are idempotent) makes the snapshot exact again, so
+        the diff that follows is right even for ids that changed since."""
+        pending = await self._store.pending_batch(mapping.name)
+        if pending is None:
+            return state
+        if _mode(state, mapping) != "update":
+            await self._store.clear_pending(mapping.name)  # the run rebuilds it anyway
+            return state
+        log.info("segment.replaying", action=pending.action, ids=len(pending.ids))
+        target = _Target(mapping, system, state.segment_guid, outcome)
+        await self._deliver(target, pending.action, pending.ids)
+        refreshed = await self._store.get(mapping.name)
+        assert refreshed is not None
+        return refreshed
 
     async def _diff(
         self,
@@ -387,7 +411,14 @@ class Engine:
             log.info("segment.created", segment_guid=target.guid)
             return
         assert target.guid is not None
-        await self._client.update_segment(target.system, target.guid, action, batch)
+        # Remembered before sending: if the answer is lost (crash, kill, timeout),
+        # the next run sends this batch again before it diffs.
+        await self._store.begin_batch(mapping.name, action, batch)
+        try:
+            await self._client.update_segment(target.system, target.guid, action, batch)
+        except (WalkMeRejected, WalkMeNotFound, WalkMeAuthError):
+            await self._store.clear_pending(mapping.name)  # refused: certainly not applied
+            raise
 
     async def _record(self, target: _Target, action: Action, batch: list[str]) -> None:
         outcome = target.outcome
@@ -542,7 +573,9 @@ class Engine:
     def _check_stopping(self, outcome: Outcome) -> None:
         if self._stopping:
             raise Interrupted("stopped by shutdown; the next run carries on from the snapshot")
-        if outcome.lease_lost:
+        # A process frozen past its lease (GC, VM pause) must not send on waking.
+        stale = time.monotonic() - outcome.lease_renewed_at > self._ttl * 0.8
+        if outcome.lease_lost or (outcome.lease_renewed_at and stale):
             raise Interrupted("lost this segment's lease; another replica carries on")
 
     async def _finish(self, outcome: Outcome) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections import Counter
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -121,8 +122,15 @@ class Daemon:
                 await self._store.prune_history(cutoff)
             except StateError as exc:
                 log.error("state.unavailable", error=str(exc))
-            failed = sum(1 for outcome in outcomes if outcome.result != "synced")
-            log.info("cycle.finished", segments=len(outcomes), failed=failed)
+            results = Counter(outcome.result for outcome in outcomes)
+            log.info(
+                "cycle.finished",
+                segments=len(outcomes),
+                synced=results["synced"],
+                failed=results["failed"],
+                held=results["held"],
+                skipped=results["skipped"],
+            )
         finally:
             self._tasks.discard(task)
 

@@ -46,6 +46,15 @@ class SegmentState:
 
 
 @dataclass(frozen=True)
+class PendingBatch:
+    """A batch sent to WalkMe whose answer was never recorded: it may or may not
+    have been applied, so the next run sends it again before diffing."""
+
+    action: Action
+    ids: list[str]
+
+
+@dataclass(frozen=True)
 class HeapPage:
     """One page of a Heap Segments Sync call, already verified and parsed."""
 
@@ -99,7 +108,8 @@ class StateStore(Protocol):
     async def begin_run(
         self, name: str, run_id: str, system_guid: str, external_id: str | None
     ) -> SegmentState:
-        """Create the segment's row if new and open a run record."""
+        """Create the segment's row if new and open a run record; returns the state
+        as it was (the stored source fingerprint is cleared until the run succeeds)."""
         ...
 
     def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
@@ -118,7 +128,18 @@ class StateStore(Protocol):
         ids: list[str],
         segment_guid: str | None = None,
     ) -> None:
-        """WalkMe acknowledged this batch: apply it to the snapshot, atomically."""
+        """WalkMe acknowledged this batch: apply it to the snapshot and clear the
+        pending batch, atomically."""
+        ...
+
+    async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:
+        """About to send this batch: remembered until record_batch or clear_pending."""
+        ...
+
+    async def pending_batch(self, name: str) -> PendingBatch | None: ...
+
+    async def clear_pending(self, name: str) -> None:
+        """WalkMe definitely did not apply the batch (it answered 4xx)."""
         ...
 
     async def forget_guid(self, name: str) -> None:

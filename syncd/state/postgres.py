@@ -25,6 +25,7 @@ from syncd.state.base import (
     HeapSegment,
     Origin,
     PageReceipt,
+    PendingBatch,
     RunRecord,
     RunResult,
     SegmentState,
@@ -80,6 +81,11 @@ _MIGRATIONS = [
         reason TEXT NOT NULL,
         since TIMESTAMPTZ NOT NULL,
         PRIMARY KEY (segment, action, id)
+    );
+    CREATE TABLE pending (
+        segment TEXT PRIMARY KEY,
+        action TEXT NOT NULL,
+        ids TEXT[] NOT NULL
     );
     CREATE TABLE leases (
         segment TEXT PRIMARY KEY,
@@ -228,6 +234,11 @@ class PostgresStore:
                 name,
             )
             row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM segments WHERE name = $1", name)
+            # A run that dies from here on leaves WalkMe changed: until one
+            # succeeds again, no fingerprint may vouch for the snapshot.
+            await conn.execute(
+                "UPDATE segments SET source_fingerprint = NULL WHERE name = $1", name
+            )
         assert row is not None  # inserted just above
         return _state(row)
 
@@ -235,6 +246,7 @@ class PostgresStore:
         async with self._conn() as conn, conn.transaction():
             await conn.execute("DELETE FROM members WHERE segment = $1", name)
             await conn.execute("DELETE FROM quarantine WHERE segment = $1", name)
+            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
             await conn.execute(
                 "UPDATE segments SET segment_guid = $1, origin = $2, needs_override = TRUE,"
                 " members = 0 WHERE name = $3",
@@ -252,6 +264,7 @@ class PostgresStore:
         segment_guid: str | None = None,
     ) -> None:
         async with self._conn() as conn, conn.transaction():
+            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
             if action == "remove":
                 changed = -_count(
                     await conn.execute(
@@ -293,6 +306,7 @@ class PostgresStore:
         async with self._conn() as conn, conn.transaction():
             await conn.execute("DELETE FROM members WHERE segment = $1", name)
             await conn.execute("DELETE FROM quarantine WHERE segment = $1", name)
+            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
             await conn.execute(
                 "UPDATE segments SET segment_guid = NULL, origin = NULL,"
                 " needs_override = FALSE, members = 0 WHERE name = $1",
@@ -303,6 +317,7 @@ class PostgresStore:
         async with self._conn() as conn, conn.transaction():
             await conn.execute("DELETE FROM members WHERE segment = $1", name)
             await conn.execute("DELETE FROM quarantine WHERE segment = $1", name)
+            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
             status = await conn.execute(
                 "UPDATE segments SET members = 0,"
                 " needs_override = (segment_guid IS NOT NULL) WHERE name = $1",
@@ -312,7 +327,7 @@ class PostgresStore:
 
     async def forget(self, name: str) -> bool:
         async with self._conn() as conn, conn.transaction():
-            for table in ("members", "runs", "quarantine", "leases"):
+            for table in ("members", "runs", "quarantine", "pending", "leases"):
                 await conn.execute(f"DELETE FROM {table} WHERE segment = $1", name)
             status = await conn.execute("DELETE FROM segments WHERE name = $1", name)
         return _count(status) > 0
@@ -406,6 +421,26 @@ class PostgresStore:
             chunk = [row[0] for row in rows]
             after = chunk[-1]
             yield chunk
+
+    async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO pending (segment, action, ids) VALUES ($1, $2, $3)"
+                " ON CONFLICT (segment) DO UPDATE SET action = excluded.action,"
+                " ids = excluded.ids",
+                name,
+                action,
+                ids,
+            )
+
+    async def pending_batch(self, name: str) -> PendingBatch | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT action, ids FROM pending WHERE segment = $1", name)
+        return PendingBatch(row[0], list(row[1])) if row else None
+
+    async def clear_pending(self, name: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
 
     async def quarantine(
         self, name: str, action: Literal["add", "remove"], rejected: list[tuple[str, str]]

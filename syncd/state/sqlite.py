@@ -27,6 +27,7 @@ from syncd.state.base import (
     HeapSegment,
     Origin,
     PageReceipt,
+    PendingBatch,
     RunRecord,
     RunResult,
     SegmentState,
@@ -83,6 +84,11 @@ CREATE TABLE quarantine (
     since TEXT NOT NULL,
     PRIMARY KEY (segment, action, id)
 ) WITHOUT ROWID;
+CREATE TABLE pending (
+    segment TEXT PRIMARY KEY,
+    action TEXT NOT NULL,
+    ids TEXT NOT NULL
+);
 CREATE TABLE leases (
     segment TEXT PRIMARY KEY,
     holder TEXT NOT NULL,
@@ -310,6 +316,11 @@ class SqliteStore:
                 row = conn.execute(
                     f"SELECT {self._COLUMNS} FROM segments WHERE name = ?", (name,)
                 ).fetchone()
+                # A run that dies from here on leaves WalkMe changed: until one
+                # succeeds again, no fingerprint may vouch for the snapshot.
+                conn.execute(
+                    "UPDATE segments SET source_fingerprint = NULL WHERE name = ?", (name,)
+                )
             return self._row(row)
 
         return await self._call(write)
@@ -319,6 +330,7 @@ class SqliteStore:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
                 conn.execute(
                     "UPDATE segments SET segment_guid = ?, origin = ?, needs_override = 1,"
                     " members = 0 WHERE name = ?",
@@ -339,6 +351,7 @@ class SqliteStore:
 
         def write() -> None:
             with self._transaction() as conn:
+                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
                 if action == "remove":
                     cursor = conn.execute(
                         "DELETE FROM members WHERE segment = ? AND id IN"
@@ -381,11 +394,40 @@ class SqliteStore:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
                 conn.execute(
                     "UPDATE segments SET segment_guid = NULL, origin = NULL,"
                     " needs_override = 0, members = 0 WHERE name = ?",
                     (name,),
                 )
+
+        await self._call(write)
+
+    async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:
+        payload = json.dumps(ids)
+
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO pending (segment, action, ids) VALUES (?, ?, ?)",
+                    (name, action, payload),
+                )
+
+        await self._call(write)
+
+    async def pending_batch(self, name: str) -> PendingBatch | None:
+        def read() -> PendingBatch | None:
+            row = self._conn.execute(
+                "SELECT action, ids FROM pending WHERE segment = ?", (name,)
+            ).fetchone()
+            return PendingBatch(row[0], json.loads(row[1])) if row else None
+
+        return await self._call(read)
+
+    async def clear_pending(self, name: str) -> None:
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
 
         await self._call(write)
 
@@ -488,6 +530,7 @@ class SqliteStore:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM runs WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM leases WHERE segment = ?", (name,))
                 return conn.execute("DELETE FROM segments WHERE name = ?", (name,)).rowcount > 0
 
@@ -498,6 +541,7 @@ class SqliteStore:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM members WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
                 cursor = conn.execute(
                     "UPDATE segments SET members = 0,"
                     " needs_override = (segment_guid IS NOT NULL) WHERE name = ?",

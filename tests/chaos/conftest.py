@@ -288,7 +288,8 @@ class DaemonProcess:
         )
         assert self.process.stdout is not None
         assert self.process.stderr is not None
-        for stream, sink in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr)):
+        streams = ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr))
+        for stream, sink in streams:
             reader = threading.Thread(target=self._pump, args=(stream, sink), daemon=True)
             reader.start()
             self._readers.append(reader)
@@ -488,9 +489,7 @@ class Scenario:
                 return False
         return True
 
-    def problems(
-        self, expected: dict[str, set[str]], *, only_these: bool = True
-    ) -> list[str]:
+    def problems(self, expected: dict[str, set[str]], *, only_these: bool = True) -> list[str]:
         """What differs between sources, sandbox and snapshot (empty: converged).
 
         ``only_these``: the sandbox must hold no other segment than those expected.
@@ -523,7 +522,9 @@ class Scenario:
                 )
             row = rows.get(name, {})
             if row.get("members") != len(held):
-                found.append(f"{name}: status says {row.get('members')} members, WalkMe {len(held)}")
+                found.append(
+                    f"{name}: status says {row.get('members')} members, WalkMe {len(held)}"
+                )
             if row.get("segment_guid") != guids[0]:
                 found.append(f"{name}: status GUID {row.get('segment_guid')}, WalkMe {guids[0]}")
         return found

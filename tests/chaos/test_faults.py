@@ -108,12 +108,13 @@ def test_storm_of_faults_converges(make_scenario: ScenarioFactory) -> None:
     assert counts["dropped"] >= 3
     delta = [v for v in sandbox.retry_after_sent if re.fullmatch(r"\d+(\.\d+)?", v)]
     dates = [v for v in sandbox.retry_after_sent if v.endswith("GMT")]
-    assert delta and dates, sandbox.retry_after_sent
+    assert delta, sandbox.retry_after_sent
+    assert dates, sandbox.retry_after_sent
     assert sandbox.tokens_issued >= 3, "tokens never expired mid-run"
     # Every 5xx/429 the daemon saw was retried (none was given up on).
     retried = Counter(e.get("status") for e in events if e["event"] == "walkme.retry")
-    for status in (500, 502, 503, 429):
-        assert retried[status] == by_status.get(str(status), 0), (status, retried, by_status)
+    for code in (500, 502, 503, 429):
+        assert retried[code] == by_status.get(str(code), 0), (code, retried, by_status)
     # Two creates were dropped after being applied: still one segment per mapping.
     assert sandbox.count("create", applied=True) >= 4
 

@@ -47,8 +47,11 @@ def test_removal_guard_holds_then_force_then_restore(make_scenario: ScenarioFact
         assert held["source_ids"] == len(truncated)
         assert held["planned_removes"] == len(full) - len(truncated)
         assert "--force" in held["hint"]
-        assert not [e for e in events if e["event"] in ("segment.synced", "segment.failed")
-                    and e.get("segment") == "Guarded"]
+        assert not [
+            e
+            for e in events
+            if e["event"] in ("segment.synced", "segment.failed") and e.get("segment") == "Guarded"
+        ]
         # Nothing removed in WalkMe; the other segment synced all the same.
         assert scenario.members("Guarded") == set(full)
         assert sandbox.count("update", action="remove") == 0

@@ -24,6 +24,7 @@ from typing import Any
 
 from syncd.sandbox import Faults
 from tests.chaos.conftest import (
+    Scenario,
     ScenarioFactory,
     make_ids,
     parse_events,
@@ -40,6 +41,39 @@ NAME = "Churn"
 
 def batches(count: int) -> int:
     return math.ceil(count / BATCH)
+
+
+Stalled = tuple[str | None, list[str]]  # the action and ids of a batch held in flight
+
+
+def start_and_kill(
+    scenario: Scenario, env: dict[str, str], rng: random.Random
+) -> tuple[str, Stalled | None]:
+    """Start `syncd run`, SIGKILL it at a random point; returns the kind of point
+    and, when a batch was held in flight, that batch."""
+    sandbox = scenario.sandbox
+    kind = rng.choice(["startup", "between", "in-flight", "in-flight"])
+    daemon = scenario.daemon(env)
+    stalls = len(sandbox.stalled)
+
+    def done() -> bool:
+        return daemon.count("segment.synced") > 0
+
+    if kind == "startup":
+        time.sleep(rng.uniform(0.2, 1.6))
+    elif kind == "between":
+        target = sandbox.writes() + rng.randint(1, 6)
+        wait_until(lambda: sandbox.writes() >= target or done(), 60, "acknowledged batches")
+        time.sleep(rng.uniform(0.0, 0.04))
+    else:
+        sandbox.stall_write = sandbox.writes_received + rng.randint(1, 6)
+        wait_until(lambda: len(sandbox.stalled) > stalls or done(), 60, "a batch in flight")
+    assert daemon.alive(), daemon.output()[-3000:] + daemon.errors()[-3000:]
+    daemon.kill()
+    sandbox.stall_write = None
+    if len(sandbox.stalled) > stalls:
+        return "in-flight", sandbox.stalled[-1]
+    return ("idle" if kind == "in-flight" else kind), None  # idle: the sync had finished
 
 
 def test_sigkill_at_random_points_converges(make_scenario: ScenarioFactory) -> None:
@@ -62,35 +96,7 @@ def test_sigkill_at_random_points_converges(make_scenario: ScenarioFactory) -> N
     started = time.monotonic()
 
     for _ in range(KILLS):
-        kind = rng.choice(["startup", "between", "in-flight", "in-flight"])
-        daemon = scenario.daemon(env)
-        stalls = len(sandbox.stalled)
-        if kind == "startup":
-            time.sleep(rng.uniform(0.2, 1.6))
-        elif kind == "between":
-            target = sandbox.writes() + rng.randint(1, 6)
-            wait_until(
-                lambda: sandbox.writes() >= target or daemon.count("segment.synced") > 0,
-                60,
-                "acknowledged batches",
-            )
-            time.sleep(rng.uniform(0.0, 0.04))
-        else:
-            sandbox.stall_write = sandbox.writes_received + rng.randint(1, 6)
-            wait_until(
-                lambda: len(sandbox.stalled) > stalls or daemon.count("segment.synced") > 0,
-                60,
-                "a batch held in flight",
-            )
-        assert daemon.alive(), daemon.output()[-3000:] + daemon.errors()[-3000:]
-        daemon.kill()
-        sandbox.stall_write = None
-        stalled: tuple[str | None, list[str]] | None = None
-        if len(sandbox.stalled) > stalls:
-            stalled = sandbox.stalled[-1]
-            kind = "in-flight"
-        elif kind == "in-flight":
-            kind = "idle"  # the sync finished before the chosen batch
+        kind, stalled = start_and_kill(scenario, env, rng)
         kinds[kind] += 1
 
         if rng.random() < 0.45:
@@ -174,9 +180,7 @@ def test_restart_right_after_sigkill_syncs_at_once(make_scenario: ScenarioFactor
     result = scenario.syncd("sync", env=env)
     if result.returncode == 0 and not scenario.converged({"Restarted": set(source)}):
         skipped = [e for e in parse_events(result.stdout) if e["event"] == "segment.skipped"]
-        problems.append(
-            f"`syncd sync` right after the kill exited 0 without syncing: {skipped}"
-        )
+        problems.append(f"`syncd sync` right after the kill exited 0 without syncing: {skipped}")
     if not scenario.converged({"Restarted": set(source)}):
         second = scenario.daemon(env)
         try:

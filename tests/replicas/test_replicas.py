@@ -29,7 +29,7 @@ What is measured, from WalkMe's side:
 - convergence: after churn stops, every WalkMe segment equals its final file and
   the PostgreSQL snapshot (``members`` table and ``segments`` counter) equals
   WalkMe; polled up to 60 s, but given up once WalkMe has received nothing for a
-  lease TTL plus three cycles (16 s), since nothing would change any more;
+  lease TTL plus two cycles (12 s), since nothing would change any more;
 - exactly one WalkMe segment per mapping (no double create across replicas), and
   ``syncd status --json`` agrees with the ``members`` table;
 - ``segment.skipped`` lines appear (replicas step around each other's leases),
@@ -87,7 +87,7 @@ CHURN_STEP_S = 2.0
 CHURN_FRACTION = (0.02, 0.06)  # of a segment's size, added and (separately) removed
 KILL_AFTER_S = 30.0
 CONVERGE_WITHIN_S = 60.0
-STUCK_AFTER_S = LEASE_TTL + 3 * SCHEDULE_S + 1  # a dead holder's lease lapses, then three cycles
+STUCK_AFTER_S = LEASE_TTL + 2 * SCHEDULE_S + 1  # a dead holder's lease lapses, then two cycles
 STOP_WITHIN_S = 30.0
 
 
@@ -599,7 +599,7 @@ def _await_convergence(
             return None, f"not converged {CONVERGE_WITHIN_S:.0f} s after churn stopped"
         quiet = now - max(churn_stopped, sandbox.last_change_at())
         if quiet > STUCK_AFTER_S:
-            # Nothing sent for a lease TTL plus three cycles: it has settled, and
+            # Nothing sent for a lease TTL plus two cycles: it has settled, and
             # waiting out the rest of the minute would change nothing.
             return None, (
                 f"not converged: WalkMe received no change for {quiet:.0f} s"
