@@ -174,7 +174,7 @@ class Engine:
                 if dry_run:
                     await self._run(mapping, outcome, dry_run, force)
                     return outcome
-                if not await self._store.acquire_lease(mapping.name, self._holder, self._ttl):
+                if not await self._take_lease(mapping.name):
                     # Several replicas share the work: this one is someone else's now.
                     log.info("segment.skipped", reason="another replica is syncing it")
                     outcome.result = "skipped"
@@ -193,6 +193,18 @@ class Engine:
                     self._log_outcome(outcome)
                     await self._release_lease(mapping.name)
             return outcome
+
+    async def _take_lease(self, name: str) -> bool:
+        if await self._store.acquire_lease(name, self._holder, self._ttl):
+            return True
+        holder = await self._store.lease_holder(name)
+        if holder is None or not _dead_here(holder):
+            return False
+        # A process of this host that no longer runs (a restart after a crash):
+        # waiting out its lease would only delay the run.
+        log.info("segment.lease_broken", holder=holder)
+        await self._store.release_lease(name, holder)
+        return await self._store.acquire_lease(name, self._holder, self._ttl)
 
     async def _keep_lease(self, name: str, outcome: Outcome) -> None:
         """Renew the run's lease; if it is lost, the run stops after its current batch."""
@@ -599,7 +611,7 @@ class Engine:
         record_run_metrics(outcome, state)
 
     def _log_outcome(self, outcome: Outcome) -> None:
-        fields = {
+        fields: dict[str, object] = {
             "added": outcome.added,
             "removed": outcome.removed,
             "skipped": outcome.skipped.count,
@@ -628,9 +640,30 @@ class Engine:
                 **fields,
             )
         else:
-            # A shutdown mid-run is routine (deploys): no error-level line for it.
-            report = log.warning if outcome.interrupted else log.error
-            report("segment.failed", error=outcome.error, interrupted=outcome.interrupted, **fields)
+            fields.update(error=outcome.error, interrupted=outcome.interrupted)
+            if outcome.interrupted:
+                # A shutdown mid-run is routine (deploys): no error-level line for it.
+                log.warning("segment.failed", **fields)
+            else:
+                log.error("segment.failed", **fields)
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether a lease holder (``host:pid:nonce``) was a process of this host that is gone."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # our pid, another nonce: a previous run of this container
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _unchanged(

@@ -213,6 +213,10 @@ class StateStore(Protocol):
         A holder that dies loses the lease when ``ttl_s`` passes without a renewal."""
         ...
 
+    async def lease_holder(self, name: str) -> str | None:
+        """Who holds the segment's unexpired lease, if anyone."""
+        ...
+
     async def release_lease(self, name: str, holder: str) -> None: ...
 
     async def ping(self) -> None:

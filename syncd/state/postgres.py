@@ -503,6 +503,15 @@ class PostgresStore:
             )
         return row is not None
 
+    async def lease_holder(self, name: str) -> str | None:
+        async with self._conn() as conn:
+            holder: str | None = await conn.fetchval(
+                "SELECT holder FROM leases WHERE segment = $1"
+                " AND expires_at >= extract(epoch FROM clock_timestamp())",
+                name,
+            )
+        return holder
+
     async def release_lease(self, name: str, holder: str) -> None:
         async with self._conn() as conn:
             await conn.execute(

@@ -702,6 +702,16 @@ class SqliteStore:
 
         return await self._call(write)
 
+    async def lease_holder(self, name: str) -> str | None:
+        def read() -> str | None:
+            row = self._conn.execute(
+                "SELECT holder FROM leases WHERE segment = ? AND expires_at >= ?",
+                (name, time.time()),
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._call(read)
+
     async def release_lease(self, name: str, holder: str) -> None:
         def write() -> None:
             with self._transaction() as conn:

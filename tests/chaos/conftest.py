@@ -49,7 +49,8 @@ WAREHOUSE_URL = f"postgresql://heapreader:{PG_PASSWORD}@127.0.0.1:1/heap"
 
 RETRY_ATTEMPTS = 20  # generous: random faults never exhaust them
 RETRY_MAX_WAIT = 1.0  # small: retries (and Retry-After, capped by it) stay fast
-TERMINAL_EVENTS = ("segment.synced", "segment.failed", "segment.held")
+# A run ends with one of these; a run skipped (another holder has the lease) is one line.
+TERMINAL_EVENTS = ("segment.synced", "segment.failed", "segment.held", "segment.skipped")
 DROPPED = web.RequestKey("chaos_dropped", bool)  # the sandbox dropped this request's answer
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import CLIENT_SECRET, Scenario, ScenarioFactory, make_ids, parse_events
+from tests.chaos.conftest import CLIENT_SECRET, ScenarioFactory, make_ids, parse_events
 
 SEED = 404
 
@@ -144,7 +144,7 @@ def test_corrupt_state_file_is_a_clear_error_and_left_untouched(
     assert scenario.sandbox.count("create") + scenario.sandbox.count("update") == 0
 
 
-def unwritable_directory(scenario: Scenario) -> Path:
+def unwritable_directory() -> Path:
     """A directory nobody can create files in, root included: /proc/self."""
     path = Path("/proc/self")
     probe = path / "chaos-probe"
@@ -162,7 +162,7 @@ def test_unwritable_state_directory_is_a_clear_error(
 ) -> None:
     scenario = make_scenario()
     scenario.add_segment("Nowhere", make_ids(100, "n"))
-    directory = unwritable_directory(scenario)
+    directory = unwritable_directory()
     env = scenario.env(state_url="sqlite:///" + str(directory / "state.db"))
     result = scenario.syncd(*command, env=env, timeout=30)
     assert result.returncode != 0, result.stdout + result.stderr

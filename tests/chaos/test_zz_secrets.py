@@ -2,8 +2,8 @@
 
 Named to run last: besides its own chaos run (faults, short-lived and revoked
 tokens, the webhook receiver hit with bad requests, a warehouse that refuses
-connections, `/metrics`, `status`, `status --json`, `check`, `history`, a dry
-run and a configuration error), it searches the output of every chaos run of
+connections, `/metrics`, `status`, `status --json`, `check`, `history` and a
+configuration error), it searches the output of every chaos run of
 this session: none may hold the WalkMe client secret (nor the Basic credentials
 built from it), any access token a sandbox issued, the Heap webhook secret or
 the password in SYNCD_WAREHOUSE_URL.
@@ -60,7 +60,7 @@ def test_no_secret_in_any_output(make_scenario: ScenarioFactory, transcript: Tra
     )
     admin, webhook = free_port(), free_port()
     env = scenario.env(
-        schedule="2s", batch_size=1_000, admin_port=admin, webhook_port=webhook, log_level="debug"
+        schedule="1s", batch_size=1_000, admin_port=admin, webhook_port=webhook, log_level="debug"
     )
     daemon = scenario.daemon(env)
     daemon.wait_for("segment.failed", segment="Secret warehouse", timeout=60)
@@ -85,8 +85,7 @@ def test_no_secret_in_any_output(make_scenario: ScenarioFactory, transcript: Tra
         ("status",),
         ("status", "--json"),
         ("check",),
-        ("history", "--segment", "Secret file"),
-        ("sync", "--dry-run"),
+        ("history", "--segment", "Secret warehouse"),
     ):
         scenario.syncd(*args, env=env)
     # The API key refused; a warehouse URL of the wrong scheme: errors, no secrets.

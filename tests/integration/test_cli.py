@@ -286,7 +286,7 @@ BAD_CONFIGS: list[tuple[str, str, dict[str, str | None]]] = [
     ("no-segments", "check", {"SYNCD_SEGMENTS": None}),
     ("batch-too-large", "sync", {"SYNCD_BATCH_SIZE": "25001"}),
     ("bad-schedule", "run", {"SYNCD_SCHEDULE": "every tuesday"}),
-    ("bad-state-url", "status", {"SYNCD_STATE_URL": "postgres://nowhere/db"}),
+    ("bad-state-url", "status", {"SYNCD_STATE_URL": "mysql://nowhere/db"}),
     (
         "secret-file-missing",
         "sync",

@@ -29,6 +29,7 @@ TABLES = {
     "members",
     "runs",
     "quarantine",
+    "pending",
     "leases",
     "heap_segments",
     "heap_members",
