@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import stamina.instrumentation
 
+from syncd.diff import remove_stale_spills
 from syncd.engine import Engine
 from syncd.settings import SegmentMapping, Settings
 from syncd.state import StateStore, open_store
@@ -30,6 +31,7 @@ async def open_runtime(
     """Everything a command needs, closed in reverse order on the way out."""
     secret = settings.client_secret()
     stamina.instrumentation.set_on_retry_hooks([log_retry])
+    remove_stale_spills(settings.work_dir)
     store = await open_store(settings.state_url)
     try:
         async with make_session(settings.http_timeout, settings.ca_bundle) as session:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -25,8 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO
 
+from syncd.processes import alive
+
 PARTITION_IDS = 250_000  # ~50 MB of Python strings and sets while one partition is compared
 READ_BYTES = 1 << 20  # spill files are read back a block at a time
+SPILL_PREFIX = "syncd-diff-"  # + pid: spills of dead processes can be found and removed
 SAMPLE_EVERY = 128  # every n-th id of each side joins the sample that sets range bounds
 
 Kind = Literal["add", "remove"]
@@ -75,6 +79,17 @@ class Diff:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def remove_stale_spills(work_dir: Path | None = None) -> int:
+    """Delete spill folders left by processes that died (SIGKILL skips cleanup)."""
+    removed = 0
+    for folder in Path(work_dir or tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
+        pid = folder.name.removeprefix(SPILL_PREFIX).partition("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def partitions_for(ids: int) -> int:
     return max(1, math.ceil(ids / PARTITION_IDS))
 
@@ -109,7 +124,7 @@ async def compute_diff(
     work_dir: Path | None = None,
 ) -> Diff:
     """Compare the (cleaned) source ids with the snapshot; the caller closes the Diff."""
-    diff = Diff(Path(tempfile.mkdtemp(prefix="syncd-diff-", dir=work_dir)))
+    diff = Diff(Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=work_dir)))
     try:
         sample: list[str] = []
         source_ids = await _spill(source, diff.workdir / "source", sample)

@@ -27,6 +27,7 @@ import structlog
 from syncd import metrics
 from syncd.diff import Diff, Quarantined, compute_diff
 from syncd.ids import SkippedIds, clean_ids
+from syncd.processes import alive
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import Source, SourceError, build_source
 from syncd.state import Action, SegmentState, StateError, StateStore
@@ -34,9 +35,11 @@ from syncd.state.base import RunResult
 from syncd.walkme import (
     WalkMeAuthError,
     WalkMeClient,
+    WalkMeConflict,
     WalkMeError,
     WalkMeNotFound,
     WalkMeRejected,
+    WalkMeStopped,
     normalize_guid,
     request_tally,
 )
@@ -48,7 +51,6 @@ SNAPSHOT_CHUNK = 50_000
 Mode = Literal["create", "override", "update"]
 
 
-CONTROL_AFTER = 3  # single-id rejections, with nothing accepted, before a control request
 MAX_QUARANTINED_PER_BATCH = 1000
 
 
@@ -135,6 +137,7 @@ class Engine:
     def stop(self) -> None:
         """Finish the batches in flight, then end every run."""
         self._stopping = True
+        self._client.stop()
 
     async def mappings(self) -> dict[str, SegmentMapping]:
         """The configured mappings, plus Heap segments auto-mapped by the webhook."""
@@ -276,7 +279,7 @@ class Engine:
                 finally:
                     diff.close()
             outcome.result = "synced"
-        except Interrupted as exc:
+        except (Interrupted, WalkMeStopped) as exc:
             outcome.error, outcome.interrupted = str(exc), True
         except (SourceError, WalkMeError, StateError) as exc:
             outcome.error = str(exc) or type(exc).__name__
@@ -417,9 +420,20 @@ class Engine:
     async def _send(self, target: _Target, action: Action, batch: list[str]) -> None:
         mapping = target.mapping
         if action == "create":
-            target.guid = await self._client.create_segment(
-                target.system, mapping.name, mapping.external_id, batch
-            )
+            try:
+                target.guid = await self._client.create_segment(
+                    target.system, mapping.name, mapping.external_id, batch
+                )
+            except WalkMeConflict as exc:
+                if exc.guid is None:
+                    raise
+                # Our own create key is taken: an earlier create did land. Its
+                # members are unknown, so adopt it and rebuild it with this batch.
+                await self._store.adopt(mapping.name, exc.guid, "created")
+                log.info("segment.adopted", segment_guid=exc.guid, by="create key")
+                target.guid = exc.guid
+                await self._send(target, "override", batch)
+                return
             log.info("segment.created", segment_guid=target.guid)
             return
         assert target.guid is not None
@@ -469,10 +483,11 @@ class Engine:
                     if len(part) > 1:
                         pending += [part[len(part) // 2 :], part[: len(part) // 2]]
                         continue
-                    rejected.append((part[0], exc.body or str(exc)))
-                    if not accepted and not control_done and len(rejected) >= CONTROL_AFTER:
+                    if not accepted and not control_done:
+                        # Before blaming any id: does WalkMe refuse even no ids?
                         control_done = True
                         await self._control_request(target, action, exc)
+                    rejected.append((part[0], exc.body or str(exc)))
                     if len(rejected) > MAX_QUARANTINED_PER_BATCH:
                         raise WalkMeRejected(
                             f"WalkMe rejected more than {MAX_QUARANTINED_PER_BATCH} ids of one"
@@ -655,15 +670,8 @@ def _dead_here(holder: str) -> bool:
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    if pid == os.getpid():
-        return True  # our pid, another nonce: a previous run of this container
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    # Our own pid with another nonce is a previous run of this container.
+    return pid == os.getpid() or not alive(pid)
 
 
 def _unchanged(

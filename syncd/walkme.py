@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 import ssl
@@ -69,11 +70,19 @@ class WalkMeRejected(WalkMeError):
 
 
 class WalkMeConflict(WalkMeError):
-    """409: the external id is already used by another segment."""
+    """409: the external id is already used by another segment (``guid`` when known)."""
+
+    def __init__(self, message: str, status: int, body: str, guid: str | None = None) -> None:
+        super().__init__(message, status, body)
+        self.guid = guid
 
 
 class WalkMeUnavailable(WalkMeError):
     """Retryable failures went on past the attempt budget."""
+
+
+class WalkMeStopped(WalkMeError):
+    """Shutdown came while a call was waiting to be retried; nothing was in flight."""
 
 
 class _Retryable(Exception):
@@ -144,6 +153,13 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def create_key(system_guid: str, name: str) -> str:
+    """The external id syncd sends when a mapping has none: stable per segment, so
+    WalkMe's uniqueness check (409) stops a retried create from making a twin."""
+    digest = hashlib.sha256(f"{system_guid.lower()}|{name}".encode()).hexdigest()
+    return f"syncd-{digest[:24]}"
 
 
 def log_retry(details: RetryDetails) -> None:
@@ -217,6 +233,8 @@ class WalkMeClient:
         self._max_wait = max_wait
         self._token: _Token | None = None
         self._token_lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+        self._in_flight = 0  # requests on the wire: shutdown lets them finish
         self.token_refreshes = 0
         redact(client_secret.get_secret_value())
 
@@ -310,25 +328,29 @@ class WalkMeClient:
         """Create a segment holding ``user_ids``; returns its GUID.
 
         A create whose answer was lost may have been applied: before each retry
-        the segment is looked up, so a retry never makes a second segment.
+        the segment is looked up by its external id (syncd's own key when the
+        mapping has none), and WalkMe refuses a second segment with that id, so a
+        retry never makes a twin. WalkMeConflict(guid=...) means our key is taken
+        by a segment whose members are unknown: the caller adopts it.
         """
-        body: dict[str, Any] = {"name": name, "userIds": user_ids}
-        if external_id is not None:
-            body["id"] = external_id
+        key = external_id or create_key(system_guid, name)
+        body: dict[str, Any] = {"id": key, "name": name, "userIds": user_ids}
         url = self._segments_url(system_guid)
         first = True
 
         async def attempt() -> str:
             nonlocal first
             if not first:
-                existing = await self.find_segment(system_guid, name, external_id)
+                existing = await self.find_segment(system_guid, name, key)
                 if existing is not None:
                     return existing.guid
             first = False
             try:
                 payload = await self._call("create", "POST", url, body)
             except WalkMeError as exc:
-                if exc.status == 409:
+                if exc.status != 409:
+                    raise
+                if external_id is not None:
                     raise WalkMeConflict(
                         f"WalkMe already has a segment with external id {external_id!r}"
                         f" (HTTP 409) but not named {name!r}: set segment_guid in the mapping"
@@ -336,14 +358,20 @@ class WalkMeClient:
                         409,
                         exc.body,
                     ) from None
-                raise
+                found = await self.find_segment(system_guid, name, key)
+                raise WalkMeConflict(
+                    f"segment {name!r} already exists in WalkMe (HTTP 409)",
+                    409,
+                    exc.body,
+                    guid=found.guid if found else None,
+                ) from None
             created = (parse_segment(payload) if isinstance(payload, dict) else None) or next(
                 iter(parse_segment(item) for item in segment_list(payload)), None
             )
             if created is not None:
                 return created.guid
             # The answer carried no GUID: find the new segment by listing.
-            found = await self.find_segment(system_guid, name, external_id)
+            found = await self.find_segment(system_guid, name, key)
             if found is None:
                 raise WalkMeError(f"created segment {name!r} but cannot find its GUID")
             return found.guid
@@ -363,7 +391,29 @@ class WalkMeClient:
 
     # -- plumbing ------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Shutdown: requests on the wire finish; waiting for a retry ends now."""
+        self._stopped.set()
+
     async def _retrying(self, kind: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        if self._stopped.is_set():
+            raise WalkMeStopped(f"not sending {kind}: syncd is stopping")
+        calling = asyncio.ensure_future(self._retry_loop(kind, call))
+        stopping = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({calling, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            while not calling.done() and self._in_flight:
+                await asyncio.wait({calling}, timeout=0.05)
+            if calling.done():
+                return calling.result()
+            calling.cancel()
+            raise WalkMeStopped(f"stopped while waiting to retry {kind}: syncd is stopping")
+        finally:
+            stopping.cancel()
+            if not calling.done():
+                calling.cancel()
+
+    async def _retry_loop(self, kind: str, call: Callable[[], Awaitable[_T]]) -> _T:
         try:
             async for attempt in stamina.retry_context(
                 on=_backoff,
@@ -445,6 +495,7 @@ class WalkMeClient:
             tally[kind] += 1
         started = time.monotonic()
         status = "error"
+        self._in_flight += 1
         try:
             async with self._session.request(
                 method, url, data=payload, headers=headers
@@ -460,6 +511,7 @@ class WalkMeClient:
         except aiohttp.ClientPayloadError as exc:
             raise _Retryable(f"broken response: {type(exc).__name__}") from None
         finally:
+            self._in_flight -= 1
             metrics.walkme_requests.labels(kind, status).inc()
             metrics.walkme_latency.labels(kind).observe(time.monotonic() - started)
 

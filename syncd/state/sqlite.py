@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -182,8 +183,16 @@ class SqliteStore:
 
     def _connect(self) -> None:
         where = f"state store {self.path}"
-        if self.path.parent and not self.path.parent.exists():
-            raise StateError(f"{where}: directory {self.path.parent} does not exist")
+        folder = self.path.parent
+        if not folder.exists():
+            raise StateError(f"{where}: directory {folder} does not exist")
+        if not self.path.exists():
+            try:  # os.access says yes to root: only a real write tells
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as exc:
+                raise StateError(
+                    f"{where}: directory {folder} is not writable ({exc.strerror})"
+                ) from None
         conn = None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -203,7 +212,12 @@ class SqliteStore:
                 conn.close()
             if isinstance(exc, StateError):
                 raise
-            reason = exc.strerror if isinstance(exc, OSError) else f"{exc} (a syncd state file?)"
+            if isinstance(exc, OSError):
+                reason = str(exc.strerror)
+            elif "not a database" in str(exc):
+                reason = f"{exc} (is it a syncd state file?)"
+            else:
+                reason = str(exc)
             raise StateError(f"{where}: {reason}") from None
 
     @staticmethod

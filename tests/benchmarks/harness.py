@@ -8,7 +8,9 @@ Every ``syncd sync`` is a separate process, waited for with ``os.wait4`` (by
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -27,6 +29,7 @@ from typing import IO, Any
 
 import asyncpg
 
+import syncd
 from syncd.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SANDBOX_SYSTEM_GUID
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -116,10 +119,31 @@ def _free_port() -> int:
         return port
 
 
+_code: Path | None = None  # where subprocesses import syncd from, once frozen
+
+
+def freeze_code(folder: Path) -> str:
+    """Copy the ``syncd`` package as it is now into ``folder``; every process started
+    afterwards imports that copy, so edits to the working tree during a long run do
+    not change what is measured halfway. Returns a digest of the copied sources."""
+    global _code
+    source = Path(syncd.__file__).resolve().parent
+    target = folder / "syncd"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    compileall.compile_dir(target, quiet=1)  # no first-import compile inside a measurement
+    digest = hashlib.sha256()
+    for path in sorted(target.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    _code = folder
+    return digest.hexdigest()[:12]
+
+
 def _clean_env() -> dict[str, str]:
     """This environment without SYNCD_* variables: only what a case sets reaches syncd."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SYNCD_")}
     env["PYTHONUNBUFFERED"] = "1"
+    if _code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_code), env.get("PYTHONPATH")]))
     return env
 
 

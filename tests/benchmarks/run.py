@@ -43,6 +43,7 @@ from tests.benchmarks.data import CHURN_01, CHURN_1, Step, floor_seconds, series
 from tests.benchmarks.harness import (
     Measured,
     Sandbox,
+    freeze_code,
     fresh_store,
     postgres_base_url,
     postgres_version,
@@ -368,6 +369,7 @@ def report(
     seconds: float,
     argv: str,
     startup_s: float,
+    code: str,
 ) -> str:
     met = sum(row.met for row in rows)
     parts = [
@@ -375,7 +377,7 @@ def report(
         "",
         f"`python -m tests.benchmarks{' ' + argv if argv else ''}`",
         "",
-        f"- syncd revision {revision()}",
+        f"- syncd: {code}",
         *machine(opts.stores, startup_s),
         f"- benchmark wall-clock runtime: {seconds:.0f} s; {met} of {len(rows)} rows met"
         " their targets",
@@ -489,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="syncd-bench-") as temp:
         root = Path(temp)
+        (root / "code").mkdir()
+        code = f"git {revision()}, sources sha256 {freeze_code(root / 'code')} (copied at start)"
         startup_s = startup_seconds(root)
         with _data_root(opts, root) as data:
             for size in opts.sizes:
@@ -520,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows += many
     seconds = time.monotonic() - clock
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(opts, rows, started, seconds, argv_text, startup_s)
+    text = report(opts, rows, started, seconds, argv_text, startup_s, code)
     print(text)
     if opts.write:
         LAST_RUN.write_text(text)
