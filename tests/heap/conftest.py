@@ -32,8 +32,7 @@ from syncd.sandbox import (
     WalkMeSandbox,
 )
 from syncd.settings import Settings, load_settings
-from syncd.state import open_store
-from syncd.state.sqlite import SqliteStore
+from syncd.state import StateStore, open_store
 from syncd.webhook import HeapWebhookReceiver
 
 WEBHOOK_SECRET = "whsec-heap-3f9c1a7e5b2d4c6a8e0f"
@@ -149,7 +148,7 @@ async def post_signed(
 # ---------------------------------------------------------------------------- store views
 
 
-async def heap_state(store: SqliteStore) -> dict[int, tuple[str, str, int, int, frozenset[str]]]:
+async def heap_state(store: StateStore) -> dict[int, tuple[str, str, int, int, frozenset[str]]]:
     """Everything the receiver may have changed: segments with their members."""
     result: dict[int, tuple[str, str, int, int, frozenset[str]]] = {}
     for segment in await store.heap_segments():
@@ -166,7 +165,7 @@ async def heap_state(store: SqliteStore) -> dict[int, tuple[str, str, int, int, 
     return result
 
 
-async def heap_members(store: SqliteStore, heap_segment_id: int) -> set[str]:
+async def heap_members(store: StateStore, heap_segment_id: int) -> set[str]:
     members: set[str] = set()
     async for chunk in store.heap_members(heap_segment_id, 1000):
         members.update(chunk)
@@ -187,7 +186,7 @@ def _clean_syncd_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @dataclass
 class Receiver:
     receiver: HeapWebhookReceiver
-    store: SqliteStore
+    store: StateStore
     state_url: str
     completed: list[int] = field(default_factory=list)
 

@@ -14,9 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from syncd.state import open_store
+from syncd.state import StateStore, open_store
 from syncd.state.base import HeapPage
-from syncd.state.sqlite import SqliteStore
 from syncd.webhook import sign
 
 from .conftest import (
@@ -532,7 +531,7 @@ async def test_store_survives_restart_with_pages_already_seen(
     task = new_task()
     body = page(task=task, number=1, total=2, add=["durable@x.com"])
     assert (await post_signed(http, receiver.url, body)).status == 200
-    reopened: SqliteStore = await open_store(receiver.state_url)
+    reopened: StateStore = await open_store(receiver.state_url)
     try:
         assert await heap_members(reopened, FREE_CUSTOMERS) == {"durable@x.com"}
     finally:
