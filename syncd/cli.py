@@ -16,7 +16,6 @@ from syncd import __version__
 from syncd.app import Runtime, open_runtime
 from syncd.engine import Outcome, Plan, current_mappings
 from syncd.logs import configure_logging
-from syncd.scheduler import Daemon
 from syncd.settings import ConfigError, SegmentMapping, Settings, describe_url, load_settings
 from syncd.state import SegmentState, StateError, open_store
 from syncd.walkme import WalkMeError
@@ -39,6 +38,8 @@ def _out(line: str = "") -> None:
 
 
 async def cmd_run(_: argparse.Namespace) -> int:
+    from syncd.scheduler import Daemon  # the scheduler and servers load only for `run`
+
     settings, mappings = _configured()
     async with open_runtime(settings, mappings) as runtime:
         return await Daemon(settings, runtime.engine, runtime.store).run()
