@@ -125,6 +125,15 @@ _COLUMNS = (
 )
 
 
+async def _forget_members(
+    conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], name: str
+) -> None:
+    """What syncd knows of the segment's members in WalkMe: the snapshot, the
+    quarantine and the batch in flight."""
+    for table in ("members", "quarantine", "pending"):
+        await conn.execute(f"DELETE FROM {table} WHERE segment = $1", name)
+
+
 def _count(status: str) -> int:
     """Rows affected, from a command tag such as ``INSERT 0 25000`` or ``DELETE 3``."""
     return int(status.rsplit(" ", 1)[-1])
@@ -244,9 +253,7 @@ class PostgresStore:
 
     async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
         async with self._conn() as conn, conn.transaction():
-            await conn.execute("DELETE FROM members WHERE segment = $1", name)
-            await conn.execute("DELETE FROM quarantine WHERE segment = $1", name)
-            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
+            await _forget_members(conn, name)
             await conn.execute(
                 "UPDATE segments SET segment_guid = $1, origin = $2, needs_override = TRUE,"
                 " members = 0 WHERE name = $3",
@@ -304,9 +311,7 @@ class PostgresStore:
 
     async def forget_guid(self, name: str) -> None:
         async with self._conn() as conn, conn.transaction():
-            await conn.execute("DELETE FROM members WHERE segment = $1", name)
-            await conn.execute("DELETE FROM quarantine WHERE segment = $1", name)
-            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
+            await _forget_members(conn, name)
             await conn.execute(
                 "UPDATE segments SET segment_guid = NULL, origin = NULL,"
                 " needs_override = FALSE, members = 0 WHERE name = $1",
@@ -315,9 +320,7 @@ class PostgresStore:
 
     async def reset(self, name: str) -> bool:
         async with self._conn() as conn, conn.transaction():
-            await conn.execute("DELETE FROM members WHERE segment = $1", name)
-            await conn.execute("DELETE FROM quarantine WHERE segment = $1", name)
-            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
+            await _forget_members(conn, name)
             status = await conn.execute(
                 "UPDATE segments SET members = 0,"
                 " needs_override = (segment_guid IS NOT NULL) WHERE name = $1",

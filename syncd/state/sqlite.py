@@ -129,6 +129,13 @@ def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _forget_members(conn: sqlite3.Connection, name: str) -> None:
+    """What syncd knows of the segment's members in WalkMe: the snapshot, the
+    quarantine and the batch in flight."""
+    for table in ("members", "quarantine", "pending"):
+        conn.execute(f"DELETE FROM {table} WHERE segment = ?", (name,))
+
+
 def sqlite_path(url: str) -> Path:
     """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db`` not."""
     return Path(url.removeprefix("sqlite:///"))
@@ -342,9 +349,7 @@ class SqliteStore:
     async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
         def write() -> None:
             with self._transaction() as conn:
-                conn.execute("DELETE FROM members WHERE segment = ?", (name,))
-                conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
-                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
+                _forget_members(conn, name)
                 conn.execute(
                     "UPDATE segments SET segment_guid = ?, origin = ?, needs_override = 1,"
                     " members = 0 WHERE name = ?",
@@ -406,9 +411,7 @@ class SqliteStore:
     async def forget_guid(self, name: str) -> None:
         def write() -> None:
             with self._transaction() as conn:
-                conn.execute("DELETE FROM members WHERE segment = ?", (name,))
-                conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
-                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
+                _forget_members(conn, name)
                 conn.execute(
                     "UPDATE segments SET segment_guid = NULL, origin = NULL,"
                     " needs_override = 0, members = 0 WHERE name = ?",
@@ -553,9 +556,7 @@ class SqliteStore:
     async def reset(self, name: str) -> bool:
         def write() -> bool:
             with self._transaction() as conn:
-                conn.execute("DELETE FROM members WHERE segment = ?", (name,))
-                conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
-                conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
+                _forget_members(conn, name)
                 cursor = conn.execute(
                     "UPDATE segments SET members = 0,"
                     " needs_override = (segment_guid IS NOT NULL) WHERE name = ?",
