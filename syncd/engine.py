@@ -47,7 +47,7 @@ from syncd.walkme import (
 log = structlog.get_logger("syncd.engine")
 
 EXAMPLES_SHOWN = 5
-SNAPSHOT_CHUNK = 200_000  # fewer, larger reads: the snapshot streams faster
+SNAPSHOT_CHUNK = 50_000  # larger chunks measured no faster, and cost peak memory
 Mode = Literal["create", "override", "update"]
 
 

@@ -168,6 +168,44 @@ def _progress(row: Row) -> None:
     )
 
 
+def _cycle(
+    opts: Options,
+    sandbox: Sandbox,
+    env: dict[str, str],
+    case: Path,
+    title: str,
+    store: str,
+    members: int,
+    segments: dict[str, Step],
+    single: bool,
+) -> Row:
+    """Measure one ``syncd sync``, the floor of the same work, and check the result
+    (section 3's size targets apply to ``single``-segment cases only)."""
+    before, sandbox_cpu = sandbox.segment_requests(), sandbox.cpu_seconds()
+    profile = None
+    if opts.profile is not None:
+        opts.profile.mkdir(parents=True, exist_ok=True)
+        profile = opts.profile / f"{store}-{members}-{_slug(title)}.txt"
+    measured = run_sync(env, case / f"{_slug(title)}.log", profile)
+    row = Row(
+        case=title,
+        store=store,
+        members=members,
+        measured=measured,
+        requests=sandbox.segment_requests() - before,
+        sandbox_cpu_s=sandbox.cpu_seconds() - sandbox_cpu,
+        minimum=sum(step.minimum_requests() for step in segments.values()),
+        floor_s=floor_seconds(list(segments.items()), repeats=opts.floor_repeats),
+    )
+    row.problems = problems(
+        measured, sandbox.sizes(), {name: step.members for name, step in segments.items()}
+    )
+    cycle = next(iter(segments.values())).name
+    row.checks = targets(cycle, members if single else 0, row)
+    _progress(row)
+    return row
+
+
 def run_single(opts: Options, root: Path, store: str, size: int, steps: list[Step]) -> list[Row]:
     """One segment of ``size`` members through its cycles, on a fresh sandbox and store."""
     case = root / f"{store}-{size}"
@@ -185,24 +223,10 @@ def run_single(opts: Options, root: Path, store: str, size: int, steps: list[Ste
             for step in steps:
                 _point(source, step.path)
                 env = sync_env(sandbox.url, state_url, [mapping], work)
-                before, sandbox_cpu = sandbox.segment_requests(), sandbox.cpu_seconds()
-                measured = run_sync(
-                    env, case / f"{_slug(step.name)}.log", _profile(opts, store, size, step.name)
+                segments = {name: step}
+                rows.append(
+                    _cycle(opts, sandbox, env, case, step.name, store, size, segments, True)
                 )
-                row = Row(
-                    case=step.name,
-                    store=store,
-                    members=size,
-                    measured=measured,
-                    requests=sandbox.segment_requests() - before,
-                    sandbox_cpu_s=sandbox.cpu_seconds() - sandbox_cpu,
-                    minimum=step.minimum_requests(),
-                    floor_s=floor_seconds([(name, step)], repeats=opts.floor_repeats),
-                )
-                row.checks = targets(step.name, size, row)
-                row.problems = problems(measured, sandbox.sizes(), {name: step.members})
-                _progress(row)
-                rows.append(row)
     finally:
         shutil.rmtree(case, ignore_errors=True)
     return rows
@@ -242,45 +266,20 @@ def run_many(
                 for link, step in zip(links, steps, strict=True):
                     _point(link, step.path)
                 env = sync_env(sandbox.url, state_url, mappings, work, concurrency=concurrency)
-                before, sandbox_cpu = sandbox.segment_requests(), sandbox.cpu_seconds()
                 title = f"{label} {steps[0].name}{delayed}, c={concurrency}"
-                measured = run_sync(
-                    env, case / f"{_slug(steps[0].name)}.log", _profile(opts, store, count, title)
+                segments = dict(zip(names, steps, strict=True))
+                members = count * each
+                rows.append(
+                    _cycle(opts, sandbox, env, case, title, store, members, segments, False)
                 )
-                row = Row(
-                    case=title,
-                    store=store,
-                    members=count * each,
-                    measured=measured,
-                    requests=sandbox.segment_requests() - before,
-                    sandbox_cpu_s=sandbox.cpu_seconds() - sandbox_cpu,
-                    minimum=sum(step.minimum_requests() for step in steps),
-                    floor_s=floor_seconds(
-                        list(zip(names, steps, strict=True)), repeats=opts.floor_repeats
-                    ),
-                )
-                row.checks = targets(steps[0].name, 0, row)
-                row.problems = problems(
-                    measured,
-                    sandbox.sizes(),
-                    {name: step.members for name, step in zip(names, steps, strict=True)},
-                )
-                _progress(row)
-                rows.append(row)
     finally:
         shutil.rmtree(case, ignore_errors=True)
     return rows
 
 
-def _profile(opts: Options, store: str, size: int, title: str) -> Path | None:
-    if opts.profile is None:
-        return None
-    opts.profile.mkdir(parents=True, exist_ok=True)
-    return opts.profile / f"{store}-{size}-{_slug(title)}.txt"
-
-
 def compare_concurrency(rows: list[Row]) -> None:
-    """Concurrency > 1 must beat 1 on the same store and cycle."""
+    """Concurrency > 1 must beat 1 on the same store and cycle, when the cycle sends
+    anything (a cycle with nothing to send is all process start-up)."""
     baseline: dict[tuple[str, str], float] = {}
     for row in rows:
         cycle = row.case.rsplit(", c=", 1)[0]
@@ -289,7 +288,7 @@ def compare_concurrency(rows: list[Row]) -> None:
     for row in rows:
         cycle, _, c = row.case.rpartition(", c=")
         base = baseline.get((row.store, cycle))
-        if c != "1" and base is not None:
+        if c != "1" and base is not None and row.minimum > 0:
             speedup = base / row.measured.wall_s
             row.checks.append(Check("faster than c=1", speedup > 1.0, f"{speedup:.2f}x of c=1"))
 

@@ -820,3 +820,48 @@ async def test_names_differing_only_in_case_or_accents_are_distinct(store: State
     await seed(store, "ids", ["A", "a", "á", "a "])
     assert (await state(store, "ids")).members == 4
     assert sorted(await members(store, "ids")) == sorted(["A", "a", "á", "a "])
+
+
+# -- the batch in flight -----------------------------------------------------------
+
+
+async def test_pending_batch_round_trip_and_record_clears_it(store: StateStore) -> None:
+    await store.begin_run("vip", "r1", SYSTEM, None)
+    await store.record_batch("vip", "r1", "create", ["a"], GUID)
+    assert await store.pending_batch("vip") is None
+    await store.begin_batch("vip", "add", ["b", "zoë", "c,d"])
+    pending = await store.pending_batch("vip")
+    assert pending is not None
+    assert (pending.action, pending.ids) == ("add", ["b", "zoë", "c,d"])
+    await store.begin_batch("vip", "remove", [])  # replaces: one batch in flight per segment
+    pending = await store.pending_batch("vip")
+    assert pending is not None
+    assert (pending.action, pending.ids) == ("remove", [])
+    await store.record_batch("vip", "r1", "add", ["b"])
+    assert await store.pending_batch("vip") is None
+
+
+async def test_pending_batch_survives_a_reopen(store_url: str) -> None:
+    first = await open_store(store_url)
+    await first.begin_run("vip", "r1", SYSTEM, None)
+    await first.begin_batch("vip", "override", ["x", "y"])
+    await first.close()
+    second = await open_store(store_url)
+    try:
+        pending = await second.pending_batch("vip")
+        assert pending is not None
+        assert (pending.action, pending.ids) == ("override", ["x", "y"])
+    finally:
+        await second.close()
+
+
+@pytest.mark.parametrize("how", ["clear_pending", "forget_guid", "reset", "adopt", "forget"])
+async def test_pending_batch_is_dropped_when_the_snapshot_is(store: StateStore, how: str) -> None:
+    await store.begin_run("vip", "r1", SYSTEM, None)
+    await store.record_batch("vip", "r1", "create", ["a"], GUID)
+    await store.begin_batch("vip", "add", ["b"])
+    if how == "adopt":
+        await store.adopt("vip", OTHER_GUID, "adopted")
+    else:
+        await getattr(store, how)("vip")
+    assert await store.pending_batch("vip") is None
