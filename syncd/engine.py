@@ -7,7 +7,8 @@ One segment run:
 3. send ``remove`` batches, then ``add`` batches (a new segment is created with
    its first batch; an adopted or reset one is rebuilt with ``override``);
 4. record each acknowledged batch in the snapshot before sending the next, so a
-   crash re-sends at most the one batch that was in flight.
+   crash re-sends at most the one batch that was in flight (remembered as the
+   pending batch, and sent again first by the next run).
 """
 
 from __future__ import annotations
@@ -48,10 +49,8 @@ log = structlog.get_logger("syncd.engine")
 
 EXAMPLES_SHOWN = 5
 SNAPSHOT_CHUNK = 50_000  # larger chunks measured no faster, and cost peak memory
+MAX_QUARANTINED_PER_BATCH = 1000  # more than this is not "a few bad ids": give up
 Mode = Literal["create", "override", "update"]
-
-
-MAX_QUARANTINED_PER_BATCH = 1000
 
 
 class Interrupted(Exception):
@@ -71,10 +70,10 @@ class Hold:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run will send: the dry-run output, and the guard's input later."""
+    """What a run would send: the dry-run output."""
 
     mode: Mode
-    staged: int
+    staged: int  # distinct source ids after the id rules
     adds: int
     removes: int
     add_examples: list[str]

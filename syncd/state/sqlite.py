@@ -129,6 +129,20 @@ def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL; another process creating the same new file may hold it a moment,
+    and SQLite does not wait (busy_timeout) for a journal-mode change."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _forget_members(conn: sqlite3.Connection, name: str) -> None:
     """What syncd knows of the segment's members in WalkMe: the snapshot, the
     quarantine and the batch in flight."""
@@ -206,7 +220,7 @@ class SqliteStore:
             conn.execute("PRAGMA busy_timeout = 10000")
             # WAL: readers (syncd status) never block the daemon; NORMAL sync is
             # durable across process crashes, which is what the snapshot needs.
-            conn.execute("PRAGMA journal_mode = WAL")
+            _set_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA temp_store = FILE")
             # 16 MiB page caches: big diffs stay fast, memory stays bounded.
