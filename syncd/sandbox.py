@@ -34,7 +34,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, TypeVar, get_args
 
 from aiohttp import web
 
@@ -880,7 +880,18 @@ def run_sandbox_in_thread(
     Yields the started sandbox; its ``url`` is ready. Use its thread-safe methods
     (``members``, ``size``, ``find``, ``count``, ``state``) from the calling thread.
     """
-    sandbox = WalkMeSandbox(**kwargs)
+    with serve_in_thread(WalkMeSandbox(**kwargs), host, port) as sandbox:
+        yield sandbox
+
+
+_Sandbox = TypeVar("_Sandbox", bound=WalkMeSandbox)
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    sandbox: _Sandbox, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[_Sandbox]:
+    """Serve an already built sandbox (a test's subclass, say) from a daemon thread."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="walkme-sandbox", daemon=True)
     thread.start()

@@ -1,4 +1,4 @@
-"""Every log event syncd emits is listed in the README's catalogue, and vice versa."""
+"""The README is the reference: every log event and every setting syncd has is in it."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def test_every_emitted_event_is_in_the_readme() -> None:
 def test_the_readme_lists_no_event_that_is_never_emitted() -> None:
     stale = listed_events() - emitted_events()
     assert not stale, f"README.md lists events the code no longer emits: {sorted(stale)}"
+
+
+def test_the_readme_lists_every_setting() -> None:
+    from syncd.settings import Settings
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [f"SYNCD_{field.upper()}" for field in Settings.model_fields]
+    missing = [name for name in missing if f"`{name}`" not in readme]
+    assert not missing, f"document these settings in README.md: {missing}"

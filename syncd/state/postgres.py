@@ -409,21 +409,8 @@ class PostgresStore:
 
     # -- snapshot and quarantine ---------------------------------------------------
 
-    async def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
-        after = ""
-        while True:
-            async with self._conn() as conn:
-                rows = await conn.fetch(
-                    "SELECT id FROM members WHERE segment = $1 AND id > $2 ORDER BY id LIMIT $3",
-                    name,
-                    after,
-                    size,
-                )
-            if not rows:
-                return
-            chunk = [row[0] for row in rows]
-            after = chunk[-1]
-            yield chunk
+    def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
+        return self._pages("members", "segment", name, size)
 
     async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:
         async with self._conn() as conn:
@@ -587,14 +574,20 @@ class PostgresStore:
             )
         return [HeapSegment(*row) for row in rows]
 
-    async def heap_members(self, heap_segment_id: int, size: int) -> AsyncIterator[list[str]]:
+    def heap_members(self, heap_segment_id: int, size: int) -> AsyncIterator[list[str]]:
+        return self._pages("heap_members", "heap_segment_id", heap_segment_id, size)
+
+    async def _pages(
+        self, table: str, key: str, value: object, size: int
+    ) -> AsyncIterator[list[str]]:
+        """A table's ids for one key, in id order, ``size`` at a time (keyset paging:
+        each page is its own short query, so no cursor holds a connection)."""
         after = ""
         while True:
             async with self._conn() as conn:
                 rows = await conn.fetch(
-                    "SELECT id FROM heap_members WHERE heap_segment_id = $1 AND id > $2"
-                    " ORDER BY id LIMIT $3",
-                    heap_segment_id,
+                    f"SELECT id FROM {table} WHERE {key} = $1 AND id > $2 ORDER BY id LIMIT $3",
+                    value,
                     after,
                     size,
                 )

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, RequestKind, WalkMeSandbox
+from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, RequestKind, WalkMeSandbox, serve_in_thread
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,25 +207,6 @@ class ChaosSandbox(WalkMeSandbox):
 
     def _back_to_normal(self) -> None:
         self.faults = Faults()
-
-
-@contextlib.contextmanager
-def sandbox_in_thread(sandbox: WalkMeSandbox) -> Iterator[WalkMeSandbox]:
-    """Serve ``sandbox`` on its own event loop in a daemon thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="chaos-sandbox", daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(sandbox.start(), loop).result(timeout=30)
-        yield sandbox
-    finally:
-        try:
-            asyncio.run_coroutine_threadsafe(sandbox.stop(), loop).result(timeout=30)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-            if not thread.is_alive():
-                loop.close()
 
 
 # ---------------------------------------------------------------- the transcript
@@ -549,7 +530,7 @@ def make_scenario(tmp_path: Path, transcript: Transcript) -> Iterator[ScenarioFa
 
     def make(**kwargs: Any) -> Scenario:
         sandbox = ChaosSandbox(**kwargs)
-        stack.enter_context(sandbox_in_thread(sandbox))
+        stack.enter_context(serve_in_thread(sandbox))
         transcript.sandboxes.append(sandbox)
         folder = tmp_path / f"scenario{len(made) + 1}"
         folder.mkdir()

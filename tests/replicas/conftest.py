@@ -31,7 +31,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, WalkMeSandbox, _Call
+from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, WalkMeSandbox, _Call, serve_in_thread
 
 PG_DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 CLIENT_ID = "replicas-client"
@@ -164,14 +164,21 @@ class RecordingSandbox(WalkMeSandbox):
     port (hence the replica) it came from, and able to SIGKILL a replica right after
     WalkMe applied one of its batches and before the replica hears the answer."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, extra_ports: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.extra_ports = extra_ports
         self.applied: list[Applied] = []
         self._applied_lock = threading.Lock()
         self._armed: dict[int, int] | None = None  # port -> pid of a replica to kill
         self.kill: Kill | None = None
         self.killed = threading.Event()
         self.ports: list[int] = []
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        url = await super().start(host, port)
+        for _ in range(self.extra_ports):
+            await self.listen_also(host)
+        return url
 
     async def listen_also(self, host: str = "127.0.0.1") -> int:
         """Serve the same API on one more free port; returns it."""
@@ -246,23 +253,11 @@ def _local_port(request: web.Request) -> int:
 def recording_sandbox(replicas: int, faults: Faults) -> Iterator[RecordingSandbox]:
     """A RecordingSandbox on a thread of the test process, with one port per replica
     (``sandbox.ports``) besides its main one."""
-    sandbox = RecordingSandbox(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, faults=faults)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="walkme-sandbox", daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(sandbox.start(), loop).result(timeout=30)
-        for _ in range(replicas):
-            asyncio.run_coroutine_threadsafe(sandbox.listen_also(), loop).result(timeout=30)
-        yield sandbox
-    finally:
-        try:
-            asyncio.run_coroutine_threadsafe(sandbox.stop(), loop).result(timeout=30)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-            if not thread.is_alive():
-                loop.close()
+    sandbox = RecordingSandbox(
+        extra_ports=replicas, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, faults=faults
+    )
+    with serve_in_thread(sandbox) as served:
+        yield served
 
 
 # -------------------------------------------------------------------------- replicas
