@@ -31,6 +31,7 @@ TABLES = {
     "quarantine",
     "pending",
     "leases",
+    "due",
     "heap_segments",
     "heap_members",
     "heap_pages",
