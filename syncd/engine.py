@@ -32,8 +32,9 @@ from syncd.processes import alive
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import Source, SourceError, build_source
 from syncd.state import Action, SegmentState, StateError, StateStore
-from syncd.state.base import RunResult
+from syncd.state.base import LeaseLost, RunResult
 from syncd.walkme import (
+    BeforeAttempt,
     WalkMeAuthError,
     WalkMeClient,
     WalkMeConflict,
@@ -82,6 +83,19 @@ class Plan:
 
 
 @dataclass
+class Lease:
+    """One tenure of a segment's lease. The holder token is unique per tenure, so a
+    lease this process takes again later is never mistaken for this one."""
+
+    name: str
+    holder: str  # host:pid:nonce-run_id (``_dead_here`` reads host and pid)
+    run_id: str  # the run holding it now (a rerun keeps the tenure)
+    renewed_at: float  # monotonic time the store last confirmed it
+    lost: bool = False
+    released: bool = False
+
+
+@dataclass
 class Outcome:
     segment: str
     result: Literal["synced", "failed", "held", "planned", "skipped"]
@@ -97,7 +111,8 @@ class Outcome:
     hold: Hold | None = None
     interrupted: bool = False  # stopped by a signal after recording its last batch
     lease_lost: bool = False  # another replica may have taken over: stop sending
-    lease_renewed_at: float = 0.0  # monotonic time the lease was last confirmed
+    lease: Lease | None = None  # None: a dry run, which takes no lease
+    read_started: float | None = None  # store clock when the run began reading its source
     source_fingerprint: str | None = None
     unchanged: bool = False  # the source's fingerprint matched: nothing was read
 
@@ -163,68 +178,139 @@ class Engine:
     async def sync_segment(
         self, mapping: SegmentMapping, *, dry_run: bool = False, force: bool = False
     ) -> Outcome:
-        """One run; ``force`` applies a plan the removal guard would hold."""
+        """One run (more while it is asked for again meanwhile); ``force`` applies a
+        plan the removal guard would hold."""
         lock = self._locks.setdefault(mapping.name, asyncio.Lock())
         async with self._slots, lock:
-            # Each run counts its own requests (the tally is task-local).
-            tally: Counter[str] = Counter()
-            request_tally.set(tally)
-            outcome = Outcome(mapping.name, "failed", uuid.uuid4().hex[:12])
+            outcome = _new_outcome(mapping.name)
             with structlog.contextvars.bound_contextvars(
                 segment=mapping.name, run_id=outcome.run_id
             ):
                 if dry_run:
                     await self._run(mapping, outcome, dry_run, force)
                     return outcome
-                if not await self._take_lease(mapping.name):
+                lease = await self._take_lease(mapping.name, outcome.run_id)
+                if lease is None:
                     # Several replicas share the work: this one is someone else's now.
                     log.info("segment.skipped", reason="another replica is syncing it")
                     outcome.result = "skipped"
                     metrics.segment_runs.labels(mapping.name, "skipped").inc()
                     return outcome
-                outcome.lease_renewed_at = time.monotonic()
-                keeper = asyncio.create_task(self._keep_lease(mapping.name, outcome))
-                started = time.monotonic()
-                try:
-                    await self._run(mapping, outcome, dry_run, force)
-                finally:
-                    keeper.cancel()
-                    outcome.duration_s = round(time.monotonic() - started, 3)
-                    outcome.requests = sum(tally.values())
-                    await self._finish(outcome)
-                    self._log_outcome(outcome)
-                    await self._release_lease(mapping.name)
-            return outcome
+            keeper = asyncio.create_task(self._keep_lease(lease))
+            try:
+                while True:
+                    outcome.lease = lease
+                    with structlog.contextvars.bound_contextvars(
+                        segment=mapping.name, run_id=outcome.run_id
+                    ):
+                        await self._run_leased(mapping, outcome, force)
+                        if not await self._due_again(lease, outcome):
+                            return outcome
+                    outcome = _new_outcome(mapping.name)
+                    lease.run_id = outcome.run_id
+                    force = False  # --force applied the plan it was given, not a new one
+            finally:
+                keeper.cancel()
+                if not lease.released:
+                    await self._release_lease(lease)
 
-    async def _take_lease(self, name: str) -> bool:
-        if await self._store.acquire_lease(name, self._holder, self._ttl):
+    async def _run_leased(self, mapping: SegmentMapping, outcome: Outcome, force: bool) -> None:
+        tally = request_tally.get()
+        started = time.monotonic()
+        try:
+            await self._run(mapping, outcome, False, force)
+        finally:
+            outcome.duration_s = round(time.monotonic() - started, 3)
+            outcome.requests = sum(tally.values()) if tally is not None else 0
+            await self._finish(outcome)
+            self._log_outcome(outcome)
+
+    async def _take_lease(self, name: str, run_id: str) -> Lease | None:
+        """The segment's lease for a new tenure, or None while another holds it. A
+        trigger that finds it taken leaves a due mark first, so the holder runs the
+        segment again before releasing: the run asked for here is never lost."""
+        lease = Lease(name, f"{self._holder}-{run_id}", run_id, time.monotonic())
+        if await self._acquire(lease):
+            return lease
+        await self._store.mark_due(name)
+        # The holder may have released between our try and the mark.
+        return lease if await self._acquire(lease) else None
+
+    async def _acquire(self, lease: Lease) -> bool:
+        if await self._store.acquire_lease(lease.name, lease.holder, self._ttl):
             return True
-        holder = await self._store.lease_holder(name)
+        holder = await self._store.lease_holder(lease.name)
         if holder is None or not _dead_here(holder):
             return False
         # A process of this host that no longer runs (a restart after a crash):
         # waiting out its lease would only delay the run.
         log.info("segment.lease_broken", holder=holder)
-        await self._store.release_lease(name, holder)
-        return await self._store.acquire_lease(name, self._holder, self._ttl)
+        await self._store.release_lease(lease.name, holder)
+        return await self._store.acquire_lease(lease.name, lease.holder, self._ttl)
 
-    async def _keep_lease(self, name: str, outcome: Outcome) -> None:
-        """Renew the run's lease; if it is lost, the run stops after its current batch."""
+    async def _keep_lease(self, lease: Lease) -> None:
+        """Renew the lease while it is still ours; once it lapsed it is never resumed."""
         while True:
             await asyncio.sleep(self._ttl / 3)
             try:
-                renewed = await self._store.acquire_lease(name, self._holder, self._ttl)
+                renewed = await self._store.renew_lease(lease.name, lease.holder, self._ttl)
             except StateError:
                 renewed = False
             if not renewed:
-                log.warning("segment.lease_lost")
-                outcome.lease_lost = True
+                self._lose(lease)
                 return
-            outcome.lease_renewed_at = time.monotonic()
+            lease.renewed_at = time.monotonic()
 
-    async def _release_lease(self, name: str) -> None:
+    def _lease_proof(self, outcome: Outcome) -> BeforeAttempt | None:
+        """Before each send (and each retry of one): the lease is still this run's,
+        by the store's clock, or LeaseLost and nothing is sent."""
+        lease = outcome.lease
+        if lease is None:
+            return None
+
+        async def prove() -> None:
+            if not lease.lost and await self._store.renew_lease(
+                lease.name, lease.holder, self._ttl
+            ):
+                lease.renewed_at = time.monotonic()
+                return
+            self._lose(lease)
+            raise LeaseLost(lease.name)
+
+        return prove
+
+    def _lose(self, lease: Lease) -> None:
+        if not lease.lost:
+            lease.lost = True
+            log.warning("segment.lease_lost", segment=lease.name, run_id=lease.run_id)
+
+    async def _due_again(self, lease: Lease, outcome: Outcome) -> bool:
+        """Release the lease unless the segment was asked for since this run began
+        reading (a due mark): then keep it and say so, and the caller runs again."""
+        finished = outcome.result in ("synced", "held") and not lease.lost
+        if not finished or self._stopping or outcome.read_started is None:
+            return False  # released unconditionally; a failed run waits for the schedule
         try:
-            await self._store.release_lease(name, self._holder)
+            released = await self._store.release_lease(
+                lease.name, lease.holder, outcome.read_started
+            )
+        except StateError as exc:  # it expires by itself
+            log.warning("state.unavailable", error=str(exc))
+            lease.released = True
+            return False
+        if released:
+            lease.released = True
+            return False
+        log.info(
+            "segment.rerun",
+            reason="asked for again (webhook, sync command or schedule) after this run"
+            " began reading its source",
+        )
+        return True
+
+    async def _release_lease(self, lease: Lease) -> None:
+        try:
+            await self._store.release_lease(lease.name, lease.holder)
         except StateError as exc:  # it expires by itself
             log.warning("state.unavailable", error=str(exc))
 
@@ -240,6 +326,8 @@ class Engine:
                 state = await self._store.begin_run(
                     mapping.name, outcome.run_id, system, mapping.external_id
                 )
+                # What was asked for after this instant is not in what this run reads.
+                outcome.read_started = await self._store.clock()
                 outcome.source_fingerprint = await source.fingerprint()
                 if _unchanged(state, mapping, outcome.source_fingerprint):
                     # The source is byte-for-byte what the last successful run
@@ -278,8 +366,9 @@ class Engine:
                 finally:
                     diff.close()
             outcome.result = "synced"
-        except (Interrupted, WalkMeStopped) as exc:
+        except (Interrupted, WalkMeStopped, LeaseLost) as exc:
             outcome.error, outcome.interrupted = str(exc), True
+            outcome.lease_lost = isinstance(exc, LeaseLost)
         except (SourceError, WalkMeError, StateError) as exc:
             outcome.error = str(exc) or type(exc).__name__
         except Exception as exc:
@@ -421,7 +510,11 @@ class Engine:
         if action == "create":
             try:
                 target.guid = await self._client.create_segment(
-                    target.system, mapping.name, mapping.external_id, batch
+                    target.system,
+                    mapping.name,
+                    mapping.external_id,
+                    batch,
+                    self._lease_proof(target.outcome),
                 )
             except WalkMeConflict as exc:
                 if exc.guid is None:
@@ -438,17 +531,21 @@ class Engine:
         assert target.guid is not None
         # Remembered before sending: if the answer is lost (crash, kill, timeout),
         # the next run sends this batch again before it diffs.
-        await self._store.begin_batch(mapping.name, action, batch)
+        holder = _holder(target.outcome)
+        await self._store.begin_batch(mapping.name, action, batch, holder)
         try:
-            await self._client.update_segment(target.system, target.guid, action, batch)
+            await self._client.update_segment(
+                target.system, target.guid, action, batch, self._lease_proof(target.outcome)
+            )
         except (WalkMeRejected, WalkMeNotFound, WalkMeAuthError):
-            await self._store.clear_pending(mapping.name)  # refused: certainly not applied
+            # Refused: certainly not applied.
+            await self._store.clear_pending(mapping.name, holder)
             raise
 
     async def _record(self, target: _Target, action: Action, batch: list[str]) -> None:
         outcome = target.outcome
         await self._store.record_batch(
-            target.mapping.name, outcome.run_id, action, batch, target.guid
+            target.mapping.name, outcome.run_id, action, batch, target.guid, _holder(outcome)
         )
         if action == "remove":
             outcome.removed += len(batch)
@@ -599,10 +696,10 @@ class Engine:
     def _check_stopping(self, outcome: Outcome) -> None:
         if self._stopping:
             raise Interrupted("stopped by shutdown; the next run carries on from the snapshot")
-        # A process frozen past its lease (GC, VM pause) must not send on waking.
-        stale = time.monotonic() - outcome.lease_renewed_at > self._ttl * 0.8
-        if outcome.lease_lost or (outcome.lease_renewed_at and stale):
-            raise Interrupted("lost this segment's lease; another replica carries on")
+        # Each send proves the lease by the store's clock (_lease_proof); this only
+        # saves starting a batch once the keeper found it lost.
+        if outcome.lease is not None and outcome.lease.lost:
+            raise LeaseLost(outcome.segment)
 
     async def _finish(self, outcome: Outcome) -> None:
         result: RunResult = outcome.result if outcome.result in ("synced", "held") else "failed"
@@ -616,6 +713,7 @@ class Engine:
                 outcome.requests,
                 outcome.quarantined,
                 outcome.source_fingerprint,
+                holder=_holder(outcome),
             )
             state = await self._store.get(outcome.segment)
         except StateError as exc:
@@ -660,6 +758,17 @@ class Engine:
                 log.warning("segment.failed", **fields)
             else:
                 log.error("segment.failed", **fields)
+
+
+def _new_outcome(name: str) -> Outcome:
+    # Each run counts its own requests (the tally is task-local).
+    request_tally.set(Counter())
+    return Outcome(name, "failed", uuid.uuid4().hex[:12])
+
+
+def _holder(outcome: Outcome) -> str | None:
+    """The lease token that fences this run's writes (None: a run without a lease)."""
+    return outcome.lease.holder if outcome.lease is not None else None
 
 
 def _dead_here(holder: str) -> bool:

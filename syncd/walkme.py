@@ -47,6 +47,11 @@ _T = TypeVar("_T")
 #: the engine sets one per segment run so each run can report its own count.
 request_tally: ContextVar[Counter[str] | None] = ContextVar("request_tally", default=None)
 
+#: Awaited right before each send of a change (first try, retries, the retry after
+#: a fresh token); raising stops the call with nothing sent. The engine's proves
+#: the run still holds the segment's lease.
+BeforeAttempt = Callable[[], Awaitable[None]]
+
 
 class WalkMeError(Exception):
     """A WalkMe call failed for good; ``str()`` is safe to log and show."""
@@ -323,7 +328,12 @@ class WalkMeClient:
         return next((s for s in segments if s.name == name), None)
 
     async def create_segment(
-        self, system_guid: str, name: str, external_id: str | None, user_ids: list[str]
+        self,
+        system_guid: str,
+        name: str,
+        external_id: str | None,
+        user_ids: list[str],
+        before_attempt: BeforeAttempt | None = None,
     ) -> str:
         """Create a segment holding ``user_ids``; returns its GUID.
 
@@ -346,7 +356,7 @@ class WalkMeClient:
                     return existing.guid
             first = False
             try:
-                payload = await self._call("create", "POST", url, body)
+                payload = await self._call("create", "POST", url, body, before_attempt)
             except WalkMeError as exc:
                 if exc.status != 409:
                     raise
@@ -379,11 +389,18 @@ class WalkMeClient:
         return await self._retrying("create", attempt)
 
     async def update_segment(
-        self, system_guid: str, segment_guid: str, action: UpdateAction, user_ids: list[str]
+        self,
+        system_guid: str,
+        segment_guid: str,
+        action: UpdateAction,
+        user_ids: list[str],
+        before_attempt: BeforeAttempt | None = None,
     ) -> None:
         url = self._segments_url(system_guid, segment_guid)
         body = {"action": action, "userIds": user_ids}
-        await self._retrying("update", lambda: self._call("update", "PUT", url, body))
+        await self._retrying(
+            "update", lambda: self._call("update", "PUT", url, body, before_attempt)
+        )
 
     async def delete_segment(self, system_guid: str, segment_guid: str) -> None:
         url = self._segments_url(system_guid, segment_guid)
@@ -431,13 +448,24 @@ class WalkMeClient:
             ) from None
         raise AssertionError("stamina ended without a result")  # pragma: no cover
 
-    async def _call(self, kind: str, method: str, url: str, body: Any = None) -> Any:
+    async def _call(
+        self,
+        kind: str,
+        method: str,
+        url: str,
+        body: Any = None,
+        before_attempt: BeforeAttempt | None = None,
+    ) -> Any:
         """One authenticated call; a 401 gets one fresh token and one more try."""
         token = await self.access_token()
+        if before_attempt is not None:
+            await before_attempt()
         status, raw, retry_after = await self._send(kind, method, url, json_body=body, token=token)
         if status == 401:
             self._invalidate(token)
             token = await self.access_token()
+            if before_attempt is not None:
+                await before_attempt()
             status, raw, retry_after = await self._send(
                 kind, method, url, json_body=body, token=token
             )

@@ -24,6 +24,17 @@ class StateError(Exception):
     """The state store cannot be used; never answered by starting afresh."""
 
 
+class LeaseLost(StateError):
+    """This run no longer holds the segment's lease: another replica may be running
+    it, so nothing may be sent or written for it any more."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"segment {name!r}: this run no longer holds its lease (another replica"
+            " carries on); nothing more is sent or recorded"
+        )
+
+
 @dataclass(frozen=True)
 class SegmentState:
     name: str
@@ -127,19 +138,25 @@ class StateStore(Protocol):
         action: Action,
         ids: list[str],
         segment_guid: str | None = None,
+        holder: str | None = None,
     ) -> None:
         """WalkMe acknowledged this batch: apply it to the snapshot and clear the
-        pending batch, atomically."""
+        pending batch, atomically. With ``holder``, only while that holder's lease is
+        unexpired (checked in the same transaction); otherwise LeaseLost, nothing written."""
         ...
 
-    async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:
-        """About to send this batch: remembered until record_batch or clear_pending."""
+    async def begin_batch(
+        self, name: str, action: Action, ids: list[str], holder: str | None = None
+    ) -> None:
+        """About to send this batch: remembered until record_batch or clear_pending.
+        Fenced by ``holder`` as record_batch is."""
         ...
 
     async def pending_batch(self, name: str) -> PendingBatch | None: ...
 
-    async def clear_pending(self, name: str) -> None:
-        """WalkMe definitely did not apply the batch (it answered 4xx)."""
+    async def clear_pending(self, name: str, holder: str | None = None) -> None:
+        """WalkMe definitely did not apply the batch (it answered 4xx). Fenced by
+        ``holder`` as record_batch is."""
         ...
 
     async def forget_guid(self, name: str) -> None:
@@ -186,8 +203,11 @@ class StateStore(Protocol):
         requests: int,
         quarantined: int,
         source_fingerprint: str | None = None,
+        holder: str | None = None,
     ) -> None:
-        """Close the run; a synced run keeps the source's fingerprint, others clear it."""
+        """Close the run; a synced run keeps the source's fingerprint, others clear it.
+        With ``holder``, the segment's own row changes only under that unexpired lease
+        (a run that lost it closes its run record and leaves the segment alone)."""
         ...
 
     async def history(self, name: str, limit: int) -> list[RunRecord]:
@@ -213,11 +233,30 @@ class StateStore(Protocol):
         A holder that dies loses the lease when ``ttl_s`` passes without a renewal."""
         ...
 
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Extend the lease only while this holder still has it unexpired; False once
+        it lapsed (even if nobody took it since: a lapsed lease is never resumed)."""
+        ...
+
     async def lease_holder(self, name: str) -> str | None:
         """Who holds the segment's unexpired lease, if anyone."""
         ...
 
-    async def release_lease(self, name: str, holder: str) -> None: ...
+    async def release_lease(
+        self, name: str, holder: str, read_started: float | None = None
+    ) -> bool:
+        """Give the lease up; True once this holder holds it no more. With
+        ``read_started`` (a ``clock()`` reading), a due mark made since keeps the
+        lease instead and answers False: the holder must run the segment again."""
+        ...
+
+    async def mark_due(self, name: str) -> None:
+        """Something asked for a run of this segment now (by the store's clock)."""
+        ...
+
+    async def clock(self) -> float:
+        """The store's lease clock, in seconds: the one leases and due marks use."""
+        ...
 
     async def ping(self) -> None:
         """Raise StateError unless the store answers."""

@@ -23,6 +23,7 @@ from syncd.state.base import (
     Action,
     HeapPage,
     HeapSegment,
+    LeaseLost,
     Origin,
     PageReceipt,
     PendingBatch,
@@ -32,7 +33,7 @@ from syncd.state.base import (
     StateError,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATION_LOCK = 0x73796E6364  # "syncd": serialises schema changes across replicas
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
@@ -114,8 +115,36 @@ _MIGRATIONS = [
         PRIMARY KEY (sync_task_id, page_number)
     );
     """,
+    # Due marks: a run asked for while another replica held the lease.
+    """
+    CREATE TABLE due (
+        segment TEXT PRIMARY KEY,
+        due_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+_NOW = "extract(epoch FROM clock_timestamp())"  # the lease clock: the database's
+
+
+async def _fence(
+    conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], name: str, holder: str | None
+) -> None:
+    """Inside a transaction: raise LeaseLost unless ``holder`` (when given) holds the
+    segment's unexpired lease. The row lock keeps anyone from taking the lease over
+    until this transaction ends, so what it writes is written under that lease."""
+    if holder is None:
+        return
+    held = await conn.fetchval(
+        f"SELECT 1 FROM leases WHERE segment = $1 AND holder = $2 AND expires_at >= {_NOW}"
+        " FOR SHARE",
+        name,
+        holder,
+    )
+    if held is None:
+        raise LeaseLost(name)
+
 
 _COLUMNS = (
     "name, system_guid, segment_guid, external_id, origin, needs_override, members,"
@@ -269,8 +298,10 @@ class PostgresStore:
         action: Action,
         ids: list[str],
         segment_guid: str | None = None,
+        holder: str | None = None,
     ) -> None:
         async with self._conn() as conn, conn.transaction():
+            await _fence(conn, name, holder)
             await conn.execute("DELETE FROM pending WHERE segment = $1", name)
             if action == "remove":
                 changed = -_count(
@@ -330,7 +361,7 @@ class PostgresStore:
 
     async def forget(self, name: str) -> bool:
         async with self._conn() as conn, conn.transaction():
-            for table in ("members", "runs", "quarantine", "pending", "leases"):
+            for table in ("members", "runs", "quarantine", "pending", "leases", "due"):
                 await conn.execute(f"DELETE FROM {table} WHERE segment = $1", name)
             status = await conn.execute("DELETE FROM segments WHERE name = $1", name)
         return _count(status) > 0
@@ -345,6 +376,7 @@ class PostgresStore:
         requests: int,
         quarantined: int,
         source_fingerprint: str | None = None,
+        holder: str | None = None,
     ) -> None:
         async with self._conn() as conn, conn.transaction():
             await conn.execute(
@@ -357,6 +389,10 @@ class PostgresStore:
                 quarantined,
                 run_id,
             )
+            try:
+                await _fence(conn, name, holder)
+            except LeaseLost:
+                return  # the run's own record is closed; the segment is the new holder's
             await conn.execute(
                 "UPDATE segments SET last_run_at = now(), last_result = $1, last_error = $2,"
                 " skipped = $3, skipped_examples = $4, source_fingerprint = $6,"
@@ -412,8 +448,11 @@ class PostgresStore:
     def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
         return self._pages("members", "segment", name, size)
 
-    async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:
-        async with self._conn() as conn:
+    async def begin_batch(
+        self, name: str, action: Action, ids: list[str], holder: str | None = None
+    ) -> None:
+        async with self._conn() as conn, conn.transaction():
+            await _fence(conn, name, holder)
             await conn.execute(
                 "INSERT INTO pending (segment, action, ids) VALUES ($1, $2, $3)"
                 " ON CONFLICT (segment) DO UPDATE SET action = excluded.action,"
@@ -428,8 +467,9 @@ class PostgresStore:
             row = await conn.fetchrow("SELECT action, ids FROM pending WHERE segment = $1", name)
         return PendingBatch(row[0], list(row[1])) if row else None
 
-    async def clear_pending(self, name: str) -> None:
-        async with self._conn() as conn:
+    async def clear_pending(self, name: str, holder: str | None = None) -> None:
+        async with self._conn() as conn, conn.transaction():
+            await _fence(conn, name, holder)
             await conn.execute("DELETE FROM pending WHERE segment = $1", name)
 
     async def quarantine(
@@ -481,11 +521,23 @@ class PostgresStore:
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 "INSERT INTO leases (segment, holder, expires_at)"
-                " VALUES ($1, $2, extract(epoch FROM clock_timestamp()) + $3)"
+                f" VALUES ($1, $2, {_NOW} + $3)"
                 " ON CONFLICT (segment) DO UPDATE SET holder = excluded.holder,"
                 " expires_at = excluded.expires_at"
                 " WHERE leases.holder = excluded.holder"
-                " OR leases.expires_at < extract(epoch FROM clock_timestamp())"
+                f" OR leases.expires_at < {_NOW}"
+                " RETURNING holder",
+                name,
+                holder,
+                ttl_s,
+            )
+        return row is not None
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"UPDATE leases SET expires_at = {_NOW} + $3"
+                f" WHERE segment = $1 AND holder = $2 AND expires_at >= {_NOW}"
                 " RETURNING holder",
                 name,
                 holder,
@@ -496,17 +548,45 @@ class PostgresStore:
     async def lease_holder(self, name: str) -> str | None:
         async with self._conn() as conn:
             holder: str | None = await conn.fetchval(
-                "SELECT holder FROM leases WHERE segment = $1"
-                " AND expires_at >= extract(epoch FROM clock_timestamp())",
+                f"SELECT holder FROM leases WHERE segment = $1 AND expires_at >= {_NOW}",
                 name,
             )
         return holder
 
-    async def release_lease(self, name: str, holder: str) -> None:
+    async def release_lease(
+        self, name: str, holder: str, read_started: float | None = None
+    ) -> bool:
+        async with self._conn() as conn:
+            # One statement: a due mark committed before it is seen and keeps the
+            # lease; one committed after finds the lease free and takes it.
+            status = await conn.execute(
+                "DELETE FROM leases WHERE segment = $1 AND holder = $2 AND ($3::float8 IS NULL"
+                " OR NOT EXISTS (SELECT 1 FROM due WHERE due.segment = $1 AND due_at >= $3))",
+                name,
+                holder,
+                read_started,
+            )
+            if _count(status) or read_started is None:
+                return True
+            kept = await conn.fetchval(
+                f"SELECT 1 FROM leases WHERE segment = $1 AND holder = $2 AND expires_at >= {_NOW}",
+                name,
+                holder,
+            )
+        return kept is None
+
+    async def mark_due(self, name: str) -> None:
         async with self._conn() as conn:
             await conn.execute(
-                "DELETE FROM leases WHERE segment = $1 AND holder = $2", name, holder
+                f"INSERT INTO due (segment, due_at) VALUES ($1, {_NOW})"
+                " ON CONFLICT (segment) DO UPDATE SET due_at = excluded.due_at",
+                name,
             )
+
+    async def clock(self) -> float:
+        async with self._conn() as conn:
+            now: float = await conn.fetchval(f"SELECT {_NOW}::float8")
+        return now
 
     # -- Heap webhook pages ------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from syncd.state.base import (
     Action,
     HeapPage,
     HeapSegment,
+    LeaseLost,
     Origin,
     PageReceipt,
     PendingBatch,
@@ -35,7 +36,7 @@ from syncd.state.base import (
     StateError,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _T = TypeVar("_T")
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
@@ -116,9 +117,54 @@ CREATE TABLE heap_pages (
     received_at TEXT NOT NULL,
     PRIMARY KEY (sync_task_id, page_number)
 );
-"""
+""",
+    # Leases move to the boot clock (see _lease_clock): a lease stamped by another
+    # boot, or by the wall clock before this version (boot ''), counts as expired.
+    # Due marks: a run asked for while another process held the lease.
+    """
+ALTER TABLE leases ADD COLUMN boot TEXT NOT NULL DEFAULT '';
+CREATE TABLE due (
+    segment TEXT PRIMARY KEY,
+    boot TEXT NOT NULL,
+    due_at REAL NOT NULL
+);
+""",
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+_BOOT_ID = _boot_id()
+
+
+def _lease_clock() -> tuple[str, float]:
+    """(boot, seconds) for leases and due marks: the processes sharing a SQLite file
+    run on one host, so its boot-time clock orders them all, and it never jumps
+    (the wall clock does: NTP steps, an operator's date). Without Linux's boot id
+    the wall clock it is, under the boot name "wall"."""
+    if _BOOT_ID and hasattr(time, "CLOCK_BOOTTIME"):
+        return _BOOT_ID, time.clock_gettime(time.CLOCK_BOOTTIME)
+    return "wall", time.time()
+
+
+def _fence(conn: sqlite3.Connection, name: str, holder: str | None) -> None:
+    """Inside a transaction: raise LeaseLost unless ``holder`` (when given) holds the
+    segment's unexpired lease (the transaction's write lock keeps it so until commit)."""
+    if holder is None:
+        return
+    boot, now = _lease_clock()
+    held = conn.execute(
+        "SELECT 1 FROM leases WHERE segment = ? AND holder = ? AND boot = ? AND expires_at >= ?",
+        (name, holder, boot, now),
+    ).fetchone()
+    if held is None:
+        raise LeaseLost(name)
 
 
 def _now() -> str:
@@ -379,11 +425,13 @@ class SqliteStore:
         action: Action,
         ids: list[str],
         segment_guid: str | None = None,
+        holder: str | None = None,
     ) -> None:
         payload = json.dumps(ids)
 
         def write() -> None:
             with self._transaction() as conn:
+                _fence(conn, name, holder)
                 conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
                 if action == "remove":
                     cursor = conn.execute(
@@ -434,11 +482,14 @@ class SqliteStore:
 
         await self._call(write)
 
-    async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:
+    async def begin_batch(
+        self, name: str, action: Action, ids: list[str], holder: str | None = None
+    ) -> None:
         payload = "\n".join(ids)  # ids never hold a newline (id rules); cheaper than JSON
 
         def write() -> None:
             with self._transaction() as conn:
+                _fence(conn, name, holder)
                 conn.execute(
                     "INSERT OR REPLACE INTO pending (segment, action, ids) VALUES (?, ?, ?)",
                     (name, action, payload),
@@ -457,9 +508,10 @@ class SqliteStore:
 
         return await self._call(read)
 
-    async def clear_pending(self, name: str) -> None:
+    async def clear_pending(self, name: str, holder: str | None = None) -> None:
         def write() -> None:
             with self._transaction() as conn:
+                _fence(conn, name, holder)
                 conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
 
         await self._call(write)
@@ -565,6 +617,7 @@ class SqliteStore:
                 conn.execute("DELETE FROM quarantine WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
                 conn.execute("DELETE FROM leases WHERE segment = ?", (name,))
+                conn.execute("DELETE FROM due WHERE segment = ?", (name,))
                 return conn.execute("DELETE FROM segments WHERE name = ?", (name,)).rowcount > 0
 
         return await self._call(write)
@@ -592,6 +645,7 @@ class SqliteStore:
         requests: int,
         quarantined: int,
         source_fingerprint: str | None = None,
+        holder: str | None = None,
     ) -> None:
         def write() -> None:
             now = _now()
@@ -601,6 +655,10 @@ class SqliteStore:
                     " requests = ?, quarantined = ? WHERE run_id = ?",
                     (now, result, error, skipped.count, requests, quarantined, run_id),
                 )
+                try:
+                    _fence(conn, name, holder)
+                except LeaseLost:
+                    return  # the run's own record is closed; the segment is the new holder's
                 conn.execute(
                     "UPDATE segments SET last_run_at = ?, last_result = ?, last_error = ?,"
                     " skipped = ?, skipped_examples = ?, source_fingerprint = ?,"
@@ -718,15 +776,31 @@ class SqliteStore:
 
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         def write() -> bool:
-            now = time.time()
             with self._transaction() as conn:
+                boot, now = _lease_clock()  # read under the write lock: processes agree
                 return (
                     conn.execute(
-                        "INSERT INTO leases (segment, holder, expires_at) VALUES (?, ?, ?)"
+                        "INSERT INTO leases (segment, holder, expires_at, boot) VALUES (?, ?, ?, ?)"
                         " ON CONFLICT (segment) DO UPDATE SET holder = excluded.holder,"
-                        " expires_at = excluded.expires_at"
-                        " WHERE leases.holder = excluded.holder OR leases.expires_at < ?",
-                        (name, holder, now + ttl_s, now),
+                        " expires_at = excluded.expires_at, boot = excluded.boot"
+                        " WHERE leases.holder = excluded.holder OR leases.boot != excluded.boot"
+                        " OR leases.expires_at < ?",
+                        (name, holder, now + ttl_s, boot, now),
+                    ).rowcount
+                    > 0
+                )
+
+        return await self._call(write)
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        def write() -> bool:
+            with self._transaction() as conn:
+                boot, now = _lease_clock()
+                return (
+                    conn.execute(
+                        "UPDATE leases SET expires_at = ? WHERE segment = ? AND holder = ?"
+                        " AND boot = ? AND expires_at >= ?",
+                        (now + ttl_s, name, holder, boot, now),
                     ).rowcount
                     > 0
                 )
@@ -735,20 +809,55 @@ class SqliteStore:
 
     async def lease_holder(self, name: str) -> str | None:
         def read() -> str | None:
+            boot, now = _lease_clock()
             row = self._conn.execute(
-                "SELECT holder FROM leases WHERE segment = ? AND expires_at >= ?",
-                (name, time.time()),
+                "SELECT holder FROM leases WHERE segment = ? AND boot = ? AND expires_at >= ?",
+                (name, boot, now),
             ).fetchone()
             return str(row[0]) if row else None
 
         return await self._call(read)
 
-    async def release_lease(self, name: str, holder: str) -> None:
+    async def release_lease(
+        self, name: str, holder: str, read_started: float | None = None
+    ) -> bool:
+        def write() -> bool:
+            with self._transaction() as conn:
+                boot, now = _lease_clock()
+                due = (
+                    read_started is not None
+                    and conn.execute(
+                        "SELECT 1 FROM due WHERE segment = ? AND boot = ? AND due_at >= ?",
+                        (name, boot, read_started),
+                    ).fetchone()
+                )
+                if not due:
+                    conn.execute(
+                        "DELETE FROM leases WHERE segment = ? AND holder = ?", (name, holder)
+                    )
+                    return True
+                kept = conn.execute(
+                    "SELECT 1 FROM leases WHERE segment = ? AND holder = ? AND boot = ?"
+                    " AND expires_at >= ?",
+                    (name, holder, boot, now),
+                ).fetchone()
+                return kept is None
+
+        return await self._call(write)
+
+    async def mark_due(self, name: str) -> None:
         def write() -> None:
             with self._transaction() as conn:
-                conn.execute("DELETE FROM leases WHERE segment = ? AND holder = ?", (name, holder))
+                boot, now = _lease_clock()
+                conn.execute(
+                    "INSERT OR REPLACE INTO due (segment, boot, due_at) VALUES (?, ?, ?)",
+                    (name, boot, now),
+                )
 
         await self._call(write)
+
+    async def clock(self) -> float:
+        return _lease_clock()[1]
 
     async def ping(self) -> None:
         def read() -> None:

@@ -292,7 +292,7 @@ def replica_env(
 
 @dataclass
 class Replica:
-    """One ``python -m syncd run`` subprocess; stdout and stderr go to files."""
+    """One ``python -m syncd run`` (or ``sync``) subprocess; stdout and stderr go to files."""
 
     index: int
     api_port: int
@@ -305,13 +305,19 @@ class Replica:
 
     @classmethod
     def start(
-        cls, index: int, directory: Path, env: dict[str, str], api_port: int, admin_port: int
+        cls,
+        index: int,
+        directory: Path,
+        env: dict[str, str],
+        api_port: int,
+        admin_port: int,
+        command: str = "run",
     ) -> Replica:
         directory.mkdir(parents=True, exist_ok=True)
         stdout_path, stderr_path = directory / "stdout.log", directory / "stderr.log"
         out, err = stdout_path.open("wb"), stderr_path.open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "syncd", "run"],
+            [sys.executable, "-m", "syncd", command],
             cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,

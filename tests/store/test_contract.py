@@ -17,7 +17,7 @@ import pytest
 from syncd.diff import Quarantined
 from syncd.ids import SkippedIds
 from syncd.state import SegmentState, StateError, StateStore, open_store
-from syncd.state.base import HeapPage, HeapSegment, RunResult
+from syncd.state.base import HeapPage, HeapSegment, LeaseLost, RunResult
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
 
 # Ids and names that trip up quoting, CSV, LIKE/format strings, JSON and collations.
@@ -673,6 +673,83 @@ async def test_renewal_extends_the_lease(store: StateStore) -> None:
     assert await store.acquire_lease("vip", "replica-a", 0.8) is True
     await asyncio.sleep(0.5)  # past the first expiry, well before the renewed one
     assert await store.acquire_lease("vip", "replica-b", 0.8) is False
+
+
+async def test_a_lapsed_lease_is_never_renewed(store: StateStore) -> None:
+    assert await store.acquire_lease("vip", "replica-a", 0.3) is True
+    assert await store.renew_lease("vip", "replica-a", 0.3) is True
+    assert await store.renew_lease("vip", "replica-b", 30) is False  # not the holder
+    await asyncio.sleep(0.5)
+    # Nobody took it meanwhile, yet the run that let it lapse may not carry on.
+    assert await store.renew_lease("vip", "replica-a", 30) is False
+    assert await store.lease_holder("vip") is None
+    assert await store.renew_lease("nobody", "replica-a", 30) is False
+
+
+async def test_batch_writes_need_the_holders_unexpired_lease(store: StateStore) -> None:
+    await store.begin_run("vip", "r1", SYSTEM, None)
+    await store.record_batch("vip", "r1", "create", ["a", "b"], GUID)
+    await store.begin_batch("vip", "add", ["c"])
+    assert await store.acquire_lease("vip", "replica-a", 0.4) is True
+    for stale in ("replica-b", "replica-a-old-run"):
+        with pytest.raises(LeaseLost):
+            await store.begin_batch("vip", "remove", ["a"], stale)
+        with pytest.raises(LeaseLost):
+            await store.record_batch("vip", "r1", "add", ["x"], GUID, stale)
+        with pytest.raises(LeaseLost):
+            await store.clear_pending("vip", stale)
+    await store.finish_run("vip", "r1", "failed", "lost", SkippedIds(), 1, 0, None, holder="b")
+    await store.record_batch("vip", "r1", "add", ["c"], GUID, "replica-a")  # the holder may
+    await asyncio.sleep(0.6)  # ... until its lease lapses
+    with pytest.raises(LeaseLost):
+        await store.begin_batch("vip", "add", ["late"], "replica-a")
+    with pytest.raises(LeaseLost):
+        await store.record_batch("vip", "r1", "add", ["late"], GUID, "replica-a")
+    # Nothing the refused writes carried reached the store.
+    assert await store.pending_batch("vip") is None
+    assert sorted([m async for chunk in store.snapshot("vip", 10) for m in chunk]) == [
+        "a",
+        "b",
+        "c",
+    ]
+    state = await store.get("vip")
+    assert state is not None
+    assert (state.members, state.last_result, state.last_error) == (3, None, None)
+
+
+async def test_a_due_mark_since_the_read_keeps_the_lease(store: StateStore) -> None:
+    assert await store.acquire_lease("vip", "replica-a", 30) is True
+    await store.mark_due("vip")  # asked for before the run began reading: served by it
+    read_started = await store.clock()
+    assert await store.release_lease("vip", "replica-a", read_started) is True
+    assert await store.lease_holder("vip") is None
+
+    assert await store.acquire_lease("vip", "replica-a", 30) is True
+    read_started = await store.clock()
+    await store.mark_due("vip")  # asked for while the run was reading or sending
+    assert await store.release_lease("vip", "replica-a", read_started) is False
+    assert await store.lease_holder("vip") == "replica-a"
+    assert await store.acquire_lease("vip", "replica-b", 30) is False
+    rerun_started = await store.clock()  # the rerun reads afresh
+    assert await store.release_lease("vip", "replica-a", rerun_started) is True
+    assert await store.acquire_lease("vip", "replica-b", 30) is True
+    # Not the holder (any more): nothing kept, nothing to run again.
+    assert await store.release_lease("vip", "replica-a", read_started) is True
+    assert await store.lease_holder("vip") == "replica-b"
+
+
+@pytest.mark.parametrize("jump_s", [3600.0, -3600.0])
+async def test_leases_ignore_a_jump_of_the_wall_clock(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch, jump_s: float
+) -> None:
+    assert await store.acquire_lease("vip", "replica-a", 30) is True
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + jump_s)
+    assert await store.acquire_lease("vip", "replica-b", 30) is False
+    assert await store.lease_holder("vip") == "replica-a"
+    assert await store.renew_lease("vip", "replica-a", 30) is True
+    await store.begin_run("vip", "r1", SYSTEM, None)
+    await store.begin_batch("vip", "create", ["a"], "replica-a")
 
 
 # -- ping, reopen, close ---------------------------------------------------------------------
