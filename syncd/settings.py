@@ -246,7 +246,7 @@ class Settings(BaseSettings):
                 "expected sqlite:///relative.db, sqlite:////absolute.db or"
                 " postgresql://user:password@host:port/database"
             )
-        if not value.startswith("sqlite:") and not _parses(value):
+        if not value.startswith("sqlite:") and not unambiguous_url(value):
             raise ValueError(f"cannot be parsed; {URL_HINT}")
         return value
 
@@ -260,7 +260,7 @@ class Settings(BaseSettings):
                     f"unsupported scheme {scheme!r}: use postgresql:// (PostgreSQL, Redshift)"
                     " or snowflake://"
                 )
-            if not _parses(value.get_secret_value()):
+            if not unambiguous_url(value.get_secret_value()):
                 raise ValueError(f"cannot be parsed; {URL_HINT}")
         return value
 
@@ -360,14 +360,14 @@ def describe_url(url: str) -> str:
     scheme = url.split("://", 1)[0] if "://" in url else "?"
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,20}", scheme):
         scheme = "?"
-    if not _parses(url):
+    if not unambiguous_url(url):
         return f"{scheme}://(unparsable URL)"
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port else ""
     return f"{scheme}://{parts.hostname or ''}{port}{parts.path}"
 
 
-def _parses(url: str) -> bool:
+def unambiguous_url(url: str) -> bool:
     """Whether a database URL reads unambiguously as scheme://user:password@host:port/...
 
     A password holding a raw "/", "?" or "#" ends the host part early, leaving its

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from syncd.settings import URL_HINT, describe_url
+from syncd.settings import URL_HINT, describe_url, unambiguous_url
 from syncd.sources.base import CHUNK_SIZE, SourceError, in_thread
 
 CONNECT_TIMEOUT = 30.0
@@ -43,9 +43,19 @@ class WarehouseSource:
         return f"warehouse {describe_url(self._url)}"
 
     def chunks(self) -> AsyncIterator[list[object]]:
+        if not unambiguous_url(self._url):
+            return self._unparsable()
         if self._url.startswith("snowflake://"):
             return self._snowflake_chunks()
         return self._postgres_chunks()
+
+    async def _unparsable(self) -> AsyncIterator[list[object]]:
+        # Drivers would misread the URL and quote its pieces, password included.
+        raise SourceError(
+            f"cannot connect to the warehouse {describe_url(self._url)}:"
+            f" SYNCD_WAREHOUSE_URL cannot be parsed; {URL_HINT}"
+        )
+        yield []  # an async generator, like the others
 
     async def _postgres_chunks(self) -> AsyncIterator[list[object]]:
         import asyncpg  # only warehouse users pay for loading the driver
@@ -101,14 +111,7 @@ class WarehouseSource:
             ) from None
         where = describe_url(self._url)
         try:
-            params = _snowflake_params(self._url)
-        except ValueError:
-            raise SourceError(
-                f"cannot connect to Snowflake {where}: SYNCD_WAREHOUSE_URL cannot be parsed;"
-                f" {URL_HINT}"
-            ) from None
-        try:
-            conn = snowflake.connector.connect(**params)
+            conn = snowflake.connector.connect(**_snowflake_params(self._url))
         except Exception as exc:
             reason = _reason(exc, self._url)
             raise SourceError(f"cannot connect to Snowflake {where}: {reason}") from None
