@@ -89,10 +89,7 @@ class WarehouseSource:
             reason = _reason(exc, self._url)
             raise SourceError(f"warehouse query failed on {where}: {reason}") from None
         finally:
-            try:
-                await conn.close(timeout=5)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                conn.terminate()  # lost already: the run's outcome is decided above
+            await conn.close(timeout=5)
 
     async def _snowflake_chunks(self) -> AsyncIterator[list[object]]:
         rows = self._snowflake_rows()
