@@ -21,16 +21,18 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import structlog
 
 from syncd import metrics
 from syncd.diff import Diff, Quarantined, compute_diff
-from syncd.ids import SkippedIds, clean_ids
+from syncd.ids import NotAnId, SkippedIds, clean_ids
 from syncd.processes import alive
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import Source, SourceError, build_source
+from syncd.sources.base import bounded, bounded_chunks
 from syncd.state import Action, SegmentState, StateError, StateStore
 from syncd.state.base import LeaseLost, RunResult
 from syncd.walkme import (
@@ -328,11 +330,14 @@ class Engine:
                 )
                 # What was asked for after this instant is not in what this run reads.
                 outcome.read_started = await self._store.clock()
-                outcome.source_fingerprint = await source.fingerprint()
-                if _unchanged(state, mapping, outcome.source_fingerprint):
+                check = partial(self._check_stopping, outcome)
+                limit_s = self._settings.source_timeout
+                fingerprint = await bounded(source.fingerprint(), limit_s, source, check)
+                if _unchanged(state, mapping, fingerprint):
                     # The source is byte-for-byte what the last successful run
                     # delivered, so the diff would be empty: skip reading it.
                     assert state is not None
+                    outcome.source_fingerprint = fingerprint
                     outcome.skipped = SkippedIds(state.skipped, state.skipped_examples)
                     outcome.unchanged = True
                     outcome.result = "synced"
@@ -408,8 +413,13 @@ class Engine:
         log.debug("segment.reading", source=source.describe())
 
         async def cleaned() -> AsyncIterator[list[str]]:
-            async for chunk in source.chunks():
-                yield clean_ids(chunk, outcome.skipped)
+            check = partial(self._check_stopping, outcome)
+            async for chunk in bounded_chunks(source, self._settings.source_timeout, check):
+                try:
+                    ids = clean_ids(chunk, outcome.skipped)
+                except NotAnId as exc:
+                    raise SourceError(f"{source.describe()}: {exc}") from None
+                yield ids
 
         if mode == "update" and state is not None:
             snapshot = self._store.snapshot(mapping.name, SNAPSHOT_CHUNK)
@@ -418,6 +428,8 @@ class Engine:
         else:
             snapshot, snapshot_size, quarantined = _nothing(), 0, Quarantined()
         diff = await compute_diff(cleaned(), snapshot, quarantined, self._settings.work_dir)
+        # What a successful run records: the digest of exactly the ids just diffed.
+        outcome.source_fingerprint = source.read_fingerprint()
         if diff.distinct == 0 and snapshot_size > 0:
             # An empty or half-loaded table looks exactly like this.
             log.warning(
@@ -785,6 +797,16 @@ def _dead_here(holder: str) -> bool:
 def _unchanged(
     state: SegmentState | None, mapping: SegmentMapping, fingerprint: str | None
 ) -> bool:
+    """Whether a full run would send nothing, so the source need not be read.
+
+    The invariant that makes this exact: a stored fingerprint is the digest of
+    exactly the bytes (with the column and the id rules) whose ids the last run
+    diffed and delivered in full (``Source.read_fingerprint``, never the earlier
+    cheap check); ``begin_run`` clears it, so a run that crashed, failed or was
+    held leaves none; and only a plain update keeps the snapshot (a reset or an
+    adoption rebuilds). An equal fingerprint then means the same ids against the
+    same snapshot, and the same (empty) diff.
+    """
     return (
         fingerprint is not None
         and state is not None

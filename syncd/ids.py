@@ -6,13 +6,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-ID_RULES_VERSION = 1  # bump when the rules change: stored source fingerprints then expire
+ID_RULES_VERSION = 2  # bump when the rules change: stored source fingerprints then expire
 MAX_ID_LENGTH = 100  # WalkMe: "Up to 100 characters per ID value"
 EXAMPLES_KEPT = 5
 # C0/C1 control characters cannot be a real user id and break WalkMe's matching.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # The same, less the newline: used on a whole chunk joined by newlines.
 _CONTROL_IN_CHUNK = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+
+
+class NotAnId(ValueError):
+    """A source value that is neither text nor an integer: its repr is no user id."""
 
 
 @dataclass
@@ -33,7 +37,9 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
     """Apply the id rules to a chunk of source values.
 
     Surrounding whitespace is stripped and empty values and NULLs dropped;
-    numbers become strings; ids WalkMe cannot take are counted in ``skipped``.
+    integers become their digits; ids WalkMe cannot take are counted in ``skipped``.
+    Any other value (a float, Decimal, bool, bytes, list...) raises :class:`NotAnId`:
+    its Python repr is not the text the source holds, so it must not be sent.
     Duplicates are left to the diff, which keeps each id once.
     """
     values = raw if isinstance(raw, list) else list(raw)
@@ -51,7 +57,7 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
     for value in values:
         if value is None:
             continue
-        text = (value if isinstance(value, str) else str(value)).strip()
+        text = _text(value).strip()
         if not text:
             continue
         if len(text) > MAX_ID_LENGTH:
@@ -61,3 +67,14 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
         else:
             kept.append(text)
     return kept
+
+
+def _text(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise NotAnId(
+        f"a value of type {type(value).__name__} is neither text nor an integer;"
+        " convert it to text in the source (in SQL: CAST(column AS TEXT))"
+    )

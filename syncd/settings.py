@@ -44,6 +44,11 @@ SECRET_FIELDS = frozenset(
 )
 
 Guid = Annotated[str, Field(pattern=GUID_PATTERN)]
+# What a database URL that cannot be read reliably is told; it never quotes the URL.
+URL_HINT = (
+    "percent-encode any '/', '?', '#', '@' or '%' in the user name and password"
+    " (e.g. '?' as %3F, '#' as %23, '@' as %40)"
+)
 
 
 class ConfigError(Exception):
@@ -203,6 +208,8 @@ class Settings(BaseSettings):
     heap_auto_map: bool | None = None
     # Heap Connect tables: postgresql:// (PostgreSQL, Amazon Redshift) or snowflake://.
     warehouse_url: SecretStr | None = None
+    # Longest wait for one step of reading a source (a chunk, a query's first rows).
+    source_timeout: float = Field(default=600.0, gt=0, le=86400)
 
     @field_validator("walkme_api_url", "walkme_token_url")
     @classmethod
@@ -239,6 +246,8 @@ class Settings(BaseSettings):
                 "expected sqlite:///relative.db, sqlite:////absolute.db or"
                 " postgresql://user:password@host:port/database"
             )
+        if not value.startswith("sqlite:") and not unambiguous_url(value):
+            raise ValueError(f"cannot be parsed; {URL_HINT}")
         return value
 
     @field_validator("warehouse_url")
@@ -251,6 +260,8 @@ class Settings(BaseSettings):
                     f"unsupported scheme {scheme!r}: use postgresql:// (PostgreSQL, Redshift)"
                     " or snowflake://"
                 )
+            if not unambiguous_url(value.get_secret_value()):
+                raise ValueError(f"cannot be parsed; {URL_HINT}")
         return value
 
     @model_validator(mode="after")
@@ -344,19 +355,31 @@ class Settings(BaseSettings):
 
 
 def describe_url(url: str) -> str:
-    """A URL without its user and password, safe for logs and errors."""
+    """A URL without its user and password, safe for logs and errors: the parts
+    shown come after the URL's only "@", so no piece of a password is among them."""
     scheme = url.split("://", 1)[0] if "://" in url else "?"
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,20}", scheme):
+        scheme = "?"
+    if not unambiguous_url(url):
+        return f"{scheme}://(unparsable URL)"
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def unambiguous_url(url: str) -> bool:
+    """Whether a database URL reads unambiguously as scheme://user:password@host:port/...
+
+    A password holding a raw "/", "?" or "#" ends the host part early, leaving its
+    "@" in the path, query or fragment; a raw "@" makes two of them. Drivers then
+    misread the URL and quote the pieces, password included, in their errors.
+    """
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        path = parts.path
+        _ = parts.port  # raises on a port that is not a number
     except ValueError:
-        return f"{scheme}://(unparsable URL)"
-    if "@" in path or (parts.password and parts.password in host + path):
-        # A password with an unencoded "/", "?" or "#" confuses URL parsing.
-        return f"{scheme}://(unparsable URL)"
-    return f"{scheme}://{host}{port}{path}"
+        return False
+    return parts.netloc.count("@") <= 1 and "@" not in parts.path + parts.query + parts.fragment
 
 
 def _secret_value(value: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO
 
 from syncd.ids import ID_RULES_VERSION
-from syncd.sources.base import CHUNK_SIZE, SourceError
+from syncd.sources.base import CHUNK_SIZE, SourceError, in_thread
 
 MAX_LINE_BYTES = 1 << 20  # a longer "line" is binary junk, not a user id
 BLOCK_BYTES = 1 << 20
@@ -20,6 +21,7 @@ class FileSource:
     def __init__(self, path: Path, column: str | None = None) -> None:
         self.path = path
         self.column = column
+        self._read_fingerprint: str | None = None
 
     def describe(self) -> str:
         return f"file {self.path}" + (f" column {self.column!r}" if self.column else "")
@@ -28,54 +30,44 @@ class FileSource:
         """SHA-256 of the file's bytes (plus the column and the id rules' version)."""
 
         def digest() -> str:
-            hasher = hashlib.sha256(f"{ID_RULES_VERSION}|{self.column}|".encode())
-            with self.path.open("rb") as handle:
-                while block := handle.read(BLOCK_BYTES):
-                    hasher.update(block)
-            return hasher.hexdigest()
+            with _OneRead(self.path, self.column) as handle:
+                while handle.read(BLOCK_BYTES):
+                    pass
+                return handle.finish()
 
         try:
-            return await asyncio.to_thread(digest)
-        except OSError:
+            return await in_thread(digest)
+        except (SourceError, OSError):
             return None  # reading it properly reports the error
+
+    def read_fingerprint(self) -> str | None:
+        return self._read_fingerprint
 
     async def chunks(self) -> AsyncIterator[list[object]]:
         # File reads block; each chunk is read on a worker thread.
+        self._read_fingerprint = None
         reader = self._read_chunks()
         while True:
-            chunk = await asyncio.to_thread(next, reader, None)
+            chunk = await in_thread(partial(next, reader, None))
             if chunk is None:
                 return
             yield chunk
 
     def _read_chunks(self) -> Iterator[list[object]]:
-        try:
-            handle = self.path.open("rb")
-        except OSError as exc:
-            raise SourceError(f"cannot open {self.path}: {exc.strerror}") from None
-        with handle:
+        with _OneRead(self.path, self.column) as handle:
             if self.column is None:
                 yield from self._plain_chunks(handle)
-                return
-            values = self._csv_values(self._lines(handle))
-            chunk: list[object] = []
-            for value in values:
-                chunk.append(value)
-                if len(chunk) >= CHUNK_SIZE:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+            else:
+                yield from _slices_of(self._csv_values(self._lines(handle)))
+            # Checked before the end is reported: a file that changed fails the run.
+            self._read_fingerprint = handle.finish()
 
-    def _plain_chunks(self, handle: BinaryIO) -> Iterator[list[object]]:
+    def _plain_chunks(self, handle: _OneRead) -> Iterator[list[object]]:
         """One id per line, read in blocks: splitting and decoding stay in C."""
         pending = b""
         lines_before = 0
         while True:
-            try:
-                block = handle.read(BLOCK_BYTES)
-            except OSError as exc:
-                raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
+            block = handle.read(BLOCK_BYTES)
             if not block:
                 break
             data = pending + block
@@ -114,13 +106,10 @@ class FileSource:
             " is this a text file of user ids?"
         )
 
-    def _lines(self, handle: BinaryIO) -> Iterator[str]:
+    def _lines(self, handle: _OneRead) -> Iterator[str]:
         number = 0
         while True:
-            try:
-                raw = handle.readline(MAX_LINE_BYTES + 1)
-            except OSError as exc:
-                raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
+            raw = handle.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 return
             number += 1
@@ -159,3 +148,92 @@ class FileSource:
 def _slices(values: list[object]) -> Iterator[list[object]]:
     for start in range(0, len(values), CHUNK_SIZE):
         yield values[start : start + CHUNK_SIZE]
+
+
+def _slices_of(values: Iterator[str]) -> Iterator[list[object]]:
+    chunk: list[object] = []
+    for value in values:
+        chunk.append(value)
+        if len(chunk) >= CHUNK_SIZE:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class _OneRead:
+    """One open file, hashed as it is read, that knows whether it changed meanwhile.
+
+    The ids and the fingerprint a run records both come from this one read, so the
+    fingerprint describes exactly the bytes whose ids were diffed.
+    """
+
+    def __init__(self, path: Path, column: str | None) -> None:
+        self.path = path
+        self._hasher = hashlib.sha256(f"{ID_RULES_VERSION}|{column}|".encode())
+        self._bytes = 0
+        try:
+            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, forever.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            raise SourceError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            # fstat, not stat before opening: the path may be swapped in between.
+            self._opened = os.fstat(fd)
+            for is_kind, kind in _NOT_REGULAR:
+                if is_kind(self._opened.st_mode):
+                    raise SourceError(f"{path} is {kind}, not a regular file of ids")
+            os.set_blocking(fd, True)
+            self._file = os.fdopen(fd, "rb", buffering=BLOCK_BYTES)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def __enter__(self) -> _OneRead:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._file.close()
+
+    def read(self, size: int) -> bytes:
+        return self._count(self._file.read, size)
+
+    def readline(self, limit: int) -> bytes:
+        return self._count(self._file.readline, limit)
+
+    def _count(self, read: Callable[[int], bytes], size: int) -> bytes:
+        try:
+            data = read(size)
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
+        self._hasher.update(data)
+        self._bytes += len(data)
+        return data
+
+    def finish(self) -> str:
+        """The fingerprint of what was read, once at the end of the file; a
+        SourceError if the file changed while it was read (grown, truncated,
+        rewritten or replaced), as its ids may then be a mix or a fragment."""
+        after = os.fstat(self._file.fileno())
+        try:
+            named = os.stat(self.path)
+        except OSError:
+            named = None
+        before = self._opened
+        if (
+            self._bytes != before.st_size
+            or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
+            or named is None
+            or (named.st_dev, named.st_ino) != (before.st_dev, before.st_ino)
+        ):
+            raise SourceError(f"{self.path} changed while being read; the next run reads it again")
+        return self._hasher.hexdigest()

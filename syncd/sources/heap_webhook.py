@@ -20,6 +20,9 @@ class HeapWebhookSource:
     async def fingerprint(self) -> str | None:
         return None  # no cheap way to tell that the membership is unchanged
 
+    def read_fingerprint(self) -> str | None:
+        return None
+
     def describe(self) -> str:
         return f"Heap webhook segment {self.heap_segment_id}"
 

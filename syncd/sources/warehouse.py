@@ -7,15 +7,22 @@ Snowflake goes through its official connector, an optional extra.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from syncd.settings import describe_url
-from syncd.sources.base import CHUNK_SIZE, SourceError
+from syncd.settings import URL_HINT, describe_url, unambiguous_url
+from syncd.sources.base import CHUNK_SIZE, SourceError, in_thread
 
 CONNECT_TIMEOUT = 30.0
+# Columns whose values are user ids as they are: text, or integers (sent as their
+# digits, as the database prints them). Anything else is refused with a hint to cast
+# it, rather than sending Python's rendering of it (b'..', 1e+20, ['a']).
+POSTGRES_ID_TYPES = frozenset(
+    {"text", "varchar", "bpchar", "name", "citext", "int2", "int4", "int8"}
+)
+SNOWFLAKE_FIXED, SNOWFLAKE_TEXT = 0, 2  # snowflake.connector.constants.FIELD_TYPES
 
 
 class WarehouseSource:
@@ -29,13 +36,26 @@ class WarehouseSource:
     async def fingerprint(self) -> str | None:
         return None  # no cheap way to tell that the membership is unchanged
 
+    def read_fingerprint(self) -> str | None:
+        return None
+
     def describe(self) -> str:
         return f"warehouse {describe_url(self._url)}"
 
     def chunks(self) -> AsyncIterator[list[object]]:
+        if not unambiguous_url(self._url):
+            return self._unparsable()
         if self._url.startswith("snowflake://"):
             return self._snowflake_chunks()
         return self._postgres_chunks()
+
+    async def _unparsable(self) -> AsyncIterator[list[object]]:
+        # Drivers would misread the URL and quote its pieces, password included.
+        raise SourceError(
+            f"cannot connect to the warehouse {describe_url(self._url)}:"
+            f" SYNCD_WAREHOUSE_URL cannot be parsed; {URL_HINT}"
+        )
+        yield []  # an async generator, like the others
 
     async def _postgres_chunks(self) -> AsyncIterator[list[object]]:
         import asyncpg  # only warehouse users pay for loading the driver
@@ -45,15 +65,18 @@ class WarehouseSource:
         try:
             conn = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            raise SourceError(f"cannot connect to the warehouse {where}: {_reason(exc)}") from None
+            reason = _reason(exc, self._url)
+            raise SourceError(f"cannot connect to the warehouse {where}: {reason}") from None
+        except Exception:
+            # The driver's URL parse errors quote pieces of the URL, password included.
+            raise SourceError(
+                f"cannot connect to the warehouse {where}: SYNCD_WAREHOUSE_URL cannot be parsed;"
+                f" {URL_HINT}"
+            ) from None
         try:
             async with conn.transaction(readonly=True):
                 statement = await conn.prepare(self.query)
-                columns = len(statement.get_attributes())
-                if columns != 1:
-                    raise SourceError(
-                        f"warehouse query must return exactly one column, got {columns}"
-                    )
+                _check_column([(a.name, a.type.name) for a in statement.get_attributes()])
                 chunk: list[object] = []
                 async for record in statement.cursor(prefetch=CHUNK_SIZE):
                     chunk.append(record[0])
@@ -63,14 +86,15 @@ class WarehouseSource:
                 if chunk:
                     yield chunk
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise SourceError(f"warehouse query failed on {where}: {_reason(exc)}") from None
+            reason = _reason(exc, self._url)
+            raise SourceError(f"warehouse query failed on {where}: {reason}") from None
         finally:
             await conn.close(timeout=5)
 
     async def _snowflake_chunks(self) -> AsyncIterator[list[object]]:
         rows = self._snowflake_rows()
         while True:
-            chunk = await asyncio.to_thread(next, rows, None)
+            chunk = await in_thread(partial(next, rows, None))
             if chunk is None:
                 return
             yield chunk
@@ -86,14 +110,19 @@ class WarehouseSource:
         try:
             conn = snowflake.connector.connect(**_snowflake_params(self._url))
         except Exception as exc:
-            raise SourceError(f"cannot connect to Snowflake {where}: {_reason(exc)}") from None
+            reason = _reason(exc, self._url)
+            raise SourceError(f"cannot connect to Snowflake {where}: {reason}") from None
         try:
             cursor = conn.cursor()
             cursor.execute(self.query)
+            _check_column(_snowflake_columns(cursor.description))
             while rows := cursor.fetchmany(CHUNK_SIZE):
                 yield [row[0] for row in rows]
+        except SourceError:
+            raise
         except Exception as exc:
-            raise SourceError(f"Snowflake query failed on {where}: {_reason(exc)}") from None
+            reason = _reason(exc, self._url)
+            raise SourceError(f"Snowflake query failed on {where}: {reason}") from None
         finally:
             conn.close()
 
@@ -117,7 +146,48 @@ def _snowflake_params(url: str) -> dict[str, Any]:
     return params
 
 
-def _reason(exc: BaseException) -> str:
-    # Driver messages name hosts and SQL, never the password; keep them short.
+def _check_column(columns: Sequence[tuple[str, str]]) -> None:
+    """Refuse a query whose result is not one column of text or integers."""
+    if len(columns) != 1:
+        raise SourceError(f"warehouse query must return exactly one column, got {len(columns)}")
+    [(name, kind)] = columns
+    if kind not in POSTGRES_ID_TYPES:
+        raise SourceError(
+            f"warehouse query column {name!r} is of type {kind}, not text or an integer;"
+            f" select its text instead: CAST({name} AS TEXT)"
+        )
+
+
+def _snowflake_columns(description: Sequence[Any]) -> list[tuple[str, str]]:
+    """Snowflake's column metadata in PostgreSQL's type names, for :func:`_check_column`:
+    NUMBER with scale 0 counts as an integer, TEXT as text, the rest by its type code."""
+    columns = []
+    for column in description:
+        name, code, scale = column[0], column[1], column[5]
+        if code == SNOWFLAKE_TEXT:
+            kind = "text"
+        elif code == SNOWFLAKE_FIXED and not scale:
+            kind = "int8"
+        elif code == SNOWFLAKE_FIXED:
+            kind = f"NUMBER with scale {scale}"
+        else:
+            kind = f"Snowflake type code {code}"
+        columns.append((str(name), kind))
+    return columns
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """The driver's message, short, with the URL's password blanked out wherever it
+    appears (drivers name hosts and SQL; this keeps the password out by construction)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    for secret in _passwords(url):
+        text = text.replace(secret, "***")
     return text[:300]
+
+
+def _passwords(url: str) -> list[str]:
+    """The URL's password as written and decoded (longest first), or nothing; found
+    by the last "@", so even a password with unencoded "/", "?" or "#" is found."""
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return sorted({p for p in (password, unquote(password)) if p}, key=len, reverse=True)

@@ -14,12 +14,14 @@ dropped at the end.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -29,7 +31,7 @@ from syncd.app import open_runtime
 from syncd.engine import Outcome
 from syncd.sandbox import WalkMeSandbox
 from syncd.settings import Settings
-from syncd.sources.base import CHUNK_SIZE
+from syncd.sources.base import CHUNK_SIZE, SourceError
 from syncd.sources.warehouse import WarehouseSource
 
 from .conftest import make_settings, postgres_url
@@ -399,3 +401,190 @@ async def test_zero_rows_for_a_populated_segment_warns_with_the_numbers(
     assert warning["log_level"] == "warning"
     assert warning["snapshot_members"] == 50
     assert warning["source_ids"] == 0
+
+
+# ------------------------------------------------------------------------ column types
+
+
+@pytest.mark.parametrize(
+    ("expression", "kind", "text"),
+    [
+        ("'abc'::bytea", "bytea", "\\x616263"),
+        ("ARRAY['a']", "text[]", "{a}"),
+        ("12345678901234567::float8", "float8", "1.2345678901234568e+16"),
+        ("1e20::numeric", "numeric", "100000000000000000000"),
+        ("true", "bool", "true"),
+        ("'2024-01-01'::date", "date", "2024-01-01"),
+    ],
+)
+async def test_a_column_neither_text_nor_integer_is_refused_naming_it(
+    postgres: Postgres,
+    sandbox: WalkMeSandbox,
+    tmp_path: Path,
+    expression: str,
+    kind: str,
+    text: str,
+) -> None:
+    """Such values would reach WalkMe as Python's rendering (b'abc', ['a'], 1e+20);
+    the cast the message recommends sends the text the database prints."""
+    warehouse = postgres.ready()
+    query = f"SELECT member FROM (SELECT {expression} AS member) AS q"
+    cast = f"SELECT CAST(member AS TEXT) FROM (SELECT {expression} AS member) AS q"
+    segments = [_mapping("Typed", query), _mapping("Cast", cast)]
+    outcomes = await _sync(_settings(sandbox, tmp_path, warehouse.url, segments))
+    assert outcomes["Typed"].result == "failed"
+    assert outcomes["Typed"].error == (
+        f"warehouse query column 'member' is of type {kind}, not text or an integer;"
+        " select its text instead: CAST(member AS TEXT)"
+    )
+    assert sandbox.find(name="Typed") is None
+    assert outcomes["Cast"].result == "synced", outcomes["Cast"].error
+    assert _members(sandbox, "Cast") == {text}
+
+
+# ------------------------------------------------------------------------ lost connections
+
+
+async def test_a_connection_terminated_mid_stream_fails_the_read(postgres: Postgres) -> None:
+    warehouse = postgres.ready()
+    tag = f"syncd_test_{secrets.token_hex(4)}"
+    source = WarehouseSource(
+        warehouse.url, f"SELECT identity AS {tag} FROM {warehouse.schema}.users"
+    )
+    chunks = aiter(source.chunks())
+    assert len(await anext(chunks)) == CHUNK_SIZE
+    admin = await asyncpg.connect(warehouse.url)
+    try:
+        ended = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+            f"%{tag}%",
+        )
+    finally:
+        await admin.close()
+    assert ended == 1
+    with pytest.raises(SourceError, match="warehouse query failed on"):
+        async for _ in chunks:
+            pass
+
+
+class CuttingProxy:
+    """A TCP proxy to PostgreSQL that drops both sides once ``cut_after`` bytes
+    went from the server to the client: a connection lost mid-stream."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.target_port = target_port
+        self.cut_after = cut_after
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> CuttingProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, client_in: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        server_in, server = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, cut: bool
+        ) -> None:
+            sent = 0
+            while data := await source.read(65536):
+                if cut and sent + len(data) > self.cut_after:
+                    sink.write(data[: self.cut_after - sent])
+                    break
+                sink.write(data)
+                sent += len(data)
+            for writer in (client, server):
+                writer.transport.abort()
+
+        await asyncio.gather(
+            pipe(client_in, server, False), pipe(server_in, client, True), return_exceptions=True
+        )
+
+
+async def test_a_connection_cut_mid_stream_fails_the_run_and_sends_nothing(
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    warehouse = postgres.ready()
+    parts = urlsplit(warehouse.url)
+    async with CuttingProxy(parts.port or 5432, cut_after=400_000) as proxy:
+        userinfo = parts.netloc.rpartition("@")[0]
+        url = parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}").geturl()
+        query = f"SELECT identity FROM {warehouse.schema}.users"
+        settings = _settings(sandbox, tmp_path, url, [_mapping("Cut", query)])
+        with structlog.testing.capture_logs() as logs:
+            outcome = (await _sync(settings))["Cut"]
+    assert outcome.result == "failed"
+    assert outcome.error is not None
+    assert outcome.error.startswith("warehouse query failed on postgresql://127.0.0.1:")
+    assert not [entry for entry in logs if entry["event"] == "segment.internal_error"]
+    assert sandbox.find(name="Cut") is None
+
+
+# ------------------------------------------------------------------------ hung queries
+
+
+async def test_a_hung_query_fails_its_run_after_the_source_timeout(
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    warehouse = postgres.ready()
+    segments = [
+        _mapping("Hung", "SELECT 'x'::text FROM pg_sleep(20)"),
+        _mapping("Small", f"SELECT user_id FROM {warehouse.schema}.segment_small"),
+    ]
+    settings = make_settings(
+        sandbox.url, "sqlite:///" + str(tmp_path / "state.db"), segments=segments,
+        warehouse_url=warehouse.url, source_timeout=1,
+    )
+    started = asyncio.get_running_loop().time()
+    outcomes = await _sync(settings)
+    assert asyncio.get_running_loop().time() - started < 10
+    hung = outcomes["Hung"]
+    assert hung.result == "failed"
+    assert hung.error is not None
+    assert "did not answer within 1 s (SYNCD_SOURCE_TIMEOUT)" in hung.error
+    assert outcomes["Small"].result == "synced", outcomes["Small"].error
+    assert sandbox.find(name="Hung") is None
+
+
+# ------------------------------------------------------------------------ passwords in URLs
+
+
+@pytest.mark.parametrize(
+    "password", ["Kq9?Lm2Qz", "Ab3#Xy7Wv", "Zz12?34Qq", "Rr4/Bb7Tt", "Pp8@Ss9Uu"]
+)
+async def test_a_url_with_an_unencoded_password_fails_without_any_piece_of_it(
+    postgres: Postgres, sandbox: WalkMeSandbox, tmp_path: Path, password: str
+) -> None:
+    """Even past the start-up check (a source built directly), the run's error says
+    what to fix and holds no fragment of the password."""
+    warehouse = postgres.ready()
+    host = warehouse.url.split("@", 1)[1]
+    source = WarehouseSource(f"postgresql://postgres:{password}@{host}", "SELECT 1")
+    with pytest.raises(SourceError) as info:
+        async for _ in source.chunks():
+            pass
+    message = str(info.value)
+    assert "percent-encode" in message
+    for fragment in re.split(r"[?#/@]", password):
+        assert fragment not in message
+        assert fragment not in source.describe()
+
+
+async def test_a_driver_message_never_shows_the_password(postgres: Postgres) -> None:
+    """A message that happens to hold the password (here: as the user name) is blanked."""
+    warehouse = postgres.ready()
+    host = warehouse.url.split("@", 1)[1]
+    secret = f"Pw{secrets.token_hex(4)}"
+    source = WarehouseSource(f"postgresql://{secret}:{secret}@{host}", "SELECT 1")
+    with pytest.raises(SourceError) as info:
+        async for _ in source.chunks():
+            pass
+    assert "does not exist" in str(info.value)
+    assert secret not in str(info.value)

@@ -3,8 +3,14 @@ read again; anything that could make that shortcut wrong turns it off."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import pytest
+import structlog
+
+from syncd.sources.file import FileSource
 from syncd.state import open_store
-from tests.integration.conftest import Harness, make_ids, segment_requests
+from tests.integration.conftest import Harness, make_ids, segment_requests, write_ids
 
 
 async def test_unchanged_file_is_not_read_and_sends_nothing(harness: Harness) -> None:
@@ -60,3 +66,73 @@ async def test_reset_and_a_held_run_are_never_skipped(harness: Harness) -> None:
     assert (await harness.sync_one(settings)).result == "held"
     held_again = await harness.sync_one(settings)
     assert (held_again.result, held_again.unchanged) == ("held", False)
+
+
+async def test_a_file_replaced_during_a_run_records_the_digest_of_what_was_read(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shortcut never vouches for bytes the run did not diff: here the file the
+    cheap check saw is swapped for an older one (atomic rename) before the run reads
+    it, then put back. Later runs must still deliver the members of the file."""
+    old, new = make_ids(1_000), make_ids(1_200)
+    settings = harness.settings([harness.mapping("Fp", old)])
+    assert (await harness.sync_one(settings)).added == 1_000
+    path = harness.source("Fp", new)
+
+    check = FileSource.fingerprint
+
+    async def check_then_swap(self: FileSource) -> str | None:
+        seen = await check(self)
+        write_ids(path, old)  # lands between the check and the read
+        return seen
+
+    monkeypatch.setattr(FileSource, "fingerprint", check_then_swap)
+    swapped = await harness.sync_one(settings)
+    assert (swapped.result, swapped.added) == ("synced", 0)
+    monkeypatch.undo()
+
+    write_ids(path, new)  # the file the check saw is back
+    after = await harness.sync_one(settings)
+    assert (after.result, after.unchanged, after.added) == ("synced", False, 200)
+    assert harness.sandbox.members(harness.guid("Fp")) == set(new)
+    assert (await harness.sync_one(settings)).unchanged is True
+
+
+async def test_a_file_truncated_while_it_is_read_fails_the_run_and_sends_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer truncating the file mid-read would otherwise remove a third of the
+    segment and add the fragment of the cut line."""
+    ids = make_ids(200_000)
+    settings = harness.settings([harness.mapping("Fp", ids)])
+    assert (await harness.sync_one(settings)).added == 200_000
+    path = harness.source("Fp", reversed(ids))  # new bytes: the next run reads them
+    harness.sandbox.clear_requests()
+
+    chunks = FileSource.chunks
+
+    async def chunks_while_truncated(self: FileSource) -> AsyncIterator[list[object]]:
+        first = True
+        async for chunk in chunks(self):
+            yield chunk
+            if first:
+                with path.open("r+b") as handle:
+                    handle.truncate(path.stat().st_size * 65 // 100 + 7)
+                first = False
+
+    monkeypatch.setattr(FileSource, "chunks", chunks_while_truncated)
+    with structlog.testing.capture_logs() as logs:
+        outcome = await harness.sync_one(settings)
+    assert outcome.result == "failed"
+    assert outcome.error is not None
+    assert f"{path} changed while being read; the next run reads it again" in outcome.error
+    assert segment_requests(harness.sandbox) == []
+    assert not [entry for entry in logs if entry["event"] == "segment.internal_error"]
+    monkeypatch.undo()
+
+    harness.source("Fp", reversed(ids))
+    again = await harness.sync_one(settings)
+    assert (again.result, again.unchanged, again.added, again.removed) == (
+        "synced", False, 0, 0,
+    )
+    assert harness.sandbox.members(harness.guid("Fp")) == set(ids)

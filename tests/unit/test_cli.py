@@ -106,3 +106,16 @@ def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> N
         main(["frobnicate"])
     assert info.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variable", ["SYNCD_WAREHOUSE_URL", "SYNCD_STATE_URL"])
+def test_a_database_url_with_a_raw_question_mark_in_its_password_exits_2(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str
+) -> None:
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv(variable, "postgresql://syncd:Kq9?Lm2Qz@127.0.0.1:5432/postgres")
+    line = run_config_error(["sync"], capsys)
+    assert line.startswith(f"syncd: configuration error: {variable}: cannot be parsed;")
+    assert "percent-encode" in line
+    assert "Kq9" not in line
+    assert "Lm2Qz" not in line

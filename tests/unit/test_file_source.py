@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -175,3 +181,99 @@ async def test_csv_chunks(tmp_path: Path) -> None:
 def test_describe(tmp_path: Path) -> None:
     assert str(tmp_path) in FileSource(tmp_path / "a.csv", "email").describe()
     assert "email" in FileSource(tmp_path / "a.csv", "email").describe()
+
+
+# ------------------------------------------------------------- one consistent read
+
+
+async def test_a_fifo_is_refused_at_once_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "ids.fifo"
+    os.mkfifo(fifo)
+    try:
+        with pytest.raises(SourceError, match="is a FIFO, not a regular file") as info:
+            await asyncio.wait_for(read(fifo), 5)
+        assert str(fifo) in str(info.value)
+        assert await asyncio.wait_for(FileSource(fifo).fingerprint(), 5) is None
+    finally:
+        _release_fifo_readers(fifo)
+
+
+async def test_a_device_is_refused(tmp_path: Path) -> None:
+    assert stat.S_ISCHR(os.stat("/dev/zero").st_mode)
+    with pytest.raises(SourceError, match="is a character device, not a regular file"):
+        await asyncio.wait_for(read(Path("/dev/zero")), 5)
+
+
+def _release_fifo_readers(fifo: Path) -> None:
+    """A reader blocked opening the FIFO (the bug) is let go, so the test can end."""
+    with contextlib.suppress(OSError):  # ENXIO: nobody was waiting
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+BIG_IDS = 200_000  # ~4.6 MB: several read blocks, so a change mid-read meets unread bytes
+
+
+def _big_file(tmp_path: Path, name: str = "ids.txt", header: str = "") -> Path:
+    text = header + "".join(f"user{i:07d}@example.com\n" for i in range(BIG_IDS))
+    return write(tmp_path, text.encode(), name)
+
+
+def _truncate_mid_line(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("r+b") as handle:
+        handle.truncate(size * 65 // 100 + 7)  # 65% kept, the last line cut
+
+
+def _append(path: Path) -> None:
+    with path.open("ab") as handle:
+        handle.write(b"late@example.com\n")
+
+
+def _rewrite_in_place(path: Path) -> None:
+    time.sleep(0.05)  # a later modification time than the original write
+    data = path.read_bytes()
+    with path.open("r+b") as handle:
+        handle.write(data.replace(b"user", b"USER"))
+
+
+def _replace_by_rename(path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(b"other@example.com\n")
+    partial.replace(path)
+
+
+@pytest.mark.parametrize(
+    "change", [_truncate_mid_line, _append, _rewrite_in_place, _replace_by_rename]
+)
+@pytest.mark.parametrize("column", [None, "email"])
+async def test_a_file_changed_while_it_is_read_fails_the_read(
+    tmp_path: Path, change: Callable[[Path], None], column: str | None
+) -> None:
+    path = _big_file(tmp_path, "ids.csv", header="email\n" if column else "")
+    source = FileSource(path, column)
+    chunks = aiter(source.chunks())
+    first = await anext(chunks)
+    assert len(first) == CHUNK_SIZE
+    change(path)
+    with pytest.raises(SourceError, match="changed while being read") as info:
+        async for _ in chunks:
+            pass
+    assert str(path) in str(info.value)
+    assert source.read_fingerprint() is None
+
+
+async def test_the_read_fingerprint_is_the_digest_of_the_bytes_read(tmp_path: Path) -> None:
+    path = write(tmp_path, b"a@x.com\nb@x.com\n")
+    source = FileSource(path)
+    before = await source.fingerprint()
+    assert before is not None
+    _replace_by_rename(path)  # between the cheap check and the read
+    assert await read_ids_of(source) == ["other@example.com"]
+    after = source.read_fingerprint()
+    assert after is not None
+    assert after != before
+    assert after == await FileSource(path).fingerprint()
+
+
+async def read_ids_of(source: FileSource) -> list[str]:
+    return [str(value) for chunk in [c async for c in source.chunks()] for value in chunk]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 
 import pytest
 
-from syncd.ids import EXAMPLES_KEPT, MAX_ID_LENGTH, SkippedIds, clean_ids
+from syncd.ids import EXAMPLES_KEPT, MAX_ID_LENGTH, NotAnId, SkippedIds, clean_ids
 
 
 def clean(values: Sequence[object]) -> tuple[list[str], SkippedIds]:
@@ -87,3 +88,11 @@ def test_control_characters_skipped(value: str) -> None:
     assert kept == ["fine"]
     assert skipped.count == 1
     assert "control" in skipped.examples[0]
+
+
+@pytest.mark.parametrize(
+    "value", [1.2345678901234568e16, Decimal("1E+20"), True, b"abc", ["a"], 42.0]
+)
+def test_a_value_neither_text_nor_integer_is_refused_not_sent_as_its_repr(value: object) -> None:
+    with pytest.raises(NotAnId, match=f"a value of type {type(value).__name__} is neither"):
+        clean(["a@x.com", value])

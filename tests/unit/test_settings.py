@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncd.settings import ConfigError, FileSourceConfig, Settings, load_settings
+from syncd.settings import ConfigError, FileSourceConfig, Settings, describe_url, load_settings
 from tests.unit.conftest import SECRET, SYSTEM_GUID
 
 
@@ -504,3 +506,34 @@ def test_settings_is_frozen(env: pytest.MonkeyPatch) -> None:
     assert isinstance(settings, Settings)
     with pytest.raises(ValueError, match="frozen"):
         settings.batch_size = 5
+
+
+@pytest.mark.parametrize("variable", ["warehouse_url", "state_url"])
+@pytest.mark.parametrize("password", ["Kq9?Lm2Qz", "Ab3#Xy7Wv", "Rr4/Bb7Tt", "Pp8@Ss9Uu"])
+def test_a_database_url_with_an_unencoded_password_stops_start_up_without_quoting_it(
+    variable: str, password: str
+) -> None:
+    url = f"postgresql://syncd:{password}@db.example.com:5432/heap"
+    with pytest.raises(ConfigError) as info:
+        load_settings(**{**_URL_BASE, variable: url})
+    message = str(info.value)
+    assert message.startswith(f"SYNCD_{variable.upper()}: cannot be parsed; percent-encode")
+    assert "\n" not in message
+    for fragment in re.split(r"[?#/@]", password):
+        assert fragment not in message
+        assert fragment not in describe_url(url)
+    # Percent-encoded, the same password is fine, and still never described.
+    encoded = url.replace(password, quote(password, safe=""))
+    assert getattr(load_settings(**{**_URL_BASE, variable: encoded}), variable) is not None
+    assert describe_url(encoded) == "postgresql://db.example.com:5432/heap"
+
+
+def test_describe_url_never_shows_a_scheme_that_is_not_one() -> None:
+    assert describe_url("syncd:Kq9Lm2Qz@db.example.com://x") == "?://(unparsable URL)"
+
+
+_URL_BASE: dict[str, object] = {
+    "walkme_client_id": "id",
+    "walkme_client_secret": "secret",
+    "walkme_system_guid": "11111111-2222-3333-4444-555555555555",
+}
