@@ -29,13 +29,14 @@ from syncd.state.base import (
     Origin,
     PageReceipt,
     PendingBatch,
+    ReplicaPresence,
     RunRecord,
     RunResult,
     SegmentState,
     StateError,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _T = TypeVar("_T")
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
@@ -116,7 +117,15 @@ CREATE TABLE heap_pages (
     received_at TEXT NOT NULL,
     PRIMARY KEY (sync_task_id, page_number)
 );
-"""
+""",
+    """
+CREATE TABLE replicas (
+    replica_id TEXT PRIMARY KEY,
+    mappings TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
+""",
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -747,6 +756,44 @@ class SqliteStore:
         def write() -> None:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM leases WHERE segment = ? AND holder = ?", (name, holder))
+
+        await self._call(write)
+
+    # -- replicas ----------------------------------------------------------------------
+
+    async def heartbeat(self, replica_id: str, mappings: list[str], live_s: float) -> None:
+        def write() -> None:
+            now = time.time()
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM replicas WHERE expires_at < ?", (now,))
+                conn.execute(
+                    "INSERT INTO replicas (replica_id, mappings, seen_at, expires_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET"
+                    " mappings = excluded.mappings, seen_at = excluded.seen_at,"
+                    " expires_at = excluded.expires_at",
+                    (replica_id, json.dumps(sorted(mappings)), now, now + live_s),
+                )
+
+        await self._call(write)
+
+    async def live_replicas(self) -> list[ReplicaPresence]:
+        def read() -> list[ReplicaPresence]:
+            now = time.time()
+            rows = self._conn.execute(
+                "SELECT replica_id, mappings, seen_at FROM replicas WHERE expires_at >= ?"
+                " ORDER BY replica_id",
+                (now,),
+            ).fetchall()
+            return [
+                ReplicaPresence(row[0], json.loads(row[1]), max(0.0, now - row[2])) for row in rows
+            ]
+
+        return await self._call(read)
+
+    async def forget_replica(self, replica_id: str) -> None:
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
 
         await self._call(write)
 
