@@ -15,6 +15,7 @@ import pytest
 
 from syncd.state import StateError, StateStore, open_store
 from syncd.state.base import HeapPage
+from syncd.state.postgres import SCHEMA_VERSION
 from tests.store.conftest import (
     GUID,
     SYSTEM,
@@ -34,7 +35,9 @@ TABLES = {
     "heap_segments",
     "heap_members",
     "heap_pages",
+    "replicas",
 }
+VERSIONS = list(range(1, SCHEMA_VERSION + 1))
 SECRET = "s3cr3tXq"  # in every part of every test password: a leak of any part shows
 
 
@@ -108,7 +111,7 @@ async def test_schema_is_created_on_an_empty_database(pg_url: str) -> None:
     finally:
         await store.close()
     assert await tables(pg_url) == TABLES
-    assert await schema_versions(pg_url) == [1]
+    assert await schema_versions(pg_url) == VERSIONS
 
     again = await open_store(pg_url)  # a second open changes nothing
     try:
@@ -119,7 +122,7 @@ async def test_schema_is_created_on_an_empty_database(pg_url: str) -> None:
     finally:
         await again.close()
     assert await tables(pg_url) == TABLES
-    assert await schema_versions(pg_url) == [1]
+    assert await schema_versions(pg_url) == VERSIONS
 
 
 async def test_a_newer_schema_is_refused(pg_url: str) -> None:
@@ -156,7 +159,7 @@ async def test_replicas_opening_together_both_succeed(pg_url: str) -> None:
     finally:
         for store in opened:
             await store.close()
-    assert await schema_versions(pg_url) == [1]
+    assert await schema_versions(pg_url) == VERSIONS
     assert await tables(pg_url) == TABLES
 
 
