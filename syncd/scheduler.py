@@ -7,6 +7,7 @@ before the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -118,6 +119,8 @@ class Daemon:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._scheduler.shutdown(wait=False)
         heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat  # its last write lands before the row is forgotten
         try:
             await self._engine.leave()
         except StateError as exc:  # its heartbeat lapses by itself
