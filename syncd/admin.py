@@ -15,7 +15,7 @@ ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 
 class AdminServer:
-    def __init__(self, port: int, readiness: ReadinessCheck, host: str = "0.0.0.0") -> None:  # noqa: S104
+    def __init__(self, port: int, readiness: ReadinessCheck, host: str) -> None:
         self._port = port
         self._host = host
         self._readiness = readiness

@@ -14,7 +14,7 @@ from typing import Any
 
 from syncd import __version__
 from syncd.app import Runtime, open_runtime
-from syncd.engine import Outcome, Plan, current_mappings
+from syncd.engine import Outcome, Plan, SegmentInUse, current_mappings
 from syncd.logs import configure_logging
 from syncd.settings import ConfigError, SegmentMapping, Settings, describe_url, load_settings
 from syncd.state import SegmentState, StateError, open_store
@@ -237,6 +237,11 @@ async def cmd_prune(args: argparse.Namespace) -> int:
     settings, mappings = _configured()
     async with open_runtime(settings, mappings) as runtime:
         orphans = await runtime.engine.report_orphans()
+        configured = set(await runtime.engine.mappings())
+        claims = await runtime.engine.claims()
+        for state in await runtime.store.all():
+            if state.segment_guid and state.name not in configured and state.name in claims:
+                _out(f"keep   {state.name!r} ({state.segment_guid}): {claims[state.name]}")
         chosen = [o for o in orphans if o.origin != "adopted" or args.include_adopted]
         for kept in (o for o in orphans if o not in chosen):
             _out(
@@ -250,18 +255,27 @@ async def cmd_prune(args: argparse.Namespace) -> int:
 
 
 async def _delete(states: list[SegmentState], runtime: Runtime, *, yes: bool) -> int:
+    failed = False
     if not yes:
         for state in states:
+            reason = await runtime.engine.in_use(state.name)
+            if reason is not None:
+                _out(f"REFUSED {state.name!r} ({state.segment_guid}): in use: {reason}")
+                failed = True
+                continue
             _out(
                 f"would delete {state.name!r}: WalkMe segment {state.segment_guid},"
                 f" {state.members} members delivered"
             )
         _out("nothing deleted: add --yes to delete")
-        return EXIT_OK
-    failed = False
+        return EXIT_FAILED if failed else EXIT_OK
     for state in states:
         try:
             existed = await runtime.engine.delete(state)
+        except SegmentInUse as exc:
+            _out(f"REFUSED {state.name!r} ({state.segment_guid}): in use: {exc}")
+            failed = True
+            continue
         except WalkMeError as exc:
             _out(f"FAIL   {state.name!r}: {exc}")
             failed = True

@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Literal
 
@@ -53,11 +54,18 @@ log = structlog.get_logger("syncd.engine")
 EXAMPLES_SHOWN = 5
 SNAPSHOT_CHUNK = 50_000  # larger chunks measured no faster, and cost peak memory
 MAX_QUARANTINED_PER_BATCH = 1000  # more than this is not "a few bad ids": give up
+# A segment synced within this many schedule intervals is in use, mapped or not: a
+# replica that maps it may be restarting mid-rollout. No orphan, never deleted.
+IN_USE_INTERVALS = 3
 Mode = Literal["create", "override", "update"]
 
 
 class Interrupted(Exception):
     """Shutdown was requested; the batch in flight finished and was recorded."""
+
+
+class SegmentInUse(Exception):
+    """A delete refused: a replica maps, syncs or recently synced the segment."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,9 @@ class Engine:
         # Who holds a segment's lease: unique per process, readable in the database.
         self._holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._ttl = settings.lease_ttl
+        self._in_use_s = IN_USE_INTERVALS * settings.parsed_schedule.typical_interval()
+        # Mapping-set differences with other replicas already warned about, by replica.
+        self._differences: dict[str, tuple[list[str], list[str]]] = {}
 
     def stop(self) -> None:
         """Finish the batches in flight, then end every run."""
@@ -674,9 +685,72 @@ class Engine:
                     " deletes it and frees its external_id",
                 )
 
+    def running(self) -> list[str]:
+        """Segments with a run in progress in this process."""
+        return sorted(name for name, lock in self._locks.items() if lock.locked())
+
+    async def heartbeat(self) -> None:
+        """Tell other replicas (and ``prune``) that this one runs and what it maps;
+        warn once per change when another live replica maps a different set."""
+        names = sorted(await self.mappings())
+        await self._store.heartbeat(self._holder, names, self._ttl)
+        differences: dict[str, tuple[list[str], list[str]]] = {}
+        for replica in await self._store.live_replicas():
+            only_here = sorted(set(names) - set(replica.mappings))
+            only_there = sorted(set(replica.mappings) - set(names))
+            if replica.replica_id == self._holder or not (only_here or only_there):
+                continue
+            differences[replica.replica_id] = (only_here, only_there)
+            if self._differences.get(replica.replica_id) != (only_here, only_there):
+                log.warning(
+                    "replicas.config_differs",
+                    replica=replica.host_pid,
+                    only_here=only_here,
+                    only_there=only_there,
+                    hint="replicas serve different segment mappings: a rollout under way"
+                    " or a replica left behind; none of these segments counts as an orphan",
+                )
+        self._differences = differences
+
+    async def leave(self) -> None:
+        """This replica stops: it no longer keeps any segment in use."""
+        await self._store.forget_replica(self._holder)
+
+    async def claims(self) -> dict[str, str]:
+        """Segments in use somewhere, whatever this configuration maps, and why: a live
+        replica maps it, or it synced within IN_USE_INTERVALS schedule intervals."""
+        claims: dict[str, str] = {}
+        for replica in await self._store.live_replicas():
+            for name in replica.mappings:
+                claims.setdefault(
+                    name,
+                    f"mapped by live replica {replica.host_pid}"
+                    f" (heartbeat {replica.seen_s_ago:.0f} s ago)",
+                )
+        window = timedelta(seconds=self._in_use_s)
+        now = datetime.now(UTC)
+        for state in await self._store.all():
+            synced = state.last_success_at
+            if state.name not in claims and synced is not None and now - synced < window:
+                claims[state.name] = (
+                    f"last synced at {synced.isoformat()}, less than {IN_USE_INTERVALS}"
+                    f" schedule intervals ({window.total_seconds():.0f} s) ago; not an orphan"
+                    f" before {(synced + window).isoformat()}"
+                )
+        return claims
+
+    async def in_use(self, name: str) -> str | None:
+        """Why this segment must not be deleted now, or None."""
+        holder = await self._store.lease_holder(name)
+        if holder is not None:
+            return f"being synced now by {holder.rsplit(':', 1)[0]}"
+        return (await self.claims()).get(name)
+
     async def report_orphans(self) -> list[SegmentState]:
-        """One ``segment.orphaned`` line per segment syncd wrote to but no longer maps."""
-        orphans = await self._store.mark_orphans(set(await self.mappings()))
+        """One ``segment.orphaned`` line per segment syncd wrote to that no configuration
+        of a live replica maps and that did not sync recently."""
+        in_use = set(await self.mappings()) | set(await self.claims())
+        orphans = await self._store.mark_orphans(in_use)
         for orphan in orphans:
             log.warning(
                 "segment.orphaned",
@@ -689,7 +763,11 @@ class Engine:
         return orphans
 
     async def delete(self, state: SegmentState) -> bool:
-        """Delete the WalkMe segment and forget it; False when WalkMe had it gone already."""
+        """Delete the WalkMe segment and forget it; False when WalkMe had it gone already.
+        Raises SegmentInUse, deleting nothing, while any replica uses it."""
+        reason = await self.in_use(state.name)
+        if reason is not None:
+            raise SegmentInUse(reason)
         existed = True
         if state.segment_guid is not None:
             try:

@@ -7,13 +7,19 @@ before the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import logging
 import signal
+import socket
+import time
 from collections import Counter
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd import metrics
@@ -26,6 +32,16 @@ from syncd.webhook import HeapWebhookReceiver
 log = structlog.get_logger("syncd.scheduler")
 
 
+class _NoOverrunText(logging.Filter):
+    """APScheduler's free-text line for a skipped cycle: ``cycle.overrun`` says it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances" not in str(record.msg)
+
+
+_NO_OVERRUN_TEXT = _NoOverrunText()
+
+
 class Daemon:
     def __init__(self, settings: Settings, engine: Engine, store: StateStore) -> None:
         self._settings = settings
@@ -36,7 +52,8 @@ class Daemon:
         self._debounce: dict[int, asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
         self._started_at = datetime.now(UTC)
-        self.admin = AdminServer(settings.admin_port, self._readiness)
+        self._cycle_started: float | None = None  # time.monotonic() of the running cycle
+        self.admin = AdminServer(settings.admin_port, self._readiness, settings.admin_host)
         secret = settings.webhook_secret()
         self.receiver = (
             None
@@ -45,6 +62,7 @@ class Daemon:
                 store,
                 secret=secret,
                 port=settings.webhook_port,
+                host=settings.webhook_host,
                 path=settings.heap_webhook_path,
                 tolerance_s=settings.heap_webhook_tolerance,
                 max_body=settings.heap_webhook_max_body,
@@ -63,9 +81,13 @@ class Daemon:
             for result in ("synced", "failed", "held"):
                 # Series exist from the start, so increase() sees the first failure.
                 metrics.segment_runs.labels(name, result)
-        await self._listen(self.admin.start(), "SYNCD_ADMIN_PORT", self.admin.port)
+        settings = self._settings
+        await self._listen(self.admin.start(), "ADMIN", settings.admin_host, self.admin.port)
         if self.receiver is not None:
-            await self._listen(self.receiver.start(), "SYNCD_WEBHOOK_PORT", self.receiver.port)
+            await self._listen(
+                self.receiver.start(), "WEBHOOK", settings.webhook_host, self.receiver.port
+            )
+        heartbeat = asyncio.create_task(self._heartbeats())
         schedule = self._settings.parsed_schedule
         self._scheduler.add_job(
             self._cycle,
@@ -76,11 +98,14 @@ class Daemon:
             coalesce=True,
             misfire_grace_time=None,
         )
+        logging.getLogger("apscheduler.scheduler").addFilter(_NO_OVERRUN_TEXT)
+        self._scheduler.add_listener(self._overrun, EVENT_JOB_MAX_INSTANCES)
         self._scheduler.start()
         log.info(
             "daemon.started",
             schedule=schedule.text,
             segments=len(await self._engine.mappings()),
+            admin_host=self._settings.admin_host,
             admin_port=self.admin.port,
         )
         await self._stop.wait()
@@ -93,6 +118,13 @@ class Daemon:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._scheduler.shutdown(wait=False)
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat  # its last write lands before the row is forgotten
+        try:
+            await self._engine.leave()
+        except StateError as exc:  # its heartbeat lapses by itself
+            log.warning("state.unavailable", error=str(exc))
         if self.receiver is not None:
             await self.receiver.stop()
         await self.admin.stop()
@@ -100,11 +132,38 @@ class Daemon:
         return 0
 
     @staticmethod
-    async def _listen(start: Awaitable[None], variable: str, port: int) -> None:
+    async def _listen(start: Awaitable[None], server: str, host: str, port: int) -> None:
         try:
             await start
         except OSError as exc:
-            raise ConfigError(f"{variable}: cannot listen on port {port}: {exc.strerror}") from None
+            # A name that does not resolve or an address not on this machine is the
+            # host's fault; anything else (in use, no permission) the port's.
+            bad_host = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+            variable = f"SYNCD_{server}_{'HOST' if bad_host else 'PORT'}"
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"{variable}: cannot listen on {host} port {port}: {reason}"
+            ) from None
+
+    async def _heartbeats(self) -> None:
+        """As often as a lease is renewed: a replica is live while it could hold one."""
+        while True:
+            try:
+                await self._engine.heartbeat()
+            except StateError as exc:
+                log.warning("state.unavailable", error=str(exc))
+            await asyncio.sleep(self._settings.lease_ttl / 3)
+
+    def _overrun(self, _: JobSubmissionEvent) -> None:
+        started = self._cycle_started
+        log.warning(
+            "cycle.overrun",
+            segments=self._engine.running(),
+            running_s=round(time.monotonic() - started, 1) if started is not None else None,
+            schedule=self._settings.schedule,
+            hint="a cycle outlasts SYNCD_SCHEDULE: the cycle due now is skipped; the next"
+            " one starts on schedule after this one ends",
+        )
 
     def _on_signal(self, signum: int) -> None:
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
@@ -114,6 +173,7 @@ class Daemon:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._cycle_started = time.monotonic()
         try:
             outcomes = await self._engine.sync_all()
             try:
@@ -132,6 +192,7 @@ class Daemon:
                 skipped=results["skipped"],
             )
         finally:
+            self._cycle_started = None
             self._tasks.discard(task)
 
     def _heap_task_complete(self, heap_segment_id: int) -> None:

@@ -6,6 +6,7 @@ process with one line that names the variable (or mapping field) to fix.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
@@ -181,6 +182,9 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=4, ge=1, le=64)
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Every IPv4 interface by default: probes and Prometheus reach a container's own
+    # address, so a loopback default would break the shipped manifests.
+    admin_host: str = "0.0.0.0"  # noqa: S104
     admin_port: int = Field(default=9090, ge=0, le=65535)
     # Not named by the product issue; the knobs any HTTP client of a flaky API needs.
     http_timeout: float = Field(default=60.0, gt=0, le=3600)
@@ -200,6 +204,7 @@ class Settings(BaseSettings):
     # Heap Segments Sync webhook receiver: on when a secret is set.
     heap_webhook_secret: SecretStr | None = None
     heap_webhook_secret_file: Path | None = None
+    webhook_host: str = "0.0.0.0"  # noqa: S104 - Heap posts from outside
     webhook_port: int = Field(default=8080, ge=0, le=65535)
     heap_webhook_path: str = Field(default="/heap/webhook", pattern=r"^/\S*$")
     heap_webhook_tolerance: float = Field(default=300.0, gt=0, le=86400)
@@ -225,6 +230,20 @@ class Settings(BaseSettings):
     def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("is set but empty")
+        return value
+
+    @field_validator("admin_host", "webhook_host")
+    @classmethod
+    def _listen_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+                raise ValueError(
+                    f"{value!r} is not an address to listen on: an IP address (0.0.0.0 every"
+                    " IPv4 interface, :: every IPv6 one, 127.0.0.1 this host only, no"
+                    " brackets) or a host name"
+                ) from None
         return value
 
     @field_validator("log_level", mode="before")

@@ -114,7 +114,7 @@ class HeapWebhookReceiver:
         tolerance_s: float,
         max_body: int,
         on_task_complete: TaskCompleteCallback,
-        host: str = "0.0.0.0",  # noqa: S104 - a webhook must be reachable from outside
+        host: str,
     ) -> None:
         self._store = store
         self._secret = secret
@@ -139,7 +139,7 @@ class HeapWebhookReceiver:
         sockets = getattr(site._server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
-        log.info("heap.webhook_listening", port=self.port, path=self._path)
+        log.info("heap.webhook_listening", host=self._host, port=self.port, path=self._path)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -95,6 +95,19 @@ class HeapSegment:
 
 
 @dataclass(frozen=True)
+class ReplicaPresence:
+    """A ``syncd run`` process whose heartbeat has not lapsed, and what it maps."""
+
+    replica_id: str  # host:pid:nonce, the same as its lease holder name
+    mappings: list[str]  # the segment names it serves, sorted
+    seen_s_ago: float  # since its last heartbeat, by the store's clock
+
+    @property
+    def host_pid(self) -> str:
+        return self.replica_id.rsplit(":", 1)[0]
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """One segment run, kept for ``syncd history`` (pruned by age)."""
 
@@ -256,6 +269,19 @@ class StateStore(Protocol):
 
     async def clock(self) -> float:
         """The store's lease clock, in seconds: the one leases and due marks use."""
+        ...
+
+    async def heartbeat(self, replica_id: str, mappings: list[str], live_s: float) -> None:
+        """This replica runs and maps these segments; it counts as live for ``live_s``
+        unless renewed. Rows of replicas that lapsed are dropped."""
+        ...
+
+    async def live_replicas(self) -> list[ReplicaPresence]:
+        """Replicas whose heartbeat has not lapsed (by the store's clock), by id."""
+        ...
+
+    async def forget_replica(self, replica_id: str) -> None:
+        """The replica stopped: it maps nothing any more."""
         ...
 
     async def ping(self) -> None:

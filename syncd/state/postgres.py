@@ -27,13 +27,14 @@ from syncd.state.base import (
     Origin,
     PageReceipt,
     PendingBatch,
+    ReplicaPresence,
     RunRecord,
     RunResult,
     SegmentState,
     StateError,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _MIGRATION_LOCK = 0x73796E6364  # "syncd": serialises schema changes across replicas
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
@@ -120,6 +121,15 @@ _MIGRATIONS = [
     CREATE TABLE due (
         segment TEXT PRIMARY KEY,
         due_at DOUBLE PRECISION NOT NULL
+    );
+    """,
+    # Replica heartbeats: which live replica maps which segments.
+    """
+    CREATE TABLE replicas (
+        replica_id TEXT PRIMARY KEY,
+        mappings TEXT[] NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
     );
     """,
 ]
@@ -587,6 +597,38 @@ class PostgresStore:
         async with self._conn() as conn:
             now: float = await conn.fetchval(f"SELECT {_NOW}::float8")
         return now
+    # -- replicas ----------------------------------------------------------------------
+    # The database's clock again: replicas on different hosts judge liveness alike.
+
+    async def heartbeat(self, replica_id: str, mappings: list[str], live_s: float) -> None:
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM replicas WHERE expires_at < extract(epoch FROM clock_timestamp())"
+            )
+            await conn.execute(
+                "INSERT INTO replicas (replica_id, mappings, seen_at, expires_at)"
+                " VALUES ($1, $2, extract(epoch FROM clock_timestamp()),"
+                " extract(epoch FROM clock_timestamp()) + $3)"
+                " ON CONFLICT (replica_id) DO UPDATE SET mappings = excluded.mappings,"
+                " seen_at = excluded.seen_at, expires_at = excluded.expires_at",
+                replica_id,
+                sorted(mappings),
+                live_s,
+            )
+
+    async def live_replicas(self) -> list[ReplicaPresence]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT replica_id, mappings,"
+                " greatest(0, extract(epoch FROM clock_timestamp()) - seen_at)"
+                " FROM replicas WHERE expires_at >= extract(epoch FROM clock_timestamp())"
+                " ORDER BY replica_id"
+            )
+        return [ReplicaPresence(row[0], list(row[1]), float(row[2])) for row in rows]
+
+    async def forget_replica(self, replica_id: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM replicas WHERE replica_id = $1", replica_id)
 
     # -- Heap webhook pages ------------------------------------------------------------
 

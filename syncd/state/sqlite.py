@@ -30,13 +30,14 @@ from syncd.state.base import (
     Origin,
     PageReceipt,
     PendingBatch,
+    ReplicaPresence,
     RunRecord,
     RunResult,
     SegmentState,
     StateError,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _T = TypeVar("_T")
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
@@ -127,6 +128,15 @@ CREATE TABLE due (
     segment TEXT PRIMARY KEY,
     boot TEXT NOT NULL,
     due_at REAL NOT NULL
+);
+""",
+    # Replica heartbeats: which live replica maps which segments.
+    """
+CREATE TABLE replicas (
+    replica_id TEXT PRIMARY KEY,
+    mappings TEXT NOT NULL,
+    seen_at REAL NOT NULL,
+    expires_at REAL NOT NULL
 );
 """,
 ]
@@ -858,6 +868,43 @@ class SqliteStore:
 
     async def clock(self) -> float:
         return _lease_clock()[1]
+    # -- replicas ----------------------------------------------------------------------
+
+    async def heartbeat(self, replica_id: str, mappings: list[str], live_s: float) -> None:
+        def write() -> None:
+            now = time.time()
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM replicas WHERE expires_at < ?", (now,))
+                conn.execute(
+                    "INSERT INTO replicas (replica_id, mappings, seen_at, expires_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET"
+                    " mappings = excluded.mappings, seen_at = excluded.seen_at,"
+                    " expires_at = excluded.expires_at",
+                    (replica_id, json.dumps(sorted(mappings)), now, now + live_s),
+                )
+
+        await self._call(write)
+
+    async def live_replicas(self) -> list[ReplicaPresence]:
+        def read() -> list[ReplicaPresence]:
+            now = time.time()
+            rows = self._conn.execute(
+                "SELECT replica_id, mappings, seen_at FROM replicas WHERE expires_at >= ?"
+                " ORDER BY replica_id",
+                (now,),
+            ).fetchall()
+            return [
+                ReplicaPresence(row[0], json.loads(row[1]), max(0.0, now - row[2])) for row in rows
+            ]
+
+        return await self._call(read)
+
+    async def forget_replica(self, replica_id: str) -> None:
+        def write() -> None:
+            with self._transaction() as conn:
+                conn.execute("DELETE FROM replicas WHERE replica_id = ?", (replica_id,))
+
+        await self._call(write)
 
     async def ping(self) -> None:
         def read() -> None:

@@ -1,22 +1,47 @@
-"""Segment lifecycle (issue 7): orphans, delete and prune, through the real CLI."""
+"""Segment lifecycle: orphans, delete and prune, through the real CLI and daemon.
+
+Every environment here runs on a 1 s schedule, so a segment counts as in use for
+IN_USE_INTERVALS seconds after its last successful run."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from syncd.sandbox import WalkMeSandbox
+import pytest
+
+from syncd.engine import IN_USE_INTERVALS
+from syncd.sandbox import Faults, WalkMeSandbox
 from tests.integration.conftest import (
+    DaemonProcess,
     cli_env,
     delete_segment,
+    free_port,
     make_ids,
     parse_log_lines,
     run_cli,
     seed_segment,
     write_ids,
 )
+
+StartDaemon = Callable[[dict[str, str]], DaemonProcess]
+SCHEDULE = "1s"
+
+
+def env_for(
+    sandbox: WalkMeSandbox, folder: Path, mappings: list[dict[str, Any]], **extra: object
+) -> dict[str, str]:
+    return cli_env(sandbox.url, folder, mappings, schedule=SCHEDULE, **extra)
+
+
+def wait_out_in_use_window() -> None:
+    """Until a segment synced just now is no longer in use by its last run alone."""
+    time.sleep(IN_USE_INTERVALS * 1.0 + 0.3)
 
 
 def mapping(folder: Path, name: str, ids: list[str], **extra: Any) -> dict[str, Any]:
@@ -46,11 +71,22 @@ def test_orphan_is_logged_listed_and_pruned_only_with_yes(
 ) -> None:
     keep = mapping(tmp_path, "Keep", make_ids(30, "k"))
     drop = mapping(tmp_path, "Drop", make_ids(20, "d"))
-    sync_ok(cli_env(live_sandbox.url, tmp_path, [keep, drop]))
+    sync_ok(env_for(live_sandbox, tmp_path, [keep, drop]))
     assert names_in(live_sandbox) == {"Keep", "Drop"}
 
-    # "Drop" leaves the configuration: a run reports it and leaves it in WalkMe.
-    env = cli_env(live_sandbox.url, tmp_path, [keep])
+    # "Drop" leaves the configuration. Just synced, it may still be mapped by a
+    # replica mid-rollout: no orphan yet, and prune keeps it, naming its last run.
+    env = env_for(live_sandbox, tmp_path, [keep])
+    events = parse_log_lines(sync_ok(env))
+    assert not [e for e in events if e["event"] == "segment.orphaned"]
+    kept = run_cli("prune", "--yes", env=env)
+    assert kept.returncode == 0, kept.stderr
+    assert "keep   'Drop'" in kept.stdout
+    assert "last synced at" in kept.stdout
+    assert names_in(live_sandbox) == {"Keep", "Drop"}
+
+    # Once that window has passed, a run reports it and leaves it in WalkMe.
+    wait_out_in_use_window()
     events = parse_log_lines(sync_ok(env))
     orphaned = [e for e in events if e["event"] == "segment.orphaned"]
     assert [(e["segment"], e["members"]) for e in orphaned] == [("Drop", 20)]
@@ -85,12 +121,13 @@ def test_adopted_orphan_survives_prune_until_include_adopted(
     existing = asyncio.run(seed_segment(live_sandbox, "Adopted", ["old@x.com"]))
     adopted = mapping(tmp_path, "Adopted", make_ids(10, "a"))
     created = mapping(tmp_path, "Created", make_ids(10, "c"))
-    sync_ok(cli_env(live_sandbox.url, tmp_path, [adopted, created]))
+    sync_ok(env_for(live_sandbox, tmp_path, [adopted, created]))
     assert live_sandbox.find(name="Adopted") is not None
     assert live_sandbox.find(name="Adopted").guid == existing  # type: ignore[union-attr]
 
-    env = cli_env(live_sandbox.url, tmp_path, [mapping(tmp_path, "Other", ["o@x.com"])])
+    env = env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Other", ["o@x.com"])])
     sync_ok(env)
+    wait_out_in_use_window()
     pruned = run_cli("prune", "--yes", env=env)
     assert pruned.returncode == 0, pruned.stderr
     assert "adopted, not created by syncd" in pruned.stdout
@@ -106,10 +143,11 @@ def test_delete_without_yes_changes_nothing_and_already_gone_exits_0(
     live_sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     one = mapping(tmp_path, "One", make_ids(5, "o"))
-    env = cli_env(live_sandbox.url, tmp_path, [one])
+    env = env_for(live_sandbox, tmp_path, [one])
     sync_ok(env)
     record = live_sandbox.find(name="One")
     assert record is not None
+    wait_out_in_use_window()
 
     dry = run_cli("delete", "--segment", "One", env=env)
     assert dry.returncode == 0, dry.stderr
@@ -133,10 +171,10 @@ def test_renamed_mapping_keeping_external_id_is_recognised(
     live_sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     ids = make_ids(12, "r")
-    sync_ok(cli_env(live_sandbox.url, tmp_path, [mapping(tmp_path, "Old", ids, external_id="e-1")]))
+    sync_ok(env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Old", ids, external_id="e-1")]))
     old_guid = live_sandbox.find(name="Old").guid  # type: ignore[union-attr]
 
-    env = cli_env(live_sandbox.url, tmp_path, [mapping(tmp_path, "New", ids, external_id="e-1")])
+    env = env_for(live_sandbox, tmp_path, [mapping(tmp_path, "New", ids, external_id="e-1")])
     first = run_cli("sync", env=env)
     events = parse_log_lines(first.stdout)
     renamed = [e for e in events if e["event"] == "segment.renamed"]
@@ -146,6 +184,7 @@ def test_renamed_mapping_keeping_external_id_is_recognised(
     assert "syncd delete --segment 'Old' --yes" in renamed[0]["hint"]
     # Never written into the old segment, which is now an orphan.
     assert live_sandbox.members(old_guid) == set(ids)
+    wait_out_in_use_window()
     assert [row["segment"] for row in status(env)["orphans"]] == ["Old"]
 
     deleted = run_cli("delete", "--segment", "Old", "--yes", env=env)
@@ -156,3 +195,114 @@ def test_renamed_mapping_keeping_external_id_is_recognised(
     assert new.external_id == "e-1"
     assert live_sandbox.members(new.guid) == set(ids)
     assert names_in(live_sandbox) == {"New"}
+
+
+def test_a_running_daemon_keeps_the_segments_it_maps_from_prune_and_delete(
+    live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
+) -> None:
+    """SQLite, one host: a ``syncd prune`` on the daemon's state file sees the daemon
+    as a live replica, long after the segment's last run stopped protecting it."""
+    live = mapping(tmp_path, "Live", make_ids(10, "l"))
+    daemon = daemons(cli_env(live_sandbox.url, tmp_path, [live], schedule="1h"))
+    daemon.wait_for("segment.synced")
+    guid = live_sandbox.find(name="Live").guid  # type: ignore[union-attr]
+    replica = f"{socket.gethostname()}:{daemon.process.pid}"
+    # An operator whose configuration lacks "Live" (an old checkout, the next release).
+    env = env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Other", ["o@x.com"])])
+    wait_out_in_use_window()
+
+    pruned = run_cli("prune", "--yes", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert f"keep   'Live' ({guid}): mapped by live replica {replica}" in pruned.stdout
+    assert "nothing to prune" in pruned.stdout
+    for args in (("--yes",), ()):
+        refused = run_cli("delete", "--segment", "Live", *args, env=env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        [line] = [line for line in refused.stdout.splitlines() if "REFUSED" in line]
+        assert f"'Live' ({guid}): in use: mapped by live replica {replica}" in line
+        assert "Traceback" not in refused.stdout + refused.stderr
+    assert live_sandbox.count("delete") == 0
+    assert live_sandbox.members(guid) == set(make_ids(10, "l"))
+    assert daemon.count("segment.orphaned") == 0
+
+    # Stopped, the daemon maps nothing: the segment is an orphan prune deletes.
+    assert daemon.terminate() == 0
+    pruned = run_cli("prune", "--yes", env=env)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert f"'Live' ({guid}): deleted" in pruned.stdout
+    assert names_in(live_sandbox) == set()
+
+
+def test_a_cycle_outlasting_the_schedule_logs_cycle_overrun(
+    live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
+) -> None:
+    live_sandbox.faults = Faults(delay=3.0)  # each WalkMe call: longer than the schedule
+    daemon = daemons(env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Slow", ["s@x.com"])]))
+    daemon.wait_for("cycle.overrun", timeout=30)
+    daemon.wait_for("cycle.finished", timeout=30)
+    assert daemon.terminate() == 0
+    [first, *_] = [e for e in daemon.events() if e["event"] == "cycle.overrun"]
+    assert first["level"] == "warning"
+    assert first["segments"] == ["Slow"]
+    assert 0.5 <= first["running_s"] < 10
+    assert first["schedule"] == SCHEDULE
+    # APScheduler's own free-text line is gone: the catalogued event replaces it.
+    assert "maximum number of running instances" not in daemon.output() + daemon.errors()
+
+
+def accepts(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((host, port)) == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "reachable", "unreachable"),
+    [("::1", "::1", "127.0.0.1"), ("::", "::1", None)],
+    ids=["ipv6-loopback-only", "every-ipv6-interface"],
+)
+def test_admin_and_webhook_servers_listen_on_their_configured_host(
+    live_sandbox: WalkMeSandbox,
+    tmp_path: Path,
+    daemons: StartDaemon,
+    host: str,
+    reachable: str,
+    unreachable: str | None,
+) -> None:
+    admin, webhook = free_port(), free_port()
+    env = env_for(
+        live_sandbox,
+        tmp_path,
+        [mapping(tmp_path, "Bound", ["b@x.com"])],
+        admin_host=host,
+        admin_port=admin,
+        webhook_host=host,
+        webhook_port=webhook,
+        heap_webhook_secret="bind-test-webhook-secret",
+    )
+    daemon = daemons(env)
+    daemon.wait_for("daemon.started")
+    assert daemon.count("daemon.started", admin_host=host, admin_port=admin) == 1
+    assert daemon.count("heap.webhook_listening", host=host, port=webhook) == 1
+    for port in (admin, webhook):
+        assert accepts(reachable, port), f"nothing listens on [{reachable}]:{port}"
+        if unreachable is not None:
+            assert not accepts(unreachable, port), f"{unreachable}:{port} answers"
+    assert daemon.terminate() == 0
+
+
+def test_an_admin_host_not_on_this_machine_fails_with_one_line(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    # 192.0.2.1 is TEST-NET-1 (documentation only): binding to it fails, nothing is sent.
+    env = env_for(
+        live_sandbox, tmp_path, [mapping(tmp_path, "Far", ["f@x.com"])], admin_host="192.0.2.1"
+    )
+    result = run_cli("run", env=env, timeout=30)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "syncd: configuration error: SYNCD_ADMIN_HOST: cannot listen on 192.0.2.1"
+    )
+    assert "Traceback" not in result.stdout + result.stderr

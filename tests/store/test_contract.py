@@ -752,6 +752,61 @@ async def test_leases_ignore_a_jump_of_the_wall_clock(
     await store.begin_batch("vip", "create", ["a"], "replica-a")
 
 
+# -- replica heartbeats ----------------------------------------------------------------------
+
+
+async def test_heartbeat_makes_a_replica_live_with_its_mappings(store: StateStore) -> None:
+    assert await store.live_replicas() == []
+    await store.heartbeat("host-b:2:bbb", ["Zeta", TRICKY_NAME, "alpha"], 30)
+    await store.heartbeat("host-a:1:aaa", [], 30)
+    live = await store.live_replicas()
+    assert [(r.replica_id, r.host_pid) for r in live] == [
+        ("host-a:1:aaa", "host-a:1"),
+        ("host-b:2:bbb", "host-b:2"),
+    ]
+    assert live[0].mappings == []
+    assert live[1].mappings == sorted(["Zeta", TRICKY_NAME, "alpha"])
+    assert all(0 <= r.seen_s_ago < 5 for r in live)
+    # A later heartbeat replaces what the replica maps.
+    await store.heartbeat("host-b:2:bbb", ["alpha"], 30)
+    assert [r.mappings for r in await store.live_replicas()] == [[], ["alpha"]]
+
+
+async def test_heartbeat_lapses_unless_renewed(store: StateStore) -> None:
+    await store.heartbeat("gone:1:x", ["a"], 0.5)
+    await store.heartbeat("kept:2:y", ["b"], 0.5)
+    await asyncio.sleep(0.35)
+    await store.heartbeat("kept:2:y", ["b"], 0.5)
+    await asyncio.sleep(0.35)  # past the first expiry, before the renewed one
+    live = await store.live_replicas()
+    assert [r.replica_id for r in live] == ["kept:2:y"]
+    assert live[0].seen_s_ago >= 0.3
+
+
+async def test_forget_replica_drops_only_that_one(store: StateStore) -> None:
+    await store.heartbeat("a:1:x", ["one"], 30)
+    await store.heartbeat("b:2:y", ["two"], 30)
+    await store.forget_replica("a:1:x")
+    await store.forget_replica("nobody:3:z")  # unknown: fine
+    assert [r.replica_id for r in await store.live_replicas()] == ["b:2:y"]
+
+
+async def test_heartbeats_are_seen_by_another_store_on_the_same_state(
+    store_url: str, store: StateStore
+) -> None:
+    """A running daemon and a ``syncd prune`` opened on the same state see each other."""
+    await store.heartbeat("daemon:7:abc", ["vip"], 30)
+    other = await open_store(store_url)
+    try:
+        assert [(r.replica_id, r.mappings) for r in await other.live_replicas()] == [
+            ("daemon:7:abc", ["vip"])
+        ]
+        await other.forget_replica("daemon:7:abc")
+    finally:
+        await other.close()
+    assert await store.live_replicas() == []
+
+
 # -- ping, reopen, close ---------------------------------------------------------------------
 
 

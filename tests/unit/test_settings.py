@@ -312,6 +312,31 @@ def test_bad_admin_port(env: pytest.MonkeyPatch, value: str) -> None:
     load_error("SYNCD_ADMIN_PORT")
 
 
+@pytest.mark.parametrize("variable", ["SYNCD_ADMIN_HOST", "SYNCD_WEBHOOK_HOST"])
+def test_listen_hosts_default_to_every_ipv4_interface(
+    env: pytest.MonkeyPatch, variable: str
+) -> None:
+    default = getattr(load_settings(), variable.removeprefix("SYNCD_").lower())
+    assert default == "0.0.0.0"  # noqa: S104 - what the containers need
+
+
+@pytest.mark.parametrize("variable", ["SYNCD_ADMIN_HOST", "SYNCD_WEBHOOK_HOST"])
+@pytest.mark.parametrize(
+    "value",
+    ["127.0.0.1", "::", "::1", "0.0.0.0", "localhost", "syncd-0.svc"],  # noqa: S104
+)
+def test_listen_hosts(env: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    env.setenv(variable, value)
+    assert getattr(load_settings(), variable.removeprefix("SYNCD_").lower()) == value
+
+
+@pytest.mark.parametrize("variable", ["SYNCD_ADMIN_HOST", "SYNCD_WEBHOOK_HOST"])
+@pytest.mark.parametrize("value", ["", "[::1]", "0.0.0.0:9090", "two hosts", "http://x"])
+def test_bad_listen_hosts(env: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    env.setenv(variable, value)
+    load_error(variable)
+
+
 @pytest.mark.parametrize("value", ["sqlite:///state/syncd.db", "sqlite:////var/lib/syncd.db"])
 def test_state_url(env: pytest.MonkeyPatch, value: str) -> None:
     env.setenv("SYNCD_STATE_URL", value)
