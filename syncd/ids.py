@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 
-ID_RULES_VERSION = 1  # bump when the rules change: stored source fingerprints then expire
+ID_RULES_VERSION = 2  # bump when the rules change: stored source fingerprints then expire
 MAX_ID_LENGTH = 100  # WalkMe: "Up to 100 characters per ID value"
 EXAMPLES_KEPT = 5
 # C0/C1 control characters cannot be a real user id and break WalkMe's matching.
@@ -51,6 +53,10 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
     for value in values:
         if value is None:
             continue
+        if isinstance(value, float | Decimal) and not _finite(value):
+            # str() would make the ids "nan" and "inf": real-looking, and wrong.
+            skipped.add(str(value), "is not a finite number")
+            continue
         text = (value if isinstance(value, str) else str(value)).strip()
         if not text:
             continue
@@ -61,3 +67,7 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
         else:
             kept.append(text)
     return kept
+
+
+def _finite(value: float | Decimal) -> bool:
+    return value.is_finite() if isinstance(value, Decimal) else math.isfinite(value)
