@@ -228,7 +228,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
 async def test_out_of_range_or_wrong_typed_fields_are_400(
     roomy: Receiver, http: aiohttp.ClientSession, path: str, value: Any
 ) -> None:
-    # ASCII-escaped JSON: a lone surrogate can only be sent as "\\ud800"
+    # ASCII-escaped JSON: a lone surrogate can only be sent as "\ud800"
     answer = await post_signed(http, roomy.url, json.dumps(_with(path, value)).encode())
     assert answer.status == 400, answer.body
     assert len(json.dumps(answer.body)) < 300, "the answer echoes what was sent"
@@ -303,7 +303,7 @@ async def test_segment_name_is_stored_as_a_valid_mapping_name(
     """Whatever Heap calls a segment, the stored name makes a valid auto-mapping."""
     payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
     payload["data"]["segment"]["name"] = sent
-    # ASCII-escaped JSON: a lone surrogate can only be sent as "\\ud800"
+    # ASCII-escaped JSON: a lone surrogate can only be sent as "\ud800"
     answer = await post_signed(http, receiver.url, json.dumps(payload).encode())
     assert answer.status == 200, answer.body
     name, mapping_name, *_ = (await heap_state(receiver.store))[FREE_CUSTOMERS]
