@@ -91,18 +91,22 @@ async def test_gzip_bomb_is_refused_without_reading_it(
     assert answer.status == 415, answer.body
 
 
-async def test_identity_content_encoding_is_accepted(
+async def test_only_identity_content_encoding_is_read(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
     body = encode(page(task=new_task(), number=1, total=1, add=["plain@x.com"]))
-    answer = await post_raw(
-        http,
-        receiver.url,
-        body,
-        header=heap_hash(WEBHOOK_SECRET, now_ms(), body),
-        headers={"Content-Encoding": "identity"},
-    )
-    assert answer.status == 200, answer.body
+    answers = [
+        await post_raw(
+            http,
+            receiver.url,
+            gzip.compress(body) if encoding == "gzip" else body,
+            header=heap_hash(WEBHOOK_SECRET, now_ms(), body),
+            headers={"Content-Encoding": encoding},
+        )
+        for encoding in ("identity", "gzip")
+    ]
+    assert [answer.status for answer in answers] == [200, 415]
+    assert await heap_members(receiver.store, FREE_CUSTOMERS) == {"plain@x.com"}
 
 
 # ------------------------------------------------------------------------ slow and many senders
@@ -200,29 +204,21 @@ def _with(path: str, value: Any) -> dict[str, Any]:
     [
         ("data.segment.id", 2**63),
         ("data.segment.id", 2**64),
-        ("data.segment.id", -1),
-        ("data.segment.id", 1338065.0),
-        ("data.sync_info.page_number", 2**63),
+        ("data.sync_info", {"page_number": 2**63, "total_pages": 2**63, "sync_task_id": "t"}),
         ("data.sync_info.total_pages", 2**31),
         ("data.sync_info.total_pages", 2**64),
         ("data.sync_info.total_pages", 1_000_001),
-        ("data.sync_info.page_number", 1.0),
         ("data.sync_info.sync_task_id", "t" * 1_000_000),
         ("data.sync_info.sync_task_id", ""),
         ("data.sync_info.sync_task_id", "task\nwith a newline"),
         ("data.sync_info.sync_task_id", "\ud800"),
-        ("data.sync_info.sync_task_id", 12345),
         ("data.add", [{"id": 1.5}]),
         ("data.add", [{"id": 1e400}]),
-        ("data.add", [{"id": ["a@x.com"]}]),
-        ("data.add", [{"id": {"email": "a@x.com"}}]),
-        ("data.remove", [{"id": False}]),
     ],
     ids=[
-        "segment-id-2^63", "segment-id-2^64", "segment-id-negative", "segment-id-float",
-        "page-2^63", "total-2^31", "total-2^64", "total-over-a-million", "page-float",
-        "task-id-1MB", "task-id-empty", "task-id-control", "task-id-surrogate", "task-id-int",
-        "id-float", "id-float-overflow", "id-array", "id-object", "id-bool",
+        "segment-id-2^63", "segment-id-2^64", "page-2^63", "total-2^31", "total-2^64",
+        "total-over-a-million", "task-id-1MB", "task-id-empty", "task-id-control",
+        "task-id-surrogate", "id-float", "id-float-overflow",
     ],
 )  # fmt: skip
 async def test_out_of_range_or_wrong_typed_fields_are_400(
@@ -235,15 +231,21 @@ async def test_out_of_range_or_wrong_typed_fields_are_400(
     await _nothing_stored(roomy)
 
 
-async def test_largest_fields_in_range_are_stored(
+async def test_largest_fields_in_range_are_stored_and_one_more_is_400(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
     largest = 2**63 - 1
-    payload = page(task="t" * 200, number=1_000_000, total=1_000_000, add=[], segment_id=largest)
-    payload["data"]["add"] = [{"id": 2**70}, {"id": None}, {"id": "  padded@x.com  "}]
-    answer = await post_signed(http, receiver.url, payload)
+    edge = page(task="t" * 200, number=10**6, total=10**6, segment_id=largest)
+    edge["data"]["add"] = [{"id": 2**70}, {"id": None}, {"id": "  padded@x.com  "}]
+    answer = await post_signed(http, receiver.url, edge)
     assert answer.status == 200, answer.body
     assert await heap_members(receiver.store, largest) == {str(2**70), "padded@x.com"}
+    beyond = [
+        page(task=new_task(), number=1, total=1, segment_id=largest + 1),
+        page(task=new_task(), number=10**6 + 1, total=10**6 + 1),
+        page(task="t" * 201, number=1, total=1),
+    ]
+    assert [(await post_signed(http, receiver.url, body)).status for body in beyond] == [400] * 3
 
 
 async def test_sender_controlled_text_in_log_lines_is_cut(
@@ -268,35 +270,18 @@ async def test_sender_controlled_text_in_log_lines_is_cut(
     ("sent", "stored"),
     [
         ("N" * 199 + " tail", "N" * 199),
-        ("N" * 200 + "  tail", "N" * 200),
-        (" Free Customers ", "Free Customers"),
+        ("日本語 " * 60, ("日本語 " * 50).strip()),
         ("Free\nCustomers", "Free Customers"),
         ("Free\tCustomers\x00", "Free Customers"),
         ("\x85Free\x9f", "Free"),
-        ("   ", str(FREE_CUSTOMERS)),
         ("\x00\x01\x1f", str(FREE_CUSTOMERS)),
-        ("", str(FREE_CUSTOMERS)),
-        (None, str(FREE_CUSTOMERS)),
-        (42, str(FREE_CUSTOMERS)),
         ("\ud800 lone surrogate", str(FREE_CUSTOMERS)),
-        ("日本語 " * 60, ("日本語 " * 50).strip()),
     ],
     ids=[
-        "cut-leaves-a-space",
-        "cut-at-the-limit",
-        "padded",
-        "newline",
-        "tab-and-nul",
-        "c1-controls",
-        "blank",
-        "only-controls",
-        "empty",
-        "null",
-        "number",
-        "surrogate",
-        "long-non-ascii",
+        "cut-leaves-a-space", "cut-leaves-a-space-non-ascii", "newline", "tab-and-nul",
+        "c1-controls", "only-controls", "surrogate",
     ],
-)
+)  # fmt: skip
 async def test_segment_name_is_stored_as_a_valid_mapping_name(
     receiver: Receiver, http: aiohttp.ClientSession, sent: Any, stored: str
 ) -> None:
@@ -313,7 +298,7 @@ async def test_segment_name_is_stored_as_a_valid_mapping_name(
 
 
 @pytest.mark.parametrize(
-    "name", ["Free\nCustomers", "tab\tname", "nul\x00", "Free ", "", "N" * 201]
+    "name", ["Free\nCustomers", "tab\tname", "nul\x00", "\x85next-line"]
 )  # fmt: skip
 def test_configured_segment_names_follow_the_same_rule(name: str) -> None:
     mapping = {"name": name, "source": {"type": "heap_webhook", "heap_segment_id": 1}}
