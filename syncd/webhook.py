@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import SecretStr
 
 from syncd import metrics
@@ -44,7 +46,10 @@ MAX_LOGGED = 200  # characters of any sender-controlled text in a log line
 READ_TIMEOUT_S = 60.0  # a whole body must arrive within this: slow senders are cut off
 _HEADER = re.compile(r"^\s*ts:(?P<ts>\d{1,16})\s*,\s*hmac:(?P<hmac>[A-Za-z0-9+/=_-]+)\s*$")
 _NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_IDENTITY = ("", "identity")
+_IDENTITY = ("", "identity")  # "Content-Encoding: identity" or none: plain bytes
+
+# aiohttp's own log of requests it could not parse (tests: the records it emits).
+http_log = logging.getLogger("syncd.webhook.http")
 
 #: Called with the Heap segment id whose sync task just became complete.
 TaskCompleteCallback = Callable[[int], None]
@@ -174,6 +179,24 @@ def _user_ids(data: dict[str, Any], key: str) -> list[str]:
     return ids
 
 
+class _MalformedHttpIsOneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse with the bytes it choked on and a
+    traceback: keep one short warning instead (other errors keep their traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = " ".join(str(error).split())
+            record.msg = f"malformed HTTP request refused: {shown(reason)}"
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+http_log.addFilter(_MalformedHttpIsOneLine())
+
+
 class HeapWebhookReceiver:
     def __init__(
         self,
@@ -210,7 +233,7 @@ class HeapWebhookReceiver:
         app = web.Application(client_max_size=self._max_body)
         app.router.add_post(self._path, self._receive)
         # Never inflate a body: a few KiB of gzip can become GiBs (refused with 415).
-        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False)
+        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False, logger=http_log)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self.port)
         await site.start()
@@ -278,8 +301,8 @@ class HeapWebhookReceiver:
 
     async def _read_body(self, request: web.Request) -> bytearray:
         """The raw body, bounded in size, in time and in unverified bytes held at once."""
-        encoding = request.headers.get("Content-Encoding", "").strip().lower()
-        if encoding not in _IDENTITY:
+        encodings = ",".join(request.headers.getall("Content-Encoding", [])).lower()
+        if any(encoding.strip() not in _IDENTITY for encoding in encodings.split(",")):
             raise _Refused(415, "compressed bodies are refused: send plain JSON")
         if request.content_length is not None and request.content_length > self._max_body:
             raise _Refused(413, "body larger than SYNCD_HEAP_WEBHOOK_MAX_BODY")

@@ -28,6 +28,7 @@ from tests.store.conftest import admin_url, create_database, drop_database, url_
 
 from .conftest import (
     FREE_CUSTOMERS,
+    WEBHOOK_PATH,
     WEBHOOK_SECRET,
     Receiver,
     encode,
@@ -107,6 +108,47 @@ async def test_only_identity_content_encoding_is_read(
     ]
     assert [answer.status for answer in answers] == [200, 415]
     assert await heap_members(receiver.store, FREE_CUSTOMERS) == {"plain@x.com"}
+
+
+async def _raw_request(receiver: Receiver, head: str, body: bytes) -> bytes:
+    """Send bytes no HTTP client library would; return the status line."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", receiver.receiver.port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+async def test_content_encoding_given_twice_is_415(receiver: Receiver) -> None:
+    plain = encode(page(task=new_task(), number=1, total=1, add=["zip@x.com"]))
+    packed = gzip.compress(plain)
+    head = (
+        f"POST {WEBHOOK_PATH} HTTP/1.1\nHost: syncd\nContent-Length: {len(packed)}\n"
+        f"Content-Encoding: identity\nContent-Encoding: gzip\n"
+        f"Heap-Hash: {heap_hash(WEBHOOK_SECRET, now_ms(), plain)}\n"
+    )
+    assert b" 415 " in await _raw_request(receiver, head, packed)
+    await _nothing_stored(receiver)
+
+
+async def test_malformed_http_is_400_with_one_short_log_line(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's own complaint quotes the bytes it choked on: it must stay one short line."""
+    bomb = gzip.compress(bytes(10_000_000))
+    head = f"POST {WEBHOOK_PATH} HTTP/1.1\nHost: syncd\nTransfer-Encoding: gzip\n"
+    with caplog.at_level("DEBUG", logger="syncd.webhook.http"):
+        assert b" 400 " in await _raw_request(receiver, head, bomb)
+        await asyncio.sleep(0.1)
+    records = [r for r in caplog.records if r.name == "syncd.webhook.http"]
+    assert records, "aiohttp logged nothing: the test proves nothing"
+    for record in records:
+        assert record.exc_info is None
+        assert record.levelname == "WARNING"
+        assert len(record.getMessage()) < 400
+        assert "\n" not in record.getMessage()
 
 
 # ------------------------------------------------------------------------ slow and many senders
