@@ -347,18 +347,27 @@ async def test_sigterm_during_a_slow_sync_exits_0(
     _assert_no_secrets(daemon)
 
 
+@pytest.mark.parametrize(
+    ("heap_name", "walkme_name"),
+    [("N" * 260, "N" * 200), ("N" * 199 + " tail", "N" * 199), ("Tab\tName\n", "Tab Name")],
+    ids=["260-characters", "cut-leaves-a-space", "control-characters"],
+)
 async def test_heap_segment_with_an_overlong_name_does_not_stop_the_daemon(
-    tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
+    tmp_path: Path,
+    walkme: WalkMeSandbox,
+    http: aiohttp.ClientSession,
+    heap_name: str,
+    walkme_name: str,
 ) -> None:
     """Heap documents no limit on segment names; a mapping name allows 200 characters.
 
-    The receiver accepts the page (200), so the name is in the state for good: other
-    segments must keep syncing, and the daemon must still start the next time.
+    The receiver accepts the page (200), so the name is in the state for good: that
+    segment and the others must sync, and the daemon must still start the next time.
     """
     daemon = await _start_daemon(tmp_path, walkme, {})
     try:
         long_page = page(task=new_task(), number=1, total=1, add=["long@x.com"],
-                         segment_id=61, name="N" * 260)
+                         segment_id=61, name=heap_name)
         assert (await post_signed(http, daemon.webhook_url, long_page)).status == 200
         fine_page = page(task=new_task(), number=1, total=1, add=["fine@x.com"],
                          segment_id=62, name="Fine")
@@ -366,9 +375,18 @@ async def test_heap_segment_with_an_overlong_name_does_not_stop_the_daemon(
         await _wait_for(
             lambda: _members(walkme, external_id="62") == {"fine@x.com"},
             daemon,
-            "segment 62 to sync next to a Heap segment with a 260-character name",
+            "segment 62 to sync next to a Heap segment with an unusable name",
             within=10,
         )
+        await _wait_for(
+            lambda: _members(walkme, external_id="61") == {"long@x.com"},
+            daemon,
+            "the segment with the repaired name to sync",
+            within=10,
+        )
+        record = walkme.find(external_id="61")
+        assert record is not None
+        assert record.name == walkme_name
     finally:
         code = await daemon.stop()
     assert code == 0, daemon.text()[-4000:]
