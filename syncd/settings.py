@@ -40,7 +40,7 @@ WAREHOUSE_SCHEMES = ("postgresql", "postgres", "redshift", "snowflake")
 HEAP_SEGMENT_ID_MAX = 2**63 - 1  # Heap: "segment.id is an int64"
 SEGMENT_NAME_MAX = 200
 # C0/C1 control characters: a WalkMe segment name is shown, and picked, in the Editor.
-_NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+NAME_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # Values never echoed in errors: the warehouse URL holds a password.
 SECRET_FIELDS = frozenset(
@@ -117,7 +117,7 @@ def segment_name_problem(name: str) -> str | None:
         return f"must be 1 to {SEGMENT_NAME_MAX} characters long"
     if name != name.strip():
         return "must not start or end with whitespace"
-    if _NAME_CONTROL.search(name):
+    if NAME_CONTROL_CHARACTERS.search(name):
         return "must not contain control characters"
     return None
 

@@ -32,23 +32,26 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import SecretStr
 
 from syncd import metrics
-from syncd.settings import HEAP_SEGMENT_ID_MAX, SEGMENT_NAME_MAX, segment_name_problem
+from syncd.settings import (
+    HEAP_SEGMENT_ID_MAX,
+    NAME_CONTROL_CHARACTERS,
+    SEGMENT_NAME_MAX,
+    segment_name_problem,
+)
 from syncd.state import StateError, StateStore
 from syncd.state.base import HeapPage
 
 log = structlog.get_logger("syncd.webhook")
 
 SYNC_ACTION = "segment.users.sync"
-MAX_NAME = SEGMENT_NAME_MAX  # a longer segment name is cut: it becomes a WalkMe segment name
 MAX_PAGES = 1_000_000  # page_number and total_pages; PostgreSQL stores them as INTEGER
 MAX_TASK_ID = 200  # Heap's sync_task_id is a UUID; it is logged with every page
 MAX_LOGGED = 200  # characters of any sender-controlled text in a log line
 READ_TIMEOUT_S = 60.0  # a whole body must arrive within this: slow senders are cut off
 _HEADER = re.compile(r"^\s*ts:(?P<ts>\d{1,16})\s*,\s*hmac:(?P<hmac>[A-Za-z0-9+/=_-]+)\s*$")
-_NAME_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _IDENTITY = ("", "identity")  # "Content-Encoding: identity" or none: plain bytes
 
-# aiohttp's own log of requests it could not parse (tests: the records it emits).
+# The logger aiohttp reports the webhook port's HTTP errors to (see _MalformedHttpIsOneLine).
 http_log = logging.getLogger("syncd.webhook.http")
 
 #: Called with the Heap segment id whose sync task just became complete.
@@ -150,7 +153,7 @@ def _segment_name(raw: Any, segment_id: int) -> str:
     """
     if not isinstance(raw, str) or not _unicode(raw):
         return str(segment_id)
-    name = _NAME_CONTROL.sub(" ", raw).strip()[:MAX_NAME].rstrip()
+    name = NAME_CONTROL_CHARACTERS.sub(" ", raw).strip()[:SEGMENT_NAME_MAX].rstrip()
     return name if name and segment_name_problem(name) is None else str(segment_id)
 
 
