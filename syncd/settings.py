@@ -38,6 +38,10 @@ _INTERVAL = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 WAREHOUSE_SCHEMES = ("postgresql", "postgres", "redshift", "snowflake")
+HEAP_SEGMENT_ID_MAX = 2**63 - 1  # Heap: "segment.id is an int64"
+SEGMENT_NAME_MAX = 200
+# C0/C1 control characters: a WalkMe segment name is shown, and picked, in the Editor.
+NAME_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # Values never echoed in errors: the warehouse URL holds a password.
 SECRET_FIELDS = frozenset(
@@ -75,7 +79,7 @@ class HeapWebhookSourceConfig(_Strict):
     """Membership Heap pushes to the webhook receiver (Heap Segments Sync)."""
 
     type: Literal["heap_webhook"]
-    heap_segment_id: int = Field(ge=0)
+    heap_segment_id: int = Field(ge=0, le=HEAP_SEGMENT_ID_MAX)
 
 
 class WarehouseSourceConfig(_Strict):
@@ -94,7 +98,7 @@ SourceConfig = Annotated[
 class SegmentMapping(_Strict):
     """One WalkMe segment and where its members come from."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=SEGMENT_NAME_MAX)
     source: SourceConfig
     external_id: str | None = Field(default=None, min_length=1, max_length=100)
     segment_guid: Guid | None = None
@@ -103,10 +107,25 @@ class SegmentMapping(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _name_is_trimmed(cls, value: str) -> str:
-        if value != value.strip():
-            raise ValueError("must not start or end with whitespace")
+    def _name_is_valid(cls, value: str) -> str:
+        problem = segment_name_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+
+def segment_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a segment (it becomes the WalkMe segment's name), or None.
+
+    The one rule for every segment name: configured ones and those Heap sends.
+    """
+    if not 1 <= len(name) <= SEGMENT_NAME_MAX:
+        return f"must be 1 to {SEGMENT_NAME_MAX} characters long"
+    if name != name.strip():
+        return "must not start or end with whitespace"
+    if NAME_CONTROL_CHARACTERS.search(name):
+        return "must not contain control characters"
+    return None
 
 
 _MAPPINGS = TypeAdapter(list[SegmentMapping])

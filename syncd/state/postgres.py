@@ -34,7 +34,7 @@ from syncd.state.base import (
     StateError,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 0x73796E6364  # "syncd": serialises schema changes across replicas
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
@@ -131,6 +131,11 @@ _MIGRATIONS = [
         seen_at DOUBLE PRECISION NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # Page receipts keyed by Heap segment too: two segments' tasks may share an id.
+    """
+    ALTER TABLE heap_pages DROP CONSTRAINT heap_pages_pkey;
+    ALTER TABLE heap_pages ADD PRIMARY KEY (heap_segment_id, sync_task_id, page_number);
     """,
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -675,7 +680,9 @@ class PostgresStore:
                 )
             )
             received = await conn.fetchval(
-                "SELECT count(*) FROM heap_pages WHERE sync_task_id = $1", page.sync_task_id
+                "SELECT count(*) FROM heap_pages WHERE heap_segment_id = $1 AND sync_task_id = $2",
+                segment,
+                page.sync_task_id,
             )
             complete = received >= page.total_pages
             await conn.execute(

@@ -37,7 +37,7 @@ from syncd.state.base import (
     StateError,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _T = TypeVar("_T")
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
@@ -138,6 +138,21 @@ CREATE TABLE replicas (
     seen_at REAL NOT NULL,
     expires_at REAL NOT NULL
 );
+""",
+    # Page receipts keyed by Heap segment too: two segments' tasks may share an id.
+    """
+CREATE TABLE heap_pages_by_segment (
+    heap_segment_id INTEGER NOT NULL,
+    sync_task_id TEXT NOT NULL,
+    page_number INTEGER NOT NULL,
+    total_pages INTEGER NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (heap_segment_id, sync_task_id, page_number)
+);
+INSERT INTO heap_pages_by_segment
+    SELECT heap_segment_id, sync_task_id, page_number, total_pages, received_at FROM heap_pages;
+DROP TABLE heap_pages;
+ALTER TABLE heap_pages_by_segment RENAME TO heap_pages;
 """,
 ]
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -722,8 +737,9 @@ class SqliteStore:
                     ((segment, member) for member in page.add),
                 ).rowcount
                 received = conn.execute(
-                    "SELECT count(*) FROM heap_pages WHERE sync_task_id = ?",
-                    (page.sync_task_id,),
+                    "SELECT count(*) FROM heap_pages"
+                    " WHERE heap_segment_id = ? AND sync_task_id = ?",
+                    (segment, page.sync_task_id),
                 ).fetchone()[0]
                 complete = received >= page.total_pages
                 conn.execute(

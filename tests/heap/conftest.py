@@ -200,9 +200,15 @@ class Receiver:
 
 
 async def start_receiver(
-    tmp_path: Path, *, max_body: int = 64 * 1024, tolerance_s: float = 60.0
+    tmp_path: Path,
+    *,
+    max_body: int = 64 * 1024,
+    tolerance_s: float = 60.0,
+    read_timeout_s: float = 10.0,
+    state_url: str | None = None,
 ) -> Receiver:
-    state_url = "sqlite:///" + str(tmp_path / "state.db")
+    """A receiver on a free port of 127.0.0.1, by default on a SQLite file in ``tmp_path``."""
+    state_url = state_url or "sqlite:///" + str(tmp_path / "state.db")
     store = await open_store(state_url)
     completed: list[int] = []
     receiver = HeapWebhookReceiver(
@@ -214,6 +220,7 @@ async def start_receiver(
         max_body=max_body,
         on_task_complete=completed.append,
         host="127.0.0.1",
+        read_timeout_s=read_timeout_s,
     )
     await receiver.start()
     return Receiver(receiver, store, state_url, completed)

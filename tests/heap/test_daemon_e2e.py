@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,9 @@ from .conftest import (
     FREE_CUSTOMERS,
     WEBHOOK_PATH,
     WEBHOOK_SECRET,
+    encode,
     free_port,
+    heap_hash,
     new_task,
     page,
     post_signed,
@@ -344,18 +347,27 @@ async def test_sigterm_during_a_slow_sync_exits_0(
     _assert_no_secrets(daemon)
 
 
+@pytest.mark.parametrize(
+    ("heap_name", "walkme_name"),
+    [("N" * 260, "N" * 200), ("N" * 199 + " tail", "N" * 199), ("Tab\tName\n", "Tab Name")],
+    ids=["260-characters", "cut-leaves-a-space", "control-characters"],
+)
 async def test_heap_segment_with_an_overlong_name_does_not_stop_the_daemon(
-    tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
+    tmp_path: Path,
+    walkme: WalkMeSandbox,
+    http: aiohttp.ClientSession,
+    heap_name: str,
+    walkme_name: str,
 ) -> None:
     """Heap documents no limit on segment names; a mapping name allows 200 characters.
 
-    The receiver accepts the page (200), so the name is in the state for good: other
-    segments must keep syncing, and the daemon must still start the next time.
+    The receiver accepts the page (200), so the name is in the state for good: that
+    segment and the others must sync, and the daemon must still start the next time.
     """
     daemon = await _start_daemon(tmp_path, walkme, {})
     try:
         long_page = page(task=new_task(), number=1, total=1, add=["long@x.com"],
-                         segment_id=61, name="N" * 260)
+                         segment_id=61, name=heap_name)
         assert (await post_signed(http, daemon.webhook_url, long_page)).status == 200
         fine_page = page(task=new_task(), number=1, total=1, add=["fine@x.com"],
                          segment_id=62, name="Fine")
@@ -363,12 +375,126 @@ async def test_heap_segment_with_an_overlong_name_does_not_stop_the_daemon(
         await _wait_for(
             lambda: _members(walkme, external_id="62") == {"fine@x.com"},
             daemon,
-            "segment 62 to sync next to a Heap segment with a 260-character name",
+            "segment 62 to sync next to a Heap segment with an unusable name",
             within=10,
         )
+        await _wait_for(
+            lambda: _members(walkme, external_id="61") == {"long@x.com"},
+            daemon,
+            "the segment with the repaired name to sync",
+            within=10,
+        )
+        record = walkme.find(external_id="61")
+        assert record is not None
+        assert record.name == walkme_name
     finally:
         code = await daemon.stop()
     assert code == 0, daemon.text()[-4000:]
 
     restarted = await _start_daemon(tmp_path, walkme, {})  # fails if the daemon cannot start
     assert await restarted.stop() == 0, restarted.text()[-4000:]
+
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak so far) of a process, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def _gzip_bomb(inflated: int) -> bytes:
+    """``inflated`` bytes of zeros, gzipped (about a thousandth of that)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1024 * 1024)
+    parts = [packer.compress(block) for _ in range(inflated // len(block))]
+    return b"".join([*parts, packer.flush()])
+
+
+async def _hostile(url: str, kind: str, bomb: bytes, stop: asyncio.Event) -> int:
+    """One hostile request of ``kind``; returns the status it was answered."""
+    timeout = aiohttp.ClientTimeout(total=60)
+    headers = {"Heap-Hash": "ts:1,hmac:AAAA", "Content-Type": "application/json"}
+    body: Any
+    if kind == "gzip-bomb":
+        headers["Content-Encoding"] = "gzip"
+        body = bomb
+    elif kind == "deep-nesting":
+        body = encode(page(task=new_task(), number=1, total=1))[:-1]
+        body += b',"deep":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        headers["Heap-Hash"] = heap_hash(WEBHOOK_SECRET, int(time.time() * 1000), body)
+    elif kind == "huge-chunked":
+
+        async def huge() -> AsyncIterator[bytes]:
+            block = b"x" * (1024 * 1024)
+            for _ in range(64):  # twice the default 32 MiB limit, no Content-Length
+                yield block
+
+        body = huge()
+    else:  # "slow": a byte now and then, never finishing until told to stop
+
+        async def slow() -> AsyncIterator[bytes]:
+            while not stop.is_set():
+                yield b" "
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
+
+        body = slow()
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(url, data=body, headers=headers) as response,
+    ):
+        return response.status
+
+
+async def test_hostile_requests_leave_memory_and_healthz_alone(
+    tmp_path: Path, walkme: WalkMeSandbox, http: aiohttp.ClientSession
+) -> None:
+    """8 hostile requests at once (2 each: 1 GiB gzip bombs, signed pages nested 100,000
+    deep, 64 MiB chunked bodies, slow senders) against ``syncd run`` with its default
+    limits: its peak RSS stays under 150 MB and /healthz answers within 1 s throughout."""
+    bomb = _gzip_bomb(1024 * 1024 * 1024)
+    daemon = await _start_daemon(tmp_path, walkme, {"SYNCD_LOG_LEVEL": "info"})
+    healthz = f"http://127.0.0.1:{daemon.admin_port}/healthz"
+    stop = asyncio.Event()
+    latencies: list[float] = []
+
+    async def watch_healthz() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            async with http.get(healthz) as answer:
+                assert answer.status == 200
+            latencies.append(time.monotonic() - started)
+            await asyncio.sleep(0.05)
+
+    try:
+        before = _memory_kib(daemon.process.pid)
+        watcher = asyncio.create_task(watch_healthz())
+        kinds = ["gzip-bomb", "deep-nesting", "huge-chunked", "slow"] * 2
+        hostile = [
+            asyncio.create_task(_hostile(daemon.webhook_url, kind, bomb, stop)) for kind in kinds
+        ]
+        finished = await asyncio.gather(*(task for task in hostile[:3] + hostile[4:7]))
+        await asyncio.sleep(1.0)  # the slow senders are still connected
+        after = _memory_kib(daemon.process.pid)
+        fine = page(task=new_task(), number=1, total=1, add=["fine@x.com"], segment_id=8)
+        assert (await post_signed(http, daemon.webhook_url, fine)).status == 200
+        stop.set()
+        await watcher
+        slow = await asyncio.gather(hostile[3], hostile[7])
+    finally:
+        stop.set()
+        code = await daemon.stop()
+    peak_mb = after["VmHWM"] / 1024
+    print(
+        f"RSS before {before['VmRSS'] / 1024:.0f} MB, peak {peak_mb:.0f} MB;"
+        f" /healthz: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms;"
+        f" answers {finished} {slow}"
+    )
+    assert code == 0, daemon.text()[-4000:]
+    assert finished == [415, 400, 413] * 2
+    assert all(status >= 400 for status in slow)
+    assert peak_mb < 150, f"peak RSS {peak_mb:.0f} MB under hostile requests"
+    assert max(latencies) < 1.0, f"/healthz took {max(latencies):.2f} s under hostile requests"

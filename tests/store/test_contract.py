@@ -622,6 +622,23 @@ async def test_tasks_interleaved_across_heap_segments(store: StateStore) -> None
     assert sorted(await heap_ids(store, 2)) == ["b", "bb"]
 
 
+async def test_heap_segments_sharing_a_task_id_are_both_stored(store: StateStore) -> None:
+    """A page is one (Heap segment, task, page): another segment's page is no duplicate."""
+    one = await store.store_heap_page(page("shared", 1, 2, ["a"], segment=1, name="One"))
+    two = await store.store_heap_page(page("shared", 1, 2, ["b"], segment=2, name="Two"))
+    assert [(r.duplicate, r.task_complete) for r in (one, two)] == [(False, False)] * 2
+    # Each segment's task completes with its own last page, not with the other's.
+    last_two = await store.store_heap_page(page("shared", 2, 2, ["bb"], segment=2, name="Two"))
+    assert (last_two.duplicate, last_two.task_complete) == (False, True)
+    assert (await heap_segment(store, 1)).complete_tasks == 0
+    last_one = await store.store_heap_page(page("shared", 2, 2, ["aa"], segment=1, name="One"))
+    assert (last_one.duplicate, last_one.task_complete) == (False, True)
+    assert sorted(await heap_ids(store, 1)) == ["a", "aa"]
+    assert sorted(await heap_ids(store, 2)) == ["b", "bb"]
+    retried = await store.store_heap_page(page("shared", 1, 2, ["b"], segment=2, name="Two"))
+    assert retried.duplicate is True
+
+
 async def test_heap_mapping_name_is_fixed_at_first_sight(store: StateStore) -> None:
     await store.store_heap_page(page("t1", 1, 1, ["a"], name="Original"))
     renamed = await store.store_heap_page(page("t2", 1, 1, ["b"], name="Renamed in Heap"))

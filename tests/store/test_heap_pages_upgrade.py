@@ -1,0 +1,87 @@
+"""Opening a store written before Heap page receipts were keyed by segment.
+
+The upgrade keeps every receipt: a page that was stored before it is still a
+duplicate after it, and what Heap sent is all still there.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from syncd.state import StateStore, open_store
+from syncd.state import postgres as postgres_store
+from syncd.state import sqlite as sqlite_store
+from syncd.state.base import HeapPage, HeapSegment
+
+TASK = "afe74af0-496e-11ec-81d3-0242ac130003"
+SEGMENT = 1338065
+OTHER = 2_000_000_000_001
+
+
+def heap_page(segment: int, number: int, add: list[str]) -> HeapPage:
+    return HeapPage(segment, f"Heap {segment}", TASK, number, 2, add, [])
+
+
+async def _check_upgraded(store: StateStore) -> None:
+    retried = await store.store_heap_page(heap_page(SEGMENT, 1, ["a"]))
+    assert retried.duplicate is True, "a page stored before the upgrade was applied again"
+    assert await store.heap_segments() == [HeapSegment(SEGMENT, f"Heap {SEGMENT}", "Free", 1, 0)]
+    # The same task id for another segment is now a page of its own.
+    other = await store.store_heap_page(heap_page(OTHER, 1, ["b"]))
+    assert other.duplicate is False
+    last = await store.store_heap_page(heap_page(SEGMENT, 2, ["c"]))
+    assert (last.duplicate, last.task_complete) == (False, True)
+
+
+async def test_sqlite_upgrade_keeps_heap_page_receipts(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(sqlite_store._MIGRATIONS[0])
+        conn.execute(
+            "INSERT INTO heap_segments (heap_segment_id, name, mapping_name, members,"
+            " updated_at) VALUES (?, 'Free', 'Free', 1, '2024-01-01T00:00:00+00:00')",
+            (SEGMENT,),
+        )
+        conn.execute("INSERT INTO heap_members (heap_segment_id, id) VALUES (?, 'a')", (SEGMENT,))
+        conn.execute(
+            "INSERT INTO heap_pages VALUES (?, 1, ?, 2, '2099-01-01T00:00:00+00:00')",
+            (TASK, SEGMENT),
+        )
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    finally:
+        conn.close()
+    store = await open_store(f"sqlite:///{path}")
+    try:
+        await _check_upgraded(store)
+    finally:
+        await store.close()
+
+
+async def test_postgres_upgrade_keeps_heap_page_receipts(pg_url: str) -> None:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(postgres_store._MIGRATIONS[0])
+        await conn.execute("CREATE TABLE syncd_schema (version INTEGER NOT NULL)")
+        await conn.execute("INSERT INTO syncd_schema (version) VALUES (1)")
+        await conn.execute(
+            "INSERT INTO heap_segments (heap_segment_id, name, mapping_name, members,"
+            " updated_at) VALUES ($1, 'Free', 'Free', 1, now())",
+            SEGMENT,
+        )
+        await conn.execute(
+            "INSERT INTO heap_members (heap_segment_id, id) VALUES ($1, 'a')", SEGMENT
+        )
+        await conn.execute("INSERT INTO heap_pages VALUES ($1, 1, $2, 2, now())", TASK, SEGMENT)
+    finally:
+        await conn.close()
+    store = await open_store(pg_url)
+    try:
+        await _check_upgraded(store)
+    finally:
+        await store.close()
