@@ -127,9 +127,11 @@ class StateStore(Protocol):
         action: Action,
         ids: list[str],
         segment_guid: str | None = None,
+        *,
+        still_pending: PendingBatch | None = None,
     ) -> None:
         """WalkMe acknowledged this batch: apply it to the snapshot and clear the
-        pending batch, atomically."""
+        pending batch (or make it ``still_pending``: the rest of a replay), atomically."""
         ...
 
     async def begin_batch(self, name: str, action: Action, ids: list[str]) -> None:

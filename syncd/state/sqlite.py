@@ -379,12 +379,19 @@ class SqliteStore:
         action: Action,
         ids: list[str],
         segment_guid: str | None = None,
+        *,
+        still_pending: PendingBatch | None = None,
     ) -> None:
         payload = json.dumps(ids)
 
         def write() -> None:
             with self._transaction() as conn:
                 conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
+                if still_pending is not None and still_pending.ids:
+                    conn.execute(
+                        "INSERT INTO pending (segment, action, ids) VALUES (?, ?, ?)",
+                        (name, still_pending.action, "\n".join(still_pending.ids)),
+                    )
                 if action == "remove":
                     cursor = conn.execute(
                         "DELETE FROM members WHERE segment = ? AND id IN"
