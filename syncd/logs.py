@@ -26,7 +26,7 @@ _MASK = "[redacted]"
 # A plain word after "Basic" is prose ("Basic authentication failed"), not a credential.
 _CREDENTIAL_FORMS = re.compile(
     r"(?i)(\b(?:bearer|basic)\s+|access_token[\"']?\s*[:=]\s*[\"']?)"
-    r"(?![A-Za-z]+\b)[A-Za-z0-9._~+/=%-]{4,}"
+    r"(?![A-Za-z]+(?![A-Za-z0-9._~+/=%-]))[A-Za-z0-9._~+/=%-]{4,}"
 )
 
 
