@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import quote, quote_plus
 
 import aiohttp
@@ -73,6 +74,7 @@ class FakeWalkMe:
         self.server: TestServer | None = None
         self.elsewhere: list[Seen] = []  # requests that followed a redirect
         self.cut_short = 0  # answer this many segment calls with a body cut short
+        self.cut_how: CutShort = "length"
         self.echo: int | None = None  # answer segment calls with this status, echoing them
         self.token_echo: int | None = None  # the same for the token call
 
@@ -134,7 +136,7 @@ class FakeWalkMe:
             return web.json_response(echoed(request, body), status=self.echo)
         if self.cut_short:
             self.cut_short -= 1
-            return await answer_cut_short(request)
+            return await answer_cut_short(request, self.cut_how)
         if self.script:
             return self.answer(self.script.popleft())
         if authorization.removeprefix("Bearer ") not in self.valid:
@@ -155,11 +157,22 @@ def echoed(request: web.Request, body: bytes) -> dict[str, Any]:
     }
 
 
-async def answer_cut_short(request: web.Request) -> web.StreamResponse:
-    """A 200 promising 100 bytes that hangs up after a few (a proxy dying mid-answer)."""
-    response = web.StreamResponse(
-        status=200, headers={"Content-Type": "application/json", "Content-Length": "100"}
-    )
+CutShort = Literal["length", "chunked", "gzip"]
+
+
+async def answer_cut_short(request: web.Request, how: CutShort) -> web.StreamResponse:
+    """A 200 whose body breaks off (a proxy dying mid-answer): fewer bytes than its
+    Content-Length, a chunked body without its last chunk, or half a gzip stream
+    (which aiohttp reads without complaint: only the JSON is found wanting)."""
+    if how == "gzip":
+        whole = gzip.compress(b'{"success": true, "padding": "' + b"x" * 2000 + b'"}')
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return web.Response(body=whole[: len(whole) // 2], headers=headers)
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    if how == "length":
+        response.content_length = 100
+    else:
+        response.enable_chunked_encoding()
     await response.prepare(request)
     await response.write(b'{"succ')
     assert request.transport is not None
@@ -648,12 +661,14 @@ async def test_each_form_of_acknowledgement_ends_the_retries(
     assert len(fake.calls) == 2
 
 
-async def test_answers_cut_short_until_attempts_run_out_fail(
-    fake: FakeWalkMe, session: aiohttp.ClientSession
+@pytest.mark.parametrize("how", get_args(CutShort))
+async def test_answers_cut_short_are_not_acknowledgements(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, how: CutShort
 ) -> None:
-    fake.cut_short = 10
-    with pytest.raises(WalkMeUnavailable, match="broken response"):
-        await make_client(fake, session, attempts=2).delete_segment(SYSTEM, GUID)
+    fake.cut_short, fake.cut_how = 10, how
+    with pytest.raises(WalkMeUnavailable):
+        await make_client(fake, session, attempts=2).update_segment(SYSTEM, GUID, "add", ["a"])
+    assert len(fake.calls) == 2
 
 
 @pytest.mark.parametrize(
