@@ -725,7 +725,6 @@ OTHER_GUID = "11111111-2222-4333-8444-555555555555"
         pytest.param({"segmentGuid": GUID, "name": "someone else"}, id="other-name"),
         pytest.param({"segmentGuid": GUID, "externalId": "not-ours"}, id="other-external-id"),
         pytest.param([{"guid": GUID, "name": "a"}, {"guid": OTHER_GUID}], id="a-list"),
-        pytest.param({"result": "ok"}, id="no-guid"),
     ],
 )
 async def test_create_answer_naming_no_segment_of_ours_is_found_by_listing(
