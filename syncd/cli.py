@@ -11,11 +11,12 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from syncd import __version__
 from syncd.app import Runtime, open_runtime
 from syncd.engine import Outcome, Plan, SegmentInUse, current_mappings
-from syncd.logs import configure_logging
+from syncd.logs import configure_logging, redact, redact_credentials, scrub
 from syncd.settings import ConfigError, SegmentMapping, Settings, describe_url, load_settings
 from syncd.state import SegmentState, StateError, open_store
 from syncd.walkme import WalkMeError
@@ -25,13 +26,35 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def _configured() -> tuple[Settings, list[SegmentMapping]]:
     settings = load_settings()
+    _redact_secrets(settings)
     mappings = settings.mappings()
     configure_logging(settings.log_format, settings.log_level)
     return settings, mappings
 
 
+def _redact_secrets(settings: Settings) -> None:
+    """Every secret in the settings, in every form, is scrubbed from all output."""
+    try:
+        redact_credentials(settings.walkme_client_id, settings.client_secret().get_secret_value())
+        webhook = settings.webhook_secret()
+    except ConfigError:
+        webhook = None  # an unreadable secret file: the command that needs it says so
+    if webhook is not None:
+        redact(webhook.get_secret_value())
+    warehouse = settings.warehouse_url.get_secret_value() if settings.warehouse_url else ""
+    for url in (settings.state_url, warehouse):
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            continue
+        if password:
+            redact(password)
+            redact(unquote(password))
+
+
 def _out(line: str = "") -> None:
-    print(line, flush=True)
+    # Status, history and check print texts stored by other processes: scrubbed here too.
+    print(scrub(line), flush=True)
 
 
 # -- run ---------------------------------------------------------------------------
@@ -402,10 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Command = args.handler
         return asyncio.run(handler(args))
     except ConfigError as exc:
-        print(f"syncd: configuration error: {exc}", file=sys.stderr)
+        print(scrub(f"syncd: configuration error: {exc}"), file=sys.stderr)
         return EXIT_CONFIG
     except StateError as exc:
-        print(f"syncd: {exc}", file=sys.stderr)
+        print(scrub(f"syncd: {exc}"), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

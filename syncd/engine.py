@@ -30,12 +30,13 @@ import structlog
 from syncd import metrics
 from syncd.diff import Diff, Quarantined, compute_diff
 from syncd.ids import NotAnId, SkippedIds, clean_ids
+from syncd.logs import scrub
 from syncd.processes import alive
 from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
 from syncd.sources import Source, SourceError, build_source
 from syncd.sources.base import bounded, bounded_chunks
 from syncd.state import Action, SegmentState, StateError, StateStore
-from syncd.state.base import LeaseLost, RunResult
+from syncd.state.base import LeaseLost, PendingBatch, RunResult
 from syncd.walkme import (
     BeforeAttempt,
     WalkMeAuthError,
@@ -45,6 +46,7 @@ from syncd.walkme import (
     WalkMeNotFound,
     WalkMeRejected,
     WalkMeStopped,
+    WalkMeTooLarge,
     normalize_guid,
     request_tally,
 )
@@ -135,6 +137,12 @@ class _Target:
     system: str
     guid: str | None
     outcome: Outcome
+    # After a 413: the most ids one request may carry for the rest of this run.
+    max_ids: int | None = None
+    # While replaying a pending batch: its ids not yet acknowledged. They stay the
+    # pending batch (an earlier, lost request may have applied any of them) until
+    # each is recorded, so a crash mid-replay leaves none of them unaccounted for.
+    unsettled: dict[str, None] | None = None
 
 
 class Engine:
@@ -406,7 +414,13 @@ class Engine:
             return state
         log.info("segment.replaying", action=pending.action, ids=len(pending.ids))
         target = _Target(mapping, system, state.segment_guid, outcome)
-        await self._deliver(target, pending.action, pending.ids)
+        target.unsettled = dict.fromkeys(pending.ids)
+        # In today's batch size: a batch stored under a larger SYNCD_BATCH_SIZE (or
+        # refused as too large) must not be sent whole on every run.
+        size = self._settings.batch_size
+        await self._deliver_in_slices(target, pending.action, pending.ids, size)
+        if target.unsettled:
+            await self._store.clear_pending(mapping.name)  # what is left was refused
         refreshed = await self._store.get(mapping.name)
         assert refreshed is not None
         return refreshed
@@ -513,20 +527,45 @@ class Engine:
             await self._deliver(target, first, [])
 
     async def _deliver(self, target: _Target, action: Action, batch: list[str]) -> None:
-        """Send one batch and record it; on a 400, find and quarantine the rejected ids."""
+        """Send one batch and record it; on a 400, find and quarantine the rejected ids;
+        on a 413, send it in halves."""
+        if target.max_ids is not None and len(batch) > target.max_ids:
+            await self._deliver_in_slices(target, action, batch, target.max_ids)
+            return
         try:
             await self._send(target, action, batch)
-        except WalkMeRejected as exc:
+        except (WalkMeRejected, WalkMeTooLarge) as exc:
             if not batch:
                 raise
+            if isinstance(exc, WalkMeTooLarge) and len(batch) == 1:
+                raise _too_large_for_one(exc) from None
             if action in ("create", "override"):
                 # Establish (or empty) the segment first, then add the batch piecewise.
                 await self._send(target, action, [])
                 await self._record(target, action, [])
                 action = "add"
+            if isinstance(exc, WalkMeTooLarge):
+                # Not applied: nothing was wrong but the size. Halve, and keep to
+                # that size for the rest of the run.
+                half = (len(batch) + 1) // 2
+                target.max_ids = min(target.max_ids or half, half)
+                await self._deliver_in_slices(target, action, batch, half)
+                return
             await self._isolate(target, "remove" if action == "remove" else "add", batch, exc)
             return
         await self._record(target, action, batch)
+
+    async def _deliver_in_slices(
+        self, target: _Target, action: Action, batch: list[str], size: int
+    ) -> None:
+        """A batch as several requests of at most ``size`` ids; after the first,
+        a create or override goes on with add (each would replace what came before)."""
+        for start in range(0, max(len(batch), 1), size):
+            if start:
+                self._check_stopping(target.outcome)
+            await self._deliver(target, action, batch[start : start + size])
+            if action in ("create", "override"):
+                action = "add"
 
     async def _send(self, target: _Target, action: Action, batch: list[str]) -> None:
         mapping = target.mapping
@@ -553,22 +592,42 @@ class Engine:
             return
         assert target.guid is not None
         # Remembered before sending: if the answer is lost (crash, kill, timeout),
-        # the next run sends this batch again before it diffs.
+        # the next run sends this batch again before it diffs. A replay's ids are
+        # remembered already.
         holder = _holder(target.outcome)
-        await self._store.begin_batch(mapping.name, action, batch, holder)
+        if target.unsettled is None:
+            await self._store.begin_batch(mapping.name, action, batch, holder)
         try:
             await self._client.update_segment(
                 target.system, target.guid, action, batch, self._lease_proof(target.outcome)
             )
-        except (WalkMeRejected, WalkMeNotFound, WalkMeAuthError):
-            # Refused: certainly not applied.
-            await self._store.clear_pending(mapping.name, holder)
+        except WalkMeNotFound:
+            await self._store.clear_pending(mapping.name, holder)  # the segment is gone: rebuilt
+            raise
+        except (WalkMeRejected, WalkMeTooLarge, WalkMeAuthError):
+            if target.unsettled is None:
+                # Refused: certainly not applied. (A replayed batch may have been
+                # applied by the request whose answer was lost: it stays pending.)
+                await self._store.clear_pending(mapping.name, holder)
             raise
 
     async def _record(self, target: _Target, action: Action, batch: list[str]) -> None:
         outcome = target.outcome
+        still_pending: PendingBatch | None = None
+        if target.unsettled is not None:
+            for member in batch:
+                target.unsettled.pop(member, None)
+            # After an override's first slice, the rest only adds.
+            rest: Action = "add" if action in ("create", "override") else action
+            still_pending = PendingBatch(rest, list(target.unsettled))
         await self._store.record_batch(
-            target.mapping.name, outcome.run_id, action, batch, target.guid, _holder(outcome)
+            target.mapping.name,
+            outcome.run_id,
+            action,
+            batch,
+            target.guid,
+            _holder(outcome),
+            still_pending=still_pending,
         )
         if action == "remove":
             outcome.removed += len(batch)
@@ -598,6 +657,11 @@ class Engine:
                 self._check_stopping(target.outcome)
                 try:
                     await self._send(target, action, part)
+                except WalkMeTooLarge as exc:
+                    if len(part) == 1:
+                        raise _too_large_for_one(exc) from None
+                    pending += [part[len(part) // 2 :], part[: len(part) // 2]]
+                    continue
                 except WalkMeRejected as exc:
                     if len(part) > 1:
                         pending += [part[len(part) // 2 :], part[: len(part) // 2]]
@@ -619,6 +683,7 @@ class Engine:
                 accepted += len(part)
         finally:
             if rejected:
+                rejected = [(member, scrub(answer)) for member, answer in rejected]
                 await self._store.quarantine(target.mapping.name, action, rejected)
                 target.outcome.quarantined += len(rejected)
                 log.warning(
@@ -793,6 +858,9 @@ class Engine:
 
     async def _finish(self, outcome: Outcome) -> None:
         result: RunResult = outcome.result if outcome.result in ("synced", "held") else "failed"
+        if outcome.error is not None:
+            # Stored, printed by status/history and logged: never with a secret in it.
+            outcome.error = scrub(outcome.error)
         try:
             await self._store.finish_run(
                 outcome.segment,
@@ -808,7 +876,7 @@ class Engine:
             state = await self._store.get(outcome.segment)
         except StateError as exc:
             outcome.result = "failed"
-            outcome.error = outcome.error or str(exc)
+            outcome.error = outcome.error or scrub(str(exc))
             state = None
         record_run_metrics(outcome, state)
 
@@ -859,6 +927,16 @@ def _new_outcome(name: str) -> Outcome:
 def _holder(outcome: Outcome) -> str | None:
     """The lease token that fences this run's writes (None: a run without a lease)."""
     return outcome.lease.holder if outcome.lease is not None else None
+
+
+def _too_large_for_one(exc: WalkMeTooLarge) -> WalkMeError:
+    return WalkMeError(
+        "WalkMe (or a proxy before it) answers 413 payload too large even to a request"
+        " with one id: raise the request body limit of the proxy between syncd and WalkMe."
+        f" WalkMe said: {exc.body}",
+        413,
+        exc.body,
+    )
 
 
 def _dead_here(holder: str) -> bool:

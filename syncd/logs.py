@@ -7,34 +7,64 @@ second line of defence behind never logging them in the first place.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import structlog
 from structlog.typing import EventDict, Processor
 
 _secrets: set[str] = set()
 _MASK = "[redacted]"
+# Credentials in the forms HTTP carries them, for values this process never saw
+# (a token another process stored in an error text): scrubbed whatever the value.
+# A plain word after "Basic" is prose ("Basic authentication failed"), not a credential.
+_CREDENTIAL_FORMS = re.compile(
+    r"(?i)(\b(?:bearer|basic)\s+|access_token[\"']?\s*[:=]\s*[\"']?)"
+    r"(?![A-Za-z]+(?![A-Za-z0-9._~+/=%-]))[A-Za-z0-9._~+/=%-]{4,}"
+)
+
+
+def _forms(secret: str) -> set[str]:
+    """The secret as it may appear in output: raw, URL-encoded, JSON-escaped."""
+    return {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]}
 
 
 def redact(secret: str) -> None:
-    """Never let this value appear in a log line (client secret, access token...)."""
+    """Never let this value appear in any output (client secret, access token...),
+    nor its URL-encoded or JSON-escaped forms."""
     if len(secret) >= 4:
-        _secrets.add(secret)
+        _secrets.update(_forms(secret))
+
+
+def redact_credentials(client_id: str, secret: str) -> None:
+    """The secret, and the HTTP Basic credential built from it."""
+    redact(secret)
+    redact(base64.b64encode(f"{client_id}:{secret}".encode()).decode())
 
 
 def forget_redaction(secret: str) -> None:
-    _secrets.discard(secret)
+    _secrets.difference_update(_forms(secret))
+
+
+def scrub(text: str) -> str:
+    """``text`` without any registered secret or credential: for every text syncd
+    prints or stores (log lines, stored errors, WalkMe answers, CLI output)."""
+    # Longest first: a secret inside a longer registered form is masked whole.
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, _MASK)
+    return _CREDENTIAL_FORMS.sub(lambda match: match.group(1) + _MASK, text)
 
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _secrets:
-            if secret in value:
-                value = value.replace(secret, _MASK)
-        return value
+        return scrub(value)
     if isinstance(value, dict):
         return {key: _scrub(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
@@ -44,8 +74,6 @@ def _scrub(value: Any) -> Any:
 
 def scrub_secrets(_: Any, __: str, event_dict: EventDict) -> EventDict:
     """structlog processor: replace any registered secret in any field."""
-    if not _secrets:
-        return event_dict
     scrubbed: MutableMapping[str, Any] = event_dict
     for key, value in list(scrubbed.items()):
         scrubbed[key] = _scrub(value if not isinstance(value, BaseException) else repr(value))

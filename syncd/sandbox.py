@@ -258,6 +258,7 @@ class WalkMeSandbox:
         create_returns_guid: bool = True,
         rejected_ids: Iterable[str] = (),
         forbidden_clients: Iterable[str] = (),
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         if list_shape not in get_args(ListShape):
             raise ValueError(f"list_shape must be one of {get_args(ListShape)}")
@@ -271,6 +272,8 @@ class WalkMeSandbox:
         self.create_returns_guid = create_returns_guid
         self.rejected_ids: set[str] = set(rejected_ids)
         self.forbidden_clients: set[str] = set(forbidden_clients)
+        # Larger request bodies are answered 413, as a proxy in front of WalkMe does.
+        self.max_body_bytes = max_body_bytes
         self.segments: dict[str, SegmentRecord] = {}
         self.requests: list[RequestRecord] = []
         self.tokens_issued = 0
@@ -337,7 +340,7 @@ class WalkMeSandbox:
         await self.stop()
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=self.max_body_bytes)
         router = app.router
         router.add_post(TOKEN_PATH, self._handle_token)
         router.add_post(SEGMENTS_PATH, self._handle_create)
@@ -614,7 +617,11 @@ class WalkMeSandbox:
     ) -> web.Response:
         call = _Call(kind)
         # Read the body even when a fault answers: an unread body would break keep-alive.
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            too_large = {"error": "payload_too_large", "maxBytes": self.max_body_bytes}
+            return self._finish(request, call, web.json_response(too_large, status=413))
         try:
             await self._inject_faults(call)
             self._authorize(request)

@@ -4,6 +4,13 @@ The API is a beta with undocumented answers (see ``shared/reference``): the
 client accepts every response shape seen or plausible, retries what can be
 retried (429, 5xx, timeouts, dropped connections) with backoff that honours
 ``Retry-After``, and turns everything else into an error that says what to fix.
+
+Only a real acknowledgement counts: 200, 201, 202 or 204 with an empty body or
+a JSON object (an array or object for list) that does not report an error. An
+HTML page, a body cut short, any other 1xx/2xx, or JSON saying ``"success":
+false`` is not WalkMe's answer (a proxy, a captive portal): retried like a 5xx,
+then the call fails with the body's first bytes. Redirects are never followed:
+a 3xx fails the call naming its ``Location``. No error text holds a secret.
 """
 
 from __future__ import annotations
@@ -31,12 +38,15 @@ from pydantic import SecretStr
 from stamina.instrumentation import RetryDetails
 
 from syncd import metrics
-from syncd.logs import forget_redaction, redact
+from syncd.logs import forget_redaction, redact, redact_credentials, scrub
 
 log = structlog.get_logger("syncd.walkme")
 
 UpdateAction = Literal["add", "remove", "override"]
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# 203 (a proxy rewrote it), 206 (partial) and the rest are not WalkMe acknowledging.
+ACK_STATUSES = frozenset({200, 201, 202, 204})
+_JSON_TYPES = frozenset({"application/json", "text/json", "text/plain"})
 BODY_SHOWN = 500  # characters of an error body kept in logs and messages
 _GUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$", re.I)
 _LIST_KEYS = ("data", "segments", "items", "results")
@@ -74,6 +84,10 @@ class WalkMeRejected(WalkMeError):
     """400: WalkMe refused the request's content (often one bad id in a batch)."""
 
 
+class WalkMeTooLarge(WalkMeError):
+    """413: the request was too large for WalkMe (or a proxy before it); not applied."""
+
+
 class WalkMeConflict(WalkMeError):
     """409: the external id is already used by another segment (``guid`` when known)."""
 
@@ -91,11 +105,27 @@ class WalkMeStopped(WalkMeError):
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, status: int | None = None, retry_after: float | None = None):
-        super().__init__(reason if status is None else f"{reason} (HTTP {status})")
+    def __init__(
+        self,
+        reason: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        detail: str | None = None,
+    ):
+        # ``reason`` is a metrics label (a fixed word); ``detail`` is for people.
+        super().__init__(detail or (reason if status is None else f"{reason} (HTTP {status})"))
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    body: bytes
+    retry_after: float | None
+    media_type: str  # the Content-Type without parameters, lowercase; "" when absent
+    location: str | None
 
 
 @dataclass(frozen=True)
@@ -191,17 +221,73 @@ def make_session(timeout: float, ca_bundle: Path | None = None) -> aiohttp.Clien
 
 
 def _excerpt(body: bytes) -> str:
-    text = body.decode("utf-8", errors="replace")
+    """The first bytes of an answer, never holding a secret (servers echo requests)."""
+    text = scrub(body.decode("utf-8", errors="replace"))
     return text if len(text) <= BODY_SHOWN else text[:BODY_SHOWN] + "..."
 
 
-def _decode(body: bytes) -> Any:
-    if not body.strip():
+def _not_walkme(kind: str, answer: _Response, why: str) -> _Retryable:
+    return _Retryable(
+        "unexpected answer",
+        answer.status,
+        detail=f"{kind} answered HTTP {answer.status} with {why}, not an acknowledgement:"
+        f" {_excerpt(answer.body)!r}",
+    )
+
+
+def _reports_error(payload: dict[str, Any]) -> bool:
+    status = payload.get("status")
+    return (
+        payload.get("success") is False
+        or bool(payload.get("error"))
+        or bool(payload.get("errors"))
+        or (isinstance(status, str) and status.lower() in ("error", "fail", "failed", "failure"))
+    )
+
+
+def _acknowledged(kind: str, answer: _Response) -> Any:
+    """The JSON of a 2xx answer that is WalkMe acknowledging (None for an empty body);
+    anything else raises ``_Retryable``: it was perhaps not applied, and sending again
+    is safe (every call is idempotent, create is guarded by its external id)."""
+    if answer.status not in ACK_STATUSES:
+        raise _not_walkme(kind, answer, "a status WalkMe does not acknowledge with")
+    if not answer.body.strip():
+        if kind == "list":
+            raise _not_walkme(kind, answer, "an empty body")
         return None
+    media = answer.media_type
+    if media and media not in _JSON_TYPES and not media.endswith("+json"):
+        raise _not_walkme(kind, answer, f"Content-Type {media}")
     try:
-        return json.loads(body)
+        payload = json.loads(answer.body)
     except ValueError:
-        return None
+        raise _not_walkme(kind, answer, "a body that is not JSON") from None
+    if isinstance(payload, dict) and _reports_error(payload):
+        raise _not_walkme(kind, answer, "JSON reporting an error")
+    if kind == "list" and not _is_list_answer(payload):
+        raise _not_walkme(kind, answer, "JSON that holds no list of segments")
+    if kind != "list" and not isinstance(payload, dict):
+        raise _not_walkme(kind, answer, "JSON that is not an object")
+    return payload
+
+
+def _is_list_answer(payload: Any) -> bool:
+    """A bare array, or one wrapped in a known key (as ``segment_list`` reads it)."""
+    if isinstance(payload, list):
+        return True
+    return isinstance(payload, dict) and any(
+        _is_list_answer(payload[key]) for key in _LIST_KEYS if key in payload
+    )
+
+
+def _redirected(kind: str, answer: _Response, setting: str) -> WalkMeError:
+    where = scrub(answer.location) if answer.location else "no Location given"
+    return WalkMeError(
+        f"WalkMe answered HTTP {answer.status} to {kind}, redirecting to {where}: syncd never"
+        f" follows redirects (nothing was sent there); if WalkMe moved, set {setting}",
+        answer.status,
+        _excerpt(answer.body),
+    )
 
 
 class _Token:
@@ -241,7 +327,7 @@ class WalkMeClient:
         self._stopped = asyncio.Event()
         self._in_flight = 0  # requests on the wire: shutdown lets them finish
         self.token_refreshes = 0
-        redact(client_secret.get_secret_value())
+        redact_credentials(client_id, client_secret.get_secret_value())
 
     def __repr__(self) -> str:
         return f"<WalkMeClient {self._api_url} client_id={self._client_id}>"
@@ -267,12 +353,15 @@ class WalkMeClient:
 
     async def _fetch_token(self) -> _Token:
         started = time.monotonic()
-        status, body, retry_after = await self._send(
+        answer = await self._send(
             "token", "POST", self._token_url, data={"grant_type": "client_credentials"}, basic=True
         )
+        status, body = answer.status, answer.body
         if status in RETRY_STATUSES:
-            wait = None if retry_after is None else min(retry_after, self._max_wait)
+            wait = None if answer.retry_after is None else min(answer.retry_after, self._max_wait)
             raise _Retryable("token endpoint unavailable", status, wait)
+        if 300 <= status < 400:
+            raise _redirected("token", answer, "SYNCD_WALKME_TOKEN_URL")
         if status in (400, 401, 403):
             raise WalkMeAuthError(
                 f"WalkMe refused the API key at {self._token_url} (HTTP {status}): check"
@@ -285,8 +374,10 @@ class WalkMeClient:
             raise WalkMeError(
                 f"token call answered HTTP {status}: {_excerpt(body)}", status, _excerpt(body)
             )
-        payload = _decode(body)
-        if not isinstance(payload, dict) or not isinstance(payload.get("access_token"), str):
+        payload = _acknowledged("token", answer)
+        if not isinstance(payload, dict) or not (
+            isinstance(payload.get("access_token"), str) and payload["access_token"]
+        ):
             raise WalkMeError("token call answered without an access_token", status)
         token_type = payload.get("token_type", "Bearer")
         if isinstance(token_type, str) and token_type.lower() != "bearer":
@@ -317,6 +408,27 @@ class WalkMeClient:
         )
         segments = (parse_segment(item) for item in segment_list(payload))
         return [segment for segment in segments if segment is not None]
+
+    @staticmethod
+    def _created(payload: Any, name: str, key: str) -> RemoteSegment | None:
+        """The segment a create answer names, if it is the one just created: an
+        object (maybe wrapped) or a one-item array, whose name and external id, when
+        given, are ours. Otherwise the GUID is found by listing."""
+        if isinstance(payload, dict):
+            wrapped = [payload[k] for k in _LIST_KEYS if isinstance(payload.get(k), dict)]
+            candidates = [payload, *wrapped[:1]]
+        else:
+            candidates = segment_list(payload)
+            if len(candidates) != 1:
+                return None
+        for item in candidates:
+            created = parse_segment(item)
+            if created is None:
+                continue
+            if created.name not in (None, name) or created.external_id not in (None, key):
+                return None  # not the segment just created: never adopt a stranger
+            return created
+        return None
 
     async def find_segment(
         self, system_guid: str, name: str, external_id: str | None
@@ -375,9 +487,7 @@ class WalkMeClient:
                     exc.body,
                     guid=found.guid if found else None,
                 ) from None
-            created = (parse_segment(payload) if isinstance(payload, dict) else None) or next(
-                iter(parse_segment(item) for item in segment_list(payload)), None
-            )
+            created = self._created(payload, name, key)
             if created is not None:
                 return created.guid
             # The answer carried no GUID: find the new segment by listing.
@@ -460,27 +570,28 @@ class WalkMeClient:
         token = await self.access_token()
         if before_attempt is not None:
             await before_attempt()
-        status, raw, retry_after = await self._send(kind, method, url, json_body=body, token=token)
-        if status == 401:
+        answer = await self._send(kind, method, url, json_body=body, token=token)
+        if answer.status == 401:
             self._invalidate(token)
             token = await self.access_token()
             if before_attempt is not None:
                 await before_attempt()
-            status, raw, retry_after = await self._send(
-                kind, method, url, json_body=body, token=token
-            )
-            if status == 401:
+            answer = await self._send(kind, method, url, json_body=body, token=token)
+            if answer.status == 401:
                 raise WalkMeAuthError(
                     "WalkMe answered 401 to a fresh token: the API key may have been revoked"
                     " or rotated (check SYNCD_WALKME_CLIENT_ID/SECRET)",
                     401,
-                    _excerpt(raw),
+                    _excerpt(answer.body),
                 )
+        status = answer.status
         if status < 300:
-            return _decode(raw)
-        excerpt = _excerpt(raw)
+            return _acknowledged(kind, answer)
+        if status < 400:
+            raise _redirected(kind, answer, "SYNCD_WALKME_API_URL")
+        excerpt = _excerpt(answer.body)
         if status in RETRY_STATUSES:
-            wait = None if retry_after is None else min(retry_after, self._max_wait)
+            wait = None if answer.retry_after is None else min(answer.retry_after, self._max_wait)
             raise _Retryable("throttled" if status == 429 else "server error", status, wait)
         log.warning("walkme.rejected", kind=kind, status=status, body=excerpt)
         if status == 403:
@@ -495,6 +606,10 @@ class WalkMeClient:
             raise WalkMeNotFound(f"WalkMe answered 404 for {kind}: {excerpt}", 404, excerpt)
         if status == 400:
             raise WalkMeRejected(f"WalkMe answered 400 to {kind}: {excerpt}", 400, excerpt)
+        if status == 413:
+            raise WalkMeTooLarge(
+                f"WalkMe answered 413 (payload too large) to {kind}: {excerpt}", 413, excerpt
+            )
         raise WalkMeError(f"WalkMe answered HTTP {status} to {kind}: {excerpt}", status, excerpt)
 
     async def _send(
@@ -507,7 +622,7 @@ class WalkMeClient:
         data: dict[str, str] | None = None,
         token: str | None = None,
         basic: bool = False,
-    ) -> tuple[int, bytes, float | None]:
+    ) -> _Response:
         headers = {"Accept": "application/json"}
         payload: bytes | dict[str, str] | None = data
         if token is not None:
@@ -525,13 +640,21 @@ class WalkMeClient:
         status = "error"
         self._in_flight += 1
         try:
+            # A redirect is never followed: the ids (or the credentials) would go to
+            # whoever the Location names, and their 200 would count as WalkMe's.
             async with self._session.request(
-                method, url, data=payload, headers=headers
+                method, url, data=payload, headers=headers, allow_redirects=False
             ) as response:
                 body = await response.read()
                 status = str(response.status)
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                return response.status, body, retry_after
+                media = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                return _Response(
+                    response.status,
+                    body,
+                    parse_retry_after(response.headers.get("Retry-After")),
+                    media,
+                    response.headers.get("Location"),
+                )
         except TimeoutError:
             raise _Retryable("timeout") from None
         except aiohttp.ClientConnectionError as exc:

@@ -152,10 +152,13 @@ class StateStore(Protocol):
         ids: list[str],
         segment_guid: str | None = None,
         holder: str | None = None,
+        *,
+        still_pending: PendingBatch | None = None,
     ) -> None:
         """WalkMe acknowledged this batch: apply it to the snapshot and clear the
-        pending batch, atomically. With ``holder``, only while that holder's lease is
-        unexpired (checked in the same transaction); otherwise LeaseLost, nothing written."""
+        pending batch (or make it ``still_pending``: the rest of a replay), atomically.
+        With ``holder``, only while that holder's lease is unexpired (checked in the
+        same transaction); otherwise LeaseLost, nothing written."""
         ...
 
     async def begin_batch(

@@ -314,10 +314,19 @@ class PostgresStore:
         ids: list[str],
         segment_guid: str | None = None,
         holder: str | None = None,
+        *,
+        still_pending: PendingBatch | None = None,
     ) -> None:
         async with self._conn() as conn, conn.transaction():
             await _fence(conn, name, holder)
             await conn.execute("DELETE FROM pending WHERE segment = $1", name)
+            if still_pending is not None and still_pending.ids:
+                await conn.execute(
+                    "INSERT INTO pending (segment, action, ids) VALUES ($1, $2, $3)",
+                    name,
+                    still_pending.action,
+                    still_pending.ids,
+                )
             if action == "remove":
                 changed = -_count(
                     await conn.execute(

@@ -451,6 +451,8 @@ class SqliteStore:
         ids: list[str],
         segment_guid: str | None = None,
         holder: str | None = None,
+        *,
+        still_pending: PendingBatch | None = None,
     ) -> None:
         payload = json.dumps(ids)
 
@@ -458,6 +460,11 @@ class SqliteStore:
             with self._transaction() as conn:
                 _fence(conn, name, holder)
                 conn.execute("DELETE FROM pending WHERE segment = ?", (name,))
+                if still_pending is not None and still_pending.ids:
+                    conn.execute(
+                        "INSERT INTO pending (segment, action, ids) VALUES (?, ?, ?)",
+                        (name, still_pending.action, "\n".join(still_pending.ids)),
+                    )
                 if action == "remove":
                     cursor = conn.execute(
                         "DELETE FROM members WHERE segment = ? AND id IN"

@@ -17,7 +17,7 @@ import pytest
 from syncd.diff import Quarantined
 from syncd.ids import SkippedIds
 from syncd.state import SegmentState, StateError, StateStore, open_store
-from syncd.state.base import HeapPage, HeapSegment, LeaseLost, RunResult
+from syncd.state.base import HeapPage, HeapSegment, LeaseLost, PendingBatch, RunResult
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
 
 # Ids and names that trip up quoting, CSV, LIKE/format strings, JSON and collations.
@@ -988,6 +988,23 @@ async def test_pending_batch_round_trip_and_record_clears_it(store: StateStore) 
     assert (pending.action, pending.ids) == ("remove", [])
     await store.record_batch("vip", "r1", "add", ["b"])
     assert await store.pending_batch("vip") is None
+
+
+async def test_record_batch_can_leave_the_rest_of_a_replay_pending(store: StateStore) -> None:
+    """A slice of a replayed batch is recorded and the unacknowledged rest becomes
+    the pending batch in the same transaction: a crash between them loses nothing."""
+    await store.begin_run("vip", "r1", SYSTEM, None)
+    await store.record_batch("vip", "r1", "create", ["a"], GUID)
+    await store.begin_batch("vip", "add", ["b", "c", "d"])
+    rest = PendingBatch("add", ["c", "d"])
+    await store.record_batch("vip", "r1", "add", ["b"], still_pending=rest)
+    pending = await store.pending_batch("vip")
+    assert pending is not None
+    assert (pending.action, pending.ids) == ("add", ["c", "d"])
+    assert sorted(await members(store, "vip")) == ["a", "b"]
+    await store.record_batch("vip", "r1", "add", ["c", "d"], still_pending=PendingBatch("add", []))
+    assert await store.pending_batch("vip") is None
+    assert (await state(store, "vip")).members == 4
 
 
 async def test_pending_batch_survives_a_reopen(store_url: str) -> None:

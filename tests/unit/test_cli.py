@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from syncd.cli import EXIT_CONFIG, main
-from tests.unit.conftest import FILE_MAPPING, SECRET
+from syncd.ids import SkippedIds
+from syncd.state import open_store
+from tests.unit.conftest import FILE_MAPPING, SECRET, SYSTEM_GUID
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
@@ -119,3 +124,44 @@ def test_a_database_url_with_a_raw_question_mark_in_its_password_exits_2(
     assert "percent-encode" in line
     assert "Kq9" not in line
     assert "Lm2Qz" not in line
+
+
+def test_status_and_history_mask_every_configured_secret_in_stored_texts(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], clean_env: Path
+) -> None:
+    """A stored error holding secrets (written by an older syncd, or echoed by a
+    server) is printed masked: the printing process knows every configured secret."""
+    secret, webhook, password = "cli-S3cret/only-here", "whsec-9a8b7c6d5e", "pw/with:odd@chars"
+    encoded = quote(password, safe="")
+    env.setenv("SYNCD_WALKME_CLIENT_SECRET", secret)
+    env.setenv("SYNCD_HEAP_WEBHOOK_SECRET", webhook)
+    env.setenv("SYNCD_WAREHOUSE_URL", f"postgresql://reader:{encoded}@127.0.0.1/heap")
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_STATE_URL", "sqlite:///state.db")
+    basic = base64.b64encode(f"client-1:{secret}".encode()).decode()
+    forms = [secret, quote(secret, safe=""), basic, webhook, password, encoded]
+    # An access token only the process that stored the text knew.
+    stored = " ".join(forms) + " Authorization: Bearer tok-77aa99bb"
+
+    async def store_a_failed_run() -> None:
+        store = await open_store("sqlite:///state.db")
+        try:
+            await store.begin_run("vip", "r1", SYSTEM_GUID, None)
+            await store.finish_run("vip", "r1", "failed", stored, SkippedIds(), 1, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(store_a_failed_run())
+    printed = ""
+    for argv in (
+        ["status"],
+        ["status", "--json"],
+        ["history", "--segment", "vip"],
+        ["history", "--segment", "vip", "--json"],
+    ):
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        printed += captured.out + captured.err
+    assert "[redacted]" in printed
+    assert [form for form in forms if form in printed] == []
+    assert "tok-77aa99bb" not in printed

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 import pytest
@@ -18,12 +20,16 @@ from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 from syncd import walkme
+from syncd.logs import redact_credentials, scrub
 from syncd.walkme import (
     WalkMeAuthError,
     WalkMeClient,
     WalkMeError,
     WalkMeNotFound,
+    WalkMeRejected,
+    WalkMeTooLarge,
     WalkMeUnavailable,
+    create_key,
 )
 
 SYSTEM = "5a1d0c2e-3b4f-4e6a-8c7d-9e0f1a2b3c4d"
@@ -66,6 +72,11 @@ class FakeWalkMe:
         self.calls: list[Seen] = []
         self.segments: list[dict[str, Any]] = [{"segmentGuid": GUID, "name": "vip"}]
         self.server: TestServer | None = None
+        self.elsewhere: list[Seen] = []  # requests that followed a redirect
+        self.cut_short = 0  # answer this many segment calls with a body cut short
+        self.cut_how: CutShort = "length"
+        self.echo: int | None = None  # answer segment calls with this status, echoing them
+        self.token_echo: int | None = None  # the same for the token call
 
     @property
     def url(self) -> str:
@@ -80,7 +91,14 @@ class FakeWalkMe:
         app.router.add_post(TOKEN_PATH, self.token)
         app.router.add_route("*", SEGMENTS, self.segment)
         app.router.add_route("*", SEGMENTS + "/{guid}", self.segment)
+        app.router.add_route("*", "/elsewhere/{tail:.*}", self.redirected)
         return app
+
+    async def redirected(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        seen = Seen(request.method, request.path, request.headers.get("Authorization", ""), 0, body)
+        self.elsewhere.append(seen)
+        return web.json_response({"success": True, "segmentGuid": GUID, "access_token": "x"})
 
     @staticmethod
     def answer(reply: Reply) -> web.Response:
@@ -98,6 +116,8 @@ class FakeWalkMe:
         )
         if self.token_delay:
             await asyncio.sleep(self.token_delay)
+        if self.token_echo is not None:
+            return web.json_response(echoed(request, await request.read()), status=self.token_echo)
         if self.token_script:
             return self.answer(self.token_script.popleft())
         self.issued += 1
@@ -107,11 +127,16 @@ class FakeWalkMe:
             {"access_token": value, "expires_in": self.expires_in, "token_type": self.token_type}
         )
 
-    async def segment(self, request: web.Request) -> web.Response:
+    async def segment(self, request: web.Request) -> web.StreamResponse:
         authorization = request.headers.get("Authorization", "")
         body = await request.read()
         loop_time = asyncio.get_running_loop().time()
         self.calls.append(Seen(request.method, request.path, authorization, loop_time, body))
+        if self.echo is not None:
+            return web.json_response(echoed(request, body), status=self.echo)
+        if self.cut_short:
+            self.cut_short -= 1
+            return await answer_cut_short(request, self.cut_how)
         if self.script:
             return self.answer(self.script.popleft())
         if authorization.removeprefix("Bearer ") not in self.valid:
@@ -121,6 +146,38 @@ class FakeWalkMe:
         if request.method == "POST":
             return web.json_response({"segmentGuid": GUID, "name": "new"}, status=201)
         return web.json_response({"success": True})
+
+
+def echoed(request: web.Request, body: bytes) -> dict[str, Any]:
+    """What a careless server answers: the request, headers and all."""
+    return {
+        "error": "echo",
+        "headers": dict(request.headers),
+        "body": body.decode(errors="replace"),
+    }
+
+
+CutShort = Literal["length", "chunked", "gzip"]
+
+
+async def answer_cut_short(request: web.Request, how: CutShort) -> web.StreamResponse:
+    """A 200 whose body breaks off (a proxy dying mid-answer): fewer bytes than its
+    Content-Length, a chunked body without its last chunk, or half a gzip stream
+    (which aiohttp reads without complaint: only the JSON is found wanting)."""
+    if how == "gzip":
+        whole = gzip.compress(b'{"success": true, "padding": "' + b"x" * 2000 + b'"}')
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return web.Response(body=whole[: len(whole) // 2], headers=headers)
+    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+    if how == "length":
+        response.content_length = 100
+    else:
+        response.enable_chunked_encoding()
+    await response.prepare(request)
+    await response.write(b'{"succ')
+    assert request.transport is not None
+    request.transport.close()
+    return response
 
 
 @pytest.fixture
@@ -505,3 +562,265 @@ async def test_list_shapes(fake: FakeWalkMe, session: aiohttp.ClientSession, pay
     [segment] = await make_client(fake, session).list_segments(SYSTEM)
     assert segment.guid == GUID
     assert segment.name == "vip"
+
+
+# -- only a real acknowledgement is one ------------------------------------------------
+
+CALLS = ["token", "list", "create", "update", "delete"]
+
+
+async def call(client: WalkMeClient, kind: str) -> None:
+    if kind == "token":
+        await client.access_token()
+    elif kind == "list":
+        await client.list_segments(SYSTEM)
+    elif kind == "create":
+        await client.create_segment(SYSTEM, "new", "ext-1", ["a"])
+    elif kind == "update":
+        await client.update_segment(SYSTEM, GUID, "add", ["a"])
+    else:
+        await client.delete_segment(SYSTEM, GUID)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("kind", CALLS)
+async def test_redirect_is_never_followed_and_names_its_location(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, kind: str, status: int
+) -> None:
+    """Neither ids nor credentials go where a 3xx points; the error says where."""
+    location = fake.url + "/elsewhere/segment"
+    reply = Reply(status, headers={"Location": location}, body="")
+    (fake.token_script if kind == "token" else fake.script).append(reply)
+    with pytest.raises(WalkMeError) as info:
+        await call(make_client(fake, session), kind)
+    assert not isinstance(info.value, WalkMeUnavailable)  # not retried: a setting is wrong
+    assert info.value.status == status
+    assert location in str(info.value)
+    setting = "SYNCD_WALKME_TOKEN_URL" if kind == "token" else "SYNCD_WALKME_API_URL"
+    assert setting in str(info.value)
+    assert fake.elsewhere == []
+    assert len(fake.calls) == (0 if kind == "token" else 1)
+
+
+NOT_ACKNOWLEDGEMENTS = [
+    pytest.param(Reply(200, body="<html>Sign in</html>", content_type="text/html"), id="html"),
+    pytest.param(Reply(200, body='{"success": true}', content_type="text/html"), id="html-json"),
+    pytest.param(Reply(200, body="OK", content_type="text/plain"), id="not-json"),
+    pytest.param(Reply(200, body='{"error": "quota exceeded"}'), id="json-error"),
+    pytest.param(Reply(200, body='{"success": false}'), id="success-false"),
+    pytest.param(Reply(200, body='{"status": "failed"}'), id="status-failed"),
+    pytest.param(Reply(200, body='["a"]'), id="array"),
+    pytest.param(Reply(200, body='"done"'), id="string"),
+    pytest.param(Reply(203, body='{"success": true}'), id="203"),
+    pytest.param(Reply(206, body='{"success": true}'), id="206"),
+    pytest.param(Reply(200, body="<?xml version='1.0'?><ok/>", content_type="text/xml"), id="xml"),
+]
+
+
+@pytest.mark.parametrize("reply", NOT_ACKNOWLEDGEMENTS)
+async def test_update_answer_that_is_not_an_acknowledgement_is_retried_then_fails(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
+) -> None:
+    fake.script.extend([reply] * 3)
+    with pytest.raises(WalkMeUnavailable) as info:
+        await make_client(fake, session, attempts=3).update_segment(SYSTEM, GUID, "add", ["a"])
+    assert len(fake.calls) == 3
+    assert reply.body[:20] in str(info.value)  # the body's first bytes, for the operator
+    assert "not an acknowledgement" in str(info.value)
+
+
+@pytest.mark.parametrize("reply", NOT_ACKNOWLEDGEMENTS)
+async def test_update_answer_that_is_not_an_acknowledgement_then_a_real_one(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
+) -> None:
+    fake.script.append(reply)
+    await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
+    assert len(fake.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(Reply(200, body='{"success": true}'), id="200-json"),
+        pytest.param(Reply(200, body=""), id="200-empty"),
+        pytest.param(Reply(204, body=""), id="204"),
+        pytest.param(Reply(202, body="{}"), id="202"),
+        pytest.param(Reply(201, body='{"ok": true}', content_type="text/plain"), id="text-plain"),
+        pytest.param(
+            Reply(200, body="{}", content_type="application/vnd.walkme+json"), id="vendor-json"
+        ),
+    ],
+)
+async def test_each_form_of_acknowledgement_ends_the_retries(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
+) -> None:
+    """A login page is sent again; any of these answers is WalkMe acknowledging."""
+    login = Reply(200, body="<html>Sign in</html>", content_type="text/html")
+    fake.script.extend([login, reply])
+    await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
+    assert len(fake.calls) == 2
+
+
+@pytest.mark.parametrize("how", get_args(CutShort))
+async def test_answers_cut_short_are_not_acknowledgements(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, how: CutShort
+) -> None:
+    fake.cut_short, fake.cut_how = 10, how
+    with pytest.raises(WalkMeUnavailable):
+        await make_client(fake, session, attempts=2).update_segment(SYSTEM, GUID, "add", ["a"])
+    assert len(fake.calls) == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(Reply(200, body="<html>portal</html>", content_type="text/html"), id="html"),
+        pytest.param(Reply(200, body=""), id="empty"),
+        pytest.param(Reply(200, body='{"error": "unavailable"}'), id="json-error"),
+        pytest.param(Reply(200, body='{"total": 1}'), id="no-list"),
+        pytest.param(Reply(200, body="3"), id="number"),
+    ],
+)
+async def test_list_answer_without_a_list_is_not_an_empty_list(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
+) -> None:
+    """A bogus list must not read as "no such segment": syncd would create or adopt."""
+    fake.script.extend([reply] * 2)
+    with pytest.raises(WalkMeUnavailable):
+        await make_client(fake, session, attempts=2).list_segments(SYSTEM)
+
+
+async def test_empty_list_after_a_portal_page_is_an_empty_list(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    portal = Reply(200, body="<html>portal</html>", content_type="text/html")
+    fake.script.extend([portal, Reply(200, body='{"data": []}')])
+    assert await make_client(fake, session).list_segments(SYSTEM) == []
+    assert len(fake.calls) == 2
+
+
+async def test_create_answered_html_looks_up_before_resending(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    fake.script.append(Reply(200, body="<html>Login</html>", content_type="text/html"))
+    guid = await make_client(fake, session).create_segment(SYSTEM, "new", "ext-1", ["a"])
+    assert guid == GUID
+    assert [seen.method for seen in fake.calls] == ["POST", "GET", "POST"]
+
+
+async def test_create_answered_with_json_error_is_not_a_create(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    fake.script.extend([Reply(200, body=f'{{"error": "denied", "segmentGuid": "{GUID}"}}')] * 4)
+    with pytest.raises(WalkMeUnavailable, match="denied"):
+        await make_client(fake, session, attempts=2).create_segment(SYSTEM, "new", None, ["a"])
+
+
+OTHER_GUID = "11111111-2222-4333-8444-555555555555"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param({"segmentGuid": GUID, "name": "someone else"}, id="other-name"),
+        pytest.param({"segmentGuid": GUID, "externalId": "not-ours"}, id="other-external-id"),
+        pytest.param([{"guid": GUID, "name": "a"}, {"guid": OTHER_GUID}], id="a-list"),
+    ],
+)
+async def test_create_answer_naming_no_segment_of_ours_is_found_by_listing(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, answer: Any
+) -> None:
+    """A GUID is taken from a create answer only when it is the segment just made."""
+    fake.segments.append({"segmentGuid": OTHER_GUID, "name": "new", "externalId": "ext-1"})
+    fake.script.append(Reply(201, body=json.dumps(answer)))
+    guid = await make_client(fake, session).create_segment(SYSTEM, "new", "ext-1", ["a"])
+    assert guid == OTHER_GUID
+    assert [seen.method for seen in fake.calls] == ["POST", "GET"]
+
+
+async def test_create_answer_wrapping_our_segment_is_read(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    key = create_key(SYSTEM, "new")
+    answer = {"data": {"segmentGuid": OTHER_GUID, "name": "new", "id": key}}
+    fake.script.append(Reply(201, body=json.dumps(answer)))
+    guid = await make_client(fake, session).create_segment(SYSTEM, "new", None, ["a"])
+    assert guid == OTHER_GUID
+    assert len(fake.calls) == 1
+
+
+async def test_token_answer_with_an_empty_access_token_is_no_token(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    fake.token_script.append(Reply(200, body='{"access_token": ""}'))
+    with pytest.raises(WalkMeError, match="access_token"):
+        await make_client(fake, session).access_token()
+    assert fake.calls == []
+
+
+async def test_token_answered_html_is_asked_again(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    portal = Reply(200, body="<html>portal</html>", content_type="text/html")
+    fake.token_script.append(portal)
+    assert await make_client(fake, session).access_token() == "token-1"
+    assert len(fake.token_requests) == 2
+
+
+async def test_413_is_too_large_and_not_retried(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    fake.script.append(Reply(413, body='{"error": "payload too large"}'))
+    with pytest.raises(WalkMeTooLarge):
+        await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
+    assert len(fake.calls) == 1
+
+
+# -- no secret in an error ---------------------------------------------------------------
+
+BASIC = base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
+
+
+def leaks(text: str, token: str | None = None) -> list[str]:
+    forms = {"secret": SECRET, "Basic": BASIC, "URL-encoded Basic": quote(BASIC, safe="")}
+    found = [name for name, form in forms.items() if form in text]
+    return found + (["token"] if token and token in text else [])
+
+
+@pytest.mark.parametrize("status", [400, 401, 418])
+async def test_token_errors_echoing_the_request_hold_no_credential(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, status: int
+) -> None:
+    fake.token_echo = status
+    with pytest.raises(WalkMeError) as info:
+        await make_client(fake, session, attempts=2).access_token()
+    error = info.value
+    assert BASIC in fake.token_requests[0][0]  # the echo did carry it
+    assert leaks(f"{error} {error!r} {error.body}") == []
+
+
+@pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
+async def test_segment_errors_echoing_the_request_hold_no_token(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, status: int
+) -> None:
+    client = make_client(fake, session, attempts=2)
+    token = await client.access_token()
+    fake.echo = status
+    with pytest.raises(WalkMeError) as info:
+        await client.update_segment(SYSTEM, GUID, "add", [SECRET])
+    error = info.value
+    assert leaks(f"{error} {error!r} {error.body}", token) == []
+    if isinstance(error, WalkMeRejected):
+        assert "echo" in error.body  # the answer is kept, only its secrets masked
+
+
+def test_scrub_masks_every_form_of_a_registered_credential() -> None:
+    secret = 'p/a+s s=w"rd-4bd1'  # characters that URL-encoding and JSON both change
+    redact_credentials("id-7", secret)
+    basic = base64.b64encode(f"id-7:{secret}".encode()).decode()
+    forms = [secret, basic, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]]
+    text = " | ".join(forms) + " | Authorization: Bearer abc.DEF-123_unknown"
+    scrubbed = scrub(text)
+    assert [form for form in forms if form in scrubbed] == []
+    assert "abc.DEF-123_unknown" not in scrubbed  # a token this process never saw
+    assert scrub("Basic authentication failed") == "Basic authentication failed"
