@@ -24,6 +24,11 @@ class StateError(Exception):
     """The state store cannot be used; never answered by starting afresh."""
 
 
+class StateRecreated(StateError):
+    """The store had lost its tables (its database dropped and created again) and made
+    them again, empty: the call failed, the next one works on the new schema."""
+
+
 @dataclass(frozen=True)
 class SegmentState:
     name: str
