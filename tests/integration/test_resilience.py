@@ -33,6 +33,13 @@ from tests.integration.conftest import (
     wait_until,
     write_ids,
 )
+from tests.store.conftest import (
+    admin_connection,
+    admin_url,
+    create_database,
+    drop_database,
+    url_for_database,
+)
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
 
@@ -276,3 +283,68 @@ def test_signals_stop_an_interactive_sync_after_the_batch_in_flight(
     assert record is not None
     rows = parse_status(run_cli("status", "--json", env=env).stdout)
     assert rows["Interactive"]["members"] == live_sandbox.size(record.guid) < len(source)
+
+
+async def _recreate_database(name: str) -> None:
+    await drop_database(name)
+    conn = await admin_connection()
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+def test_postgres_state_dropped_and_recreated_is_rebuilt_without_a_restart(
+    live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
+) -> None:
+    """The state database is dropped and created again empty under `syncd run`: the
+    store makes its tables again (state.recreated), and each segment is found again
+    in WalkMe (by external id, or by name) and rebuilt with override: no twin."""
+    database = asyncio.run(create_database())
+    try:
+        with_id = write_ids(tmp_path / "with_id.txt", make_ids(400, "a"))
+        by_name = write_ids(tmp_path / "by_name.txt", make_ids(300, "b"))
+        mappings = [
+            {
+                "name": "With id",
+                "external_id": "with-id-1",
+                "source": {"type": "file", "path": str(with_id)},
+            },
+            {"name": "By name", "source": {"type": "file", "path": str(by_name)}},
+        ]
+        url = url_for_database(admin_url(), database)
+        env = cli_env(live_sandbox.url, tmp_path, mappings, state_url=url, schedule="2s")
+        daemon = daemons(env)
+        daemon.wait_for("segment.synced", count=2, timeout=30)
+        guids = {name: live_sandbox.find(name=name) for name in ("With id", "By name")}
+        asyncio.run(_recreate_database(database))
+        daemon.wait_for("state.recreated", timeout=30)
+
+        def rebuilt() -> bool:
+            events = daemon.events()
+            start = next(i for i, e in enumerate(events) if e["event"] == "state.recreated")
+            synced = {e["segment"] for e in events[start:] if e["event"] == "segment.synced"}
+            return synced == {"With id", "By name"}
+
+        wait_until(rebuilt, 30, "both segments synced after the state was recreated")
+        assert daemon.terminate(30) == 0
+        assert "Traceback" not in daemon.errors()
+        for name, members in (("With id", make_ids(400, "a")), ("By name", make_ids(300, "b"))):
+            twins = [s for s in live_sandbox.state()["segments"] if s["name"] == name]
+            assert len(twins) == 1, twins
+            record = guids[name]
+            assert record is not None
+            assert live_sandbox.find(name=name) == record
+            assert live_sandbox.members(record.guid) == set(members)
+            overrides = [
+                r for r in live_sandbox.requests if r.action == "override" and record.guid in r.path
+            ]
+            assert overrides, f"{name} was not rebuilt with override"
+        adopted = [e for e in daemon.events() if e["event"] == "segment.adopted"]
+        assert {(e["segment"], e["by"]) for e in adopted} == {
+            ("With id", "external_id"),
+            ("By name", "name"),
+        }
+        assert live_sandbox.count("create") == 2  # the first run's, none after
+    finally:
+        asyncio.run(drop_database(database))
