@@ -485,6 +485,10 @@ class Settings(BaseSettings):
             return []  # segments arrive from Heap's webhook and are mapped then
         else:
             raise ConfigError("no segments configured: set SYNCD_SEGMENTS or SYNCD_SEGMENTS_FILE")
+        if not mappings and not self.auto_map:
+            raise ConfigError(
+                "SYNCD_SEGMENTS or SYNCD_SEGMENTS_FILE holds no mappings: add at least one"
+            )
         self._check_sources(mappings)
         return mappings
 
