@@ -14,6 +14,13 @@ from tests.unit.test_cli import run_config_error
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
 
+
+@pytest.fixture(autouse=True)
+def _nothing_to_reach(env: pytest.MonkeyPatch) -> None:
+    """A value let through by mistake makes `check` fail fast, not wait on the network."""
+    env.setenv("SYNCD_WALKME_API_URL", "http://127.0.0.1:9")
+    env.setenv("SYNCD_RETRY_ATTEMPTS", "1")
+
 GUID = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
 OTHER_GUID = "11111111-2222-4333-8444-555555555555"
 
