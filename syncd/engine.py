@@ -856,7 +856,8 @@ def _broken_auto_mapping(heap: HeapSegment, exc: ValidationError) -> BrokenMappi
         name=heap.mapping_name,
         heap_segment_id=heap_segment_id,
         error=(
-            f"Heap segment {heap_segment_id} cannot be auto-mapped: {field}: {error['msg']};"
+            f"Heap segment {heap_segment_id} cannot be auto-mapped: {field}:"
+            f" {error['msg'].removeprefix('Value error, ')};"
             " add a mapping with a valid name and"
             f' "source": {{"type": "heap_webhook", "heap_segment_id": {heap_segment_id}}}'
             " to SYNCD_SEGMENTS"

@@ -596,7 +596,8 @@ def parse_mappings(raw: Any, where: str) -> list[SegmentMapping]:
             name = item.get("name") if isinstance(item, dict) else None
             label += f" mapping {index + 1}" + (f" ({name!r})" if isinstance(name, str) else "")
         field = ".".join(str(part) for part in location if part not in _SOURCE_TAGS)
-        raise ConfigError(f"{label}: {field or 'mapping'}: {error['msg']}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{label}: {field or 'mapping'}: {message}") from None
     names: set[str] = set()
     external_ids: dict[tuple[str | None, str], str] = {}
     guids: dict[str, str] = {}

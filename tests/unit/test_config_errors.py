@@ -21,6 +21,7 @@ def _nothing_to_reach(env: pytest.MonkeyPatch) -> None:
     env.setenv("SYNCD_WALKME_API_URL", "http://127.0.0.1:9")
     env.setenv("SYNCD_RETRY_ATTEMPTS", "1")
 
+
 GUID = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
 OTHER_GUID = "11111111-2222-4333-8444-555555555555"
 
