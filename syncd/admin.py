@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from syncd.metrics import REGISTRY
+
+log = structlog.get_logger("syncd.admin")
 
 #: Returns (ready, details); details go into the JSON body.
 ReadinessCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
@@ -52,7 +55,12 @@ class AdminServer:
         return response
 
     async def _readyz(self, _: web.Request) -> web.Response:
-        ready, details = await self._readiness()
+        try:
+            ready, details = await self._readiness()
+        except Exception as exc:
+            # A check that breaks is an answer too: 503 with the reason, never a bare 500.
+            log.exception("admin.readiness_error")
+            ready, details = False, {"error": f"internal error: {type(exc).__name__}: {exc}"}
         return web.json_response(
             {"status": "ready" if ready else "not ready", **details}, status=200 if ready else 503
         )

@@ -8,20 +8,34 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import structlog
+
 from syncd import __version__
 from syncd.app import Runtime, open_runtime
-from syncd.engine import Outcome, Plan, SegmentInUse, current_mappings
+from syncd.engine import Engine, Outcome, Plan, SegmentInUse, all_mappings
 from syncd.logs import configure_logging, redact, redact_credentials, scrub
-from syncd.settings import ConfigError, SegmentMapping, Settings, describe_url, load_settings
+from syncd.settings import (
+    ConfigError,
+    SegmentMapping,
+    Settings,
+    describe_url,
+    load_settings,
+    printable,
+)
 from syncd.state import SegmentState, StateError, open_store
 from syncd.walkme import WalkMeError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+# What an interactive `syncd sync` stops on: finish the batch in flight, record it, exit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+log = structlog.get_logger("syncd.cli")
 
 
 def _configured() -> tuple[Settings, list[SegmentMapping]]:
@@ -76,12 +90,13 @@ async def cmd_sync(args: argparse.Namespace) -> int:
     if args.force and not args.segment:
         raise ConfigError("--force needs --segment NAME: it applies one held plan on purpose")
     async with open_runtime(settings, mappings) as runtime:
-        known = await runtime.engine.mappings()
+        _stop_on_signals(runtime.engine)
+        known = (await runtime.engine.mapping_set()).names
         for name in args.segment or []:
             if name not in known:
                 raise ConfigError(
                     f"--segment {name!r}: no such segment in the configuration"
-                    f" (configured: {', '.join(sorted(known))})"
+                    f" (configured: {', '.join(printable(n) for n in sorted(known))})"
                 )
         outcomes = await runtime.engine.sync_all(
             args.segment, dry_run=args.dry_run, force=args.force
@@ -96,6 +111,21 @@ async def cmd_sync(args: argparse.Namespace) -> int:
     return EXIT_OK if all(o.result in done for o in outcomes) else EXIT_FAILED
 
 
+def _stop_on_signals(engine: Engine) -> None:
+    """The first signal stops the runs after their batch in flight; a second one
+    acts as it would without syncd's handler (Ctrl-C twice: stop now)."""
+    loop = asyncio.get_running_loop()
+
+    def stop(signum: int) -> None:
+        log.info("sync.stopping", signal=signal.Signals(signum).name)
+        for each in STOP_SIGNALS:
+            loop.remove_signal_handler(each)
+        engine.stop()
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+
+
 def _requests_needed(plan: Plan, batch: int) -> int:
     adds = math.ceil(plan.adds / batch)
     if plan.mode == "update":
@@ -105,15 +135,16 @@ def _requests_needed(plan: Plan, batch: int) -> int:
 
 def _print_plan(outcome: Outcome, batch: int) -> None:
     plan = outcome.plan
+    segment = printable(outcome.segment)
     if plan is None:
-        _out(f"{outcome.segment}: cannot plan: {outcome.error}")
+        _out(f"{segment}: cannot plan: {outcome.error}")
         return
     how = {
         "create": "create the WalkMe segment",
         "override": "rebuild the WalkMe segment (override, then add)",
         "update": "update the WalkMe segment",
     }[plan.mode]
-    _out(f"{outcome.segment}: {how}; source has {plan.staged} ids")
+    _out(f"{segment}: {how}; source has {plan.staged} ids")
     _out(f"  add    {plan.adds:>10}  {_examples(plan.add_examples, plan.adds)}")
     _out(f"  remove {plan.removes:>10}  {_examples(plan.remove_examples, plan.removes)}")
     if outcome.skipped.count:
@@ -191,7 +222,7 @@ async def print_status(
 ) -> None:
     store = await open_store(settings.state_url)
     try:
-        current = await current_mappings(settings, mappings, store)
+        found = await all_mappings(settings, mappings, store)
         states = {state.name: state for state in await store.all()}
         quarantine = {
             name: await store.quarantine_examples(name, 5)
@@ -200,13 +231,17 @@ async def print_status(
         }
     finally:
         await store.close()
+    current = found.names
     rows: list[StatusRow] = [
         _status_row(states[name], True)
         if name in states
         else {"segment": name, "configured": True, "last_result": "never run"}
-        for name in current
+        for name in [*found.usable, *found.broken]
     ]
     for row in rows:
+        if row["segment"] in found.broken:
+            row["last_result"] = "invalid"
+            row["last_error"] = found.broken[row["segment"]].error
         if row["segment"] in quarantine:
             row["quarantined_examples"] = [
                 {"id": member, "action": action, "walkme_answer": reason[:200]}
@@ -227,14 +262,14 @@ def _print_table(rows: list[StatusRow]) -> None:
     _out(f"{'SEGMENT':30} {'WALKME GUID':36} {'MEMBERS':>9} {'LAST RUN':25} {'RESULT':9} SKIPPED")
     for row in rows:
         _out(
-            f"{row['segment'][:30]:30} {row.get('segment_guid') or '-':36}"
+            f"{printable(row['segment'])[:30]:30} {row.get('segment_guid') or '-':36}"
             f" {row.get('members', 0):>9} {row.get('last_run_at') or '-':25}"
             f" {row.get('last_result') or '-':9} {row.get('skipped', 0)}"
         )
         if row.get("last_error"):
-            _out(f"    error: {row['last_error']}")
+            _out(f"    error: {printable(row['last_error'])}")
         if row.get("skipped_examples"):
-            _out(f"    skipped ids: {'; '.join(row['skipped_examples'])}")
+            _out(f"    skipped ids: {printable('; '.join(row['skipped_examples']))}")
         if row.get("quarantined"):
             shown = ", ".join(repr(q["id"]) for q in row.get("quarantined_examples", []))
             _out(f"    quarantined (rejected by WalkMe): {row['quarantined']}: {shown}")
@@ -340,7 +375,7 @@ async def cmd_history(args: argparse.Namespace) -> int:
             f" {run.run_id}"
         )
         if run.error:
-            _out(f"    {run.error}")
+            _out(f"    {printable(run.error)}")
     return EXIT_OK
 
 

@@ -26,17 +26,18 @@ from functools import partial
 from typing import Literal
 
 import structlog
+from pydantic import ValidationError
 
 from syncd import metrics
 from syncd.diff import Diff, Quarantined, compute_diff
 from syncd.ids import NotAnId, SkippedIds, clean_ids
 from syncd.logs import scrub
 from syncd.processes import alive
-from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings
+from syncd.settings import HeapWebhookSourceConfig, SegmentMapping, Settings, printable
 from syncd.sources import Source, SourceError, build_source
 from syncd.sources.base import bounded, bounded_chunks
 from syncd.state import Action, SegmentState, StateError, StateStore
-from syncd.state.base import LeaseLost, PendingBatch, RunResult
+from syncd.state.base import HeapSegment, LeaseLost, PendingBatch, RunResult, StateRecreated
 from syncd.walkme import (
     BeforeAttempt,
     WalkMeAuthError,
@@ -129,6 +130,27 @@ class Outcome:
     unchanged: bool = False  # the source's fingerprint matched: nothing was read
 
 
+@dataclass(frozen=True)
+class BrokenMapping:
+    """A segment stored by the webhook that cannot be synced as it is (its name breaks
+    the mapping rules): each cycle reports it failed, and the other segments run."""
+
+    name: str  # as stored, possibly unprintable: show it through printable()
+    heap_segment_id: int
+    error: str  # what is wrong and what to do
+
+
+@dataclass(frozen=True)
+class MappingSet:
+    usable: dict[str, SegmentMapping]
+    broken: dict[str, BrokenMapping]
+
+    @property
+    def names(self) -> set[str]:
+        """Every segment syncd is asked to keep, usable or not (none of them an orphan)."""
+        return set(self.usable) | set(self.broken)
+
+
 @dataclass
 class _Target:
     """Where one run's batches go; ``guid`` is set once a create is acknowledged."""
@@ -176,7 +198,11 @@ class Engine:
 
     async def mappings(self) -> dict[str, SegmentMapping]:
         """The configured mappings, plus Heap segments auto-mapped by the webhook."""
-        return await current_mappings(self._settings, self._configured.values(), self._store)
+        return (await self.mapping_set()).usable
+
+    async def mapping_set(self) -> MappingSet:
+        """``mappings()`` plus the stored Heap segments that cannot be mapped."""
+        return await all_mappings(self._settings, self._configured.values(), self._store)
 
     async def mapping_for_heap_segment(self, heap_segment_id: int) -> SegmentMapping | None:
         for mapping in (await self.mappings()).values():
@@ -188,29 +214,82 @@ class Engine:
                 return mapping
         return None
 
+    async def sync_heap_segment(self, heap_segment_id: int) -> Outcome | None:
+        """The run a finished Heap sync task triggers; None when nothing maps it."""
+        found = await self.mapping_set()
+        for mapping in found.usable.values():
+            source = mapping.source
+            if (
+                isinstance(source, HeapWebhookSourceConfig)
+                and source.heap_segment_id == heap_segment_id
+            ):
+                return await self.sync_segment(mapping)
+        for broken in found.broken.values():
+            if broken.heap_segment_id == heap_segment_id:
+                return self.report_broken(broken)
+        return None
+
     async def sync_all(
         self, names: Sequence[str] | None = None, *, dry_run: bool = False, force: bool = False
     ) -> list[Outcome]:
-        known = await self.mappings()
-        chosen = [known[name] for name in names] if names else list(known.values())
+        found = await self.mapping_set()
+        wanted = list(names) if names else [*found.usable, *found.broken]
+        chosen = [found.usable[name] for name in wanted if name in found.usable]
         runs = (self.sync_segment(m, dry_run=dry_run, force=force) for m in chosen)
-        return list(await asyncio.gather(*runs))
+        outcomes = list(await asyncio.gather(*runs))
+        broken = [found.broken[name] for name in wanted if name in found.broken]
+        return outcomes + [self.report_broken(entry) for entry in broken]
+
+    def report_broken(self, broken: BrokenMapping) -> Outcome:
+        """A failed outcome for a segment that cannot be mapped, logged like any run's."""
+        outcome = Outcome(broken.name, "failed", uuid.uuid4().hex[:12], error=broken.error)
+        with structlog.contextvars.bound_contextvars(
+            segment=printable(broken.name), run_id=outcome.run_id
+        ):
+            record_run_metrics(outcome, None)
+            self._log_outcome(outcome)
+        return outcome
 
     async def sync_segment(
         self, mapping: SegmentMapping, *, dry_run: bool = False, force: bool = False
     ) -> Outcome:
         """One run (more while it is asked for again meanwhile); ``force`` applies a
-        plan the removal guard would hold."""
+        plan the removal guard would hold.
+
+        Never raises: whatever goes wrong fails this segment's run (logged with
+        ``segment.failed``), never the caller and never the other segments."""
+        try:
+            return await self._sync_segment(mapping, dry_run, force)
+        except Exception as exc:
+            # A bug outside the run itself (the run catches its own).
+            outcome = Outcome(mapping.name, "failed", uuid.uuid4().hex[:12])
+            outcome.error = f"internal error: {type(exc).__name__}: {exc}"
+            with structlog.contextvars.bound_contextvars(
+                segment=printable(mapping.name), run_id=outcome.run_id
+            ):
+                log.exception("segment.internal_error")
+                record_run_metrics(outcome, None)
+                self._log_outcome(outcome)
+            return outcome
+
+    async def _sync_segment(self, mapping: SegmentMapping, dry_run: bool, force: bool) -> Outcome:
         lock = self._locks.setdefault(mapping.name, asyncio.Lock())
         async with self._slots, lock:
             outcome = _new_outcome(mapping.name)
             with structlog.contextvars.bound_contextvars(
-                segment=mapping.name, run_id=outcome.run_id
+                segment=printable(mapping.name), run_id=outcome.run_id
             ):
                 if dry_run:
                     await self._run(mapping, outcome, dry_run, force)
                     return outcome
-                lease = await self._take_lease(mapping.name, outcome.run_id)
+                try:
+                    lease = await self._take_lease(mapping.name, outcome.run_id)
+                except StateError as exc:
+                    # No run was opened, so there is none to close; the failure still shows.
+                    outcome.error = f"cannot take the segment's lease: {exc}"
+                    record_run_metrics(outcome, None)
+                    self._log_outcome(outcome)
+                    return outcome
                 if lease is None:
                     # Several replicas share the work: this one is someone else's now.
                     log.info("segment.skipped", reason="another replica is syncing it")
@@ -258,7 +337,13 @@ class Engine:
         return lease if await self._acquire(lease) else None
 
     async def _acquire(self, lease: Lease) -> bool:
-        if await self._store.acquire_lease(lease.name, lease.holder, self._ttl):
+        try:
+            taken = await self._store.acquire_lease(lease.name, lease.holder, self._ttl)
+        except StateRecreated:
+            # The store just made its lost tables again: this run starts the segment
+            # afresh (found again in WalkMe and rebuilt), no need to wait a cycle.
+            taken = await self._store.acquire_lease(lease.name, lease.holder, self._ttl)
+        if taken:
             return True
         holder = await self._store.lease_holder(lease.name)
         if holder is None or not _dead_here(holder):
@@ -339,8 +424,8 @@ class Engine:
         self, mapping: SegmentMapping, outcome: Outcome, dry_run: bool, force: bool
     ) -> None:
         system = self._settings.system_for(mapping)
-        source = build_source(mapping.source, self._settings, self._store)
         try:
+            source = build_source(mapping.source, self._settings, self._store)
             if dry_run:
                 state = await self._store.get(mapping.name)
             else:
@@ -814,12 +899,13 @@ class Engine:
     async def report_orphans(self) -> list[SegmentState]:
         """One ``segment.orphaned`` line per segment syncd wrote to that no configuration
         of a live replica maps and that did not sync recently."""
-        in_use = set(await self.mappings()) | set(await self.claims())
+        # A segment that cannot be mapped is still wanted: never an orphan to prune.
+        in_use = set((await self.mapping_set()).names) | set(await self.claims())
         orphans = await self._store.mark_orphans(in_use)
         for orphan in orphans:
             log.warning(
                 "segment.orphaned",
-                segment=orphan.name,
+                segment=printable(orphan.name),
                 segment_guid=orphan.segment_guid,
                 members=orphan.members,
                 origin=orphan.origin,
@@ -1013,9 +1099,18 @@ async def current_mappings(
     settings: Settings, configured: Iterable[SegmentMapping], store: StateStore
 ) -> dict[str, SegmentMapping]:
     """The configured mappings, plus Heap segments auto-mapped by the webhook."""
+    return (await all_mappings(settings, configured, store)).usable
+
+
+async def all_mappings(
+    settings: Settings, configured: Iterable[SegmentMapping], store: StateStore
+) -> MappingSet:
+    """``current_mappings`` plus the stored Heap segments that cannot be auto-mapped:
+    one bad row fails its own segment, never the listing."""
     mappings = {mapping.name: mapping for mapping in configured}
+    broken: dict[str, BrokenMapping] = {}
     if not settings.auto_map:
-        return mappings
+        return MappingSet(mappings, broken)
     taken = {
         m.source.heap_segment_id
         for m in mappings.values()
@@ -1028,12 +1123,32 @@ async def current_mappings(
             log.warning(
                 "heap.auto_map_conflict",
                 heap_segment_id=heap.heap_segment_id,
-                name=heap.mapping_name,
+                name=printable(heap.mapping_name),
                 reason="another segment already has this name",
             )
             continue
-        mappings[heap.mapping_name] = auto_mapping(heap.heap_segment_id, heap.mapping_name)
-    return mappings
+        try:
+            mappings[heap.mapping_name] = auto_mapping(heap.heap_segment_id, heap.mapping_name)
+        except ValidationError as exc:
+            broken[heap.mapping_name] = _broken_auto_mapping(heap, exc)
+    return MappingSet(mappings, broken)
+
+
+def _broken_auto_mapping(heap: HeapSegment, exc: ValidationError) -> BrokenMapping:
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"] if part != "heap_webhook")
+    heap_segment_id = heap.heap_segment_id
+    return BrokenMapping(
+        name=heap.mapping_name,
+        heap_segment_id=heap_segment_id,
+        error=(
+            f"Heap segment {heap_segment_id} cannot be auto-mapped: {field}:"
+            f" {error['msg'].removeprefix('Value error, ')};"
+            " add a mapping with a valid name and"
+            f' "source": {{"type": "heap_webhook", "heap_segment_id": {heap_segment_id}}}'
+            " to SYNCD_SEGMENTS"
+        ),
+    )
 
 
 def auto_mapping(heap_segment_id: int, name: str) -> SegmentMapping:

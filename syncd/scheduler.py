@@ -1,7 +1,7 @@
 """The daemon loop: a sync at start, then on ``SYNCD_SCHEDULE``, until a signal.
 
-SIGTERM or SIGINT stops new work; the batch in flight finishes and is recorded
-before the process exits 0.
+SIGTERM, SIGINT or SIGHUP (what terminals and many process managers send) stops
+new work; the batch in flight finishes and is recorded before the process exits 0.
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from syncd import metrics
 from syncd.admin import AdminServer
-from syncd.engine import Engine, set_segment_gauges
-from syncd.settings import ConfigError, Settings
+from syncd.engine import Engine, Outcome, set_segment_gauges
+from syncd.settings import ConfigError, Settings, printable
 from syncd.state import StateError, StateStore
 from syncd.webhook import HeapWebhookReceiver
 
 log = structlog.get_logger("syncd.scheduler")
+
+# Each ends the process gracefully: no batch is cut off mid-request.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class _NoOverrunText(logging.Filter):
@@ -72,7 +75,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
         self._started_at = datetime.now(UTC)
         for state in await self._store.all():
@@ -175,13 +178,18 @@ class Daemon:
         self._tasks.add(task)
         self._cycle_started = time.monotonic()
         try:
-            outcomes = await self._engine.sync_all()
+            outcomes: list[Outcome] = []
             try:
+                # Each segment's failure is its own outcome; what fails here is the
+                # listing of segments, the orphan report or the history pruning.
+                outcomes = await self._engine.sync_all()
                 await self._engine.report_orphans()
                 cutoff = datetime.now(UTC) - timedelta(days=self._settings.history_days)
                 await self._store.prune_history(cutoff)
             except StateError as exc:
                 log.error("state.unavailable", error=str(exc))
+            except Exception:
+                log.exception("cycle.internal_error")
             results = Counter(outcome.result for outcome in outcomes)
             log.info(
                 "cycle.finished",
@@ -215,15 +223,21 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _sync_heap_segment(self, heap_segment_id: int) -> None:
-        mapping = await self._engine.mapping_for_heap_segment(heap_segment_id)
-        if mapping is None:
+        try:
+            outcome = await self._engine.sync_heap_segment(heap_segment_id)
+        except StateError as exc:
+            log.error("state.unavailable", error=str(exc), heap_segment_id=heap_segment_id)
+            return
+        except Exception:
+            # Nothing may end this task unlogged ("Task exception was never retrieved").
+            log.exception("cycle.internal_error", heap_segment_id=heap_segment_id)
+            return
+        if outcome is None:
             log.warning(
                 "heap.segment_unmapped",
                 heap_segment_id=heap_segment_id,
                 hint="add a mapping with this heap_segment_id, or set SYNCD_HEAP_AUTO_MAP=true",
             )
-            return
-        await self._engine.sync_segment(mapping)
 
     async def _readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready while the store answers and the scheduler runs. Stale segments are
@@ -231,9 +245,10 @@ class Daemon:
         try:
             await self._store.ping()
             states = {state.name: state for state in await self._store.all()}
-            names = await self._engine.mappings()
+            found = await self._engine.mapping_set()
         except StateError as exc:
             return False, {"state_store": str(exc)}
+        names = found.usable
         if not self._scheduler.running:
             return False, {"scheduler": "not running"}
         limit = timedelta(seconds=self._settings.stale_seconds)
@@ -244,4 +259,9 @@ class Daemon:
             since = state.last_success_at if state and state.last_success_at else None
             if now - (since or self._started_at) > limit:
                 stale.append({"segment": name, "last_success_at": since and since.isoformat()})
-        return True, {"stale_after_s": limit.total_seconds(), "stale": stale}
+        # Listed, not "not ready": a restart cannot fix a segment's name.
+        invalid = [
+            {"segment": printable(broken.name), "error": broken.error}
+            for broken in found.broken.values()
+        ]
+        return True, {"stale_after_s": limit.total_seconds(), "stale": stale, "invalid": invalid}

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import tempfile
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StrictInt,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -36,12 +39,23 @@ MAX_BATCH_SIZE = 25_000  # WalkMe's documented limit of user ids per request
 GUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _INTERVAL = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_INTERVAL_DAYS = 366
+MAX_STALE_AFTER = 3650 * 86400.0  # ten years, in seconds: far below timedelta's limit
+MAX_HISTORY_DAYS = 36500
+MAX_MAPPINGS_FILE = 16 * 1024 * 1024  # bytes; thousands of mappings fit in far less
+# Invisible characters that make one name look like another: zero-width spaces and
+# joiners' lookalikes, the byte-order mark, and text-direction controls. (The
+# zero-width joiner and non-joiner stay allowed: emoji and several scripts need them.)
+_INVISIBLE = frozenset(
+    "\u00ad\u061c\u180e\u200b\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff"
+    + "".join(map(chr, range(0x202A, 0x202F)))
+    + "".join(map(chr, range(0x2066, 0x206A)))
+)
 
 WAREHOUSE_SCHEMES = ("postgresql", "postgres", "redshift", "snowflake")
 HEAP_SEGMENT_ID_MAX = 2**63 - 1  # Heap: "segment.id is an int64"
 SEGMENT_NAME_MAX = 200
 # C0/C1 control characters: a WalkMe segment name is shown, and picked, in the Editor.
-NAME_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # Values never echoed in errors: the warehouse URL holds a password.
 SECRET_FIELDS = frozenset(
@@ -54,17 +68,50 @@ URL_HINT = (
     "percent-encode any '/', '?', '#', '@' or '%' in the user name and password"
     " (e.g. '?' as %3F, '#' as %23, '@' as %40)"
 )
+UNPARSABLE_URL = f"cannot be parsed; {URL_HINT}; and a port is a number from 0 to 65535"
 
 
 class ConfigError(Exception):
     """A setting a user must fix; the message is one line naming it."""
 
 
+def _unsafe(char: str) -> bool:
+    # Control codes (newline, ESC, NUL...), line/paragraph separators, lone surrogates.
+    return unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") or char in _INVISIBLE
+
+
+def without_unsafe(text: str) -> str:
+    """``text`` with each control or invisible character replaced by a space."""
+    return "".join(" " if _unsafe(char) else char for char in text)
+
+
+def printable(text: str) -> str:
+    """``text`` with control and invisible characters escaped (``\\x1b``, ``\\u202e``),
+    safe to print on a terminal; text without them is returned as it is."""
+    if not any(_unsafe(char) for char in text):
+        return text
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if _unsafe(char) or char == "\\" else char
+        for char in text
+    )
+
+
+def _check_text(value: str) -> str:
+    """Refuse what a terminal or the WalkMe Editor would show wrongly or not at all."""
+    for position, char in enumerate(value):
+        if _unsafe(char):
+            raise ValueError(
+                f"holds U+{ord(char):04X} at position {position + 1}: control, line-break,"
+                " text-direction and invisible characters are not accepted"
+            )
+    return value
+
+
 # --- segment mappings -------------------------------------------------------------
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FileSourceConfig(_Strict):
@@ -74,12 +121,26 @@ class FileSourceConfig(_Strict):
     path: Path
     column: str | None = Field(default=None, min_length=1)
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("is empty")
+            _check_text(value)
+        return value
+
+    @field_validator("column")
+    @classmethod
+    def _column_text(cls, value: str | None) -> str | None:
+        return None if value is None else _check_text(value)
+
 
 class HeapWebhookSourceConfig(_Strict):
     """Membership Heap pushes to the webhook receiver (Heap Segments Sync)."""
 
     type: Literal["heap_webhook"]
-    heap_segment_id: int = Field(ge=0, le=HEAP_SEGMENT_ID_MAX)
+    heap_segment_id: StrictInt = Field(ge=0, le=HEAP_SEGMENT_ID_MAX)
 
 
 class WarehouseSourceConfig(_Strict):
@@ -113,6 +174,20 @@ class SegmentMapping(_Strict):
             raise ValueError(problem)
         return value
 
+    @field_validator("external_id")
+    @classmethod
+    def _external_id_text(cls, value: str | None) -> str | None:
+        if value is not None and value != value.strip():
+            raise ValueError("must not start or end with whitespace")
+        return None if value is None else _check_text(value)
+
+    @field_validator("max_remove_fraction", mode="before")
+    @classmethod
+    def _fraction_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number from 0 to 1, not true/false")
+        return value
+
 
 def segment_name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a segment (it becomes the WalkMe segment's name), or None.
@@ -123,8 +198,10 @@ def segment_name_problem(name: str) -> str | None:
         return f"must be 1 to {SEGMENT_NAME_MAX} characters long"
     if name != name.strip():
         return "must not start or end with whitespace"
-    if NAME_CONTROL_CHARACTERS.search(name):
-        return "must not contain control characters"
+    try:
+        _check_text(name)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -147,7 +224,12 @@ class Schedule:
     def parse(cls, text: str) -> Schedule:
         match = _INTERVAL.match(text)
         if match:
-            seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+            digits, unit = match.groups()
+            if len(digits.lstrip("0")) > 9 or (
+                int(digits) * _UNIT_SECONDS[unit] > MAX_INTERVAL_DAYS * 86400
+            ):
+                raise ValueError(f"an interval must be at most {MAX_INTERVAL_DAYS}d")
+            seconds = int(digits) * _UNIT_SECONDS[unit]
             if seconds <= 0:
                 raise ValueError("an interval must be longer than 0")
             return cls(text.strip(), seconds)
@@ -156,9 +238,11 @@ class Schedule:
                 f"{text!r} is neither an interval like 90s, 15m, 1h nor a 5-field cron expression"
             )
         try:
-            CronTrigger.from_crontab(text)
+            trigger = CronTrigger.from_crontab(text, timezone=UTC)
         except ValueError as exc:
             raise ValueError(f"bad cron expression {text!r}: {exc}") from None
+        if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+            raise ValueError(f"cron expression {text!r} never fires (no such date)")
         return cls(text.strip(), None)
 
     def typical_interval(self) -> float:
@@ -167,7 +251,10 @@ class Schedule:
             return float(self.interval_seconds)
         trigger = CronTrigger.from_crontab(self.text, timezone=UTC)
         first = trigger.get_next_fire_time(None, datetime.now(UTC))
+        # parse() made sure it fires; a 5-field cron that fires once fires every year.
+        assert first is not None
         second = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
+        assert second is not None
         return float((second - first).total_seconds())
 
     def trigger(self) -> BaseTrigger:
@@ -183,7 +270,11 @@ class Settings(BaseSettings):
     """Everything syncd reads from its environment."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, validate_default=True
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+        allow_inf_nan=False,
     )
 
     walkme_client_id: str = Field(min_length=1)
@@ -215,19 +306,19 @@ class Settings(BaseSettings):
     # Where diffs spill ids to disk (a few bytes per member during a run).
     work_dir: Path | None = None
     # Operations: /readyz lists segments not synced for this long (default 3 intervals).
-    stale_after: float | None = Field(default=None, gt=0)
-    history_days: float = Field(default=30, gt=0)
+    stale_after: float | None = Field(default=None, gt=0, le=MAX_STALE_AFTER)
+    history_days: float = Field(default=30, gt=0, le=MAX_HISTORY_DAYS)
     # The removal safety guard (per mapping: "max_remove_fraction"; 1.0 turns it off).
     max_remove_fraction: float = Field(default=0.5, ge=0, le=1)
-    guard_min_members: int = Field(default=100, ge=0)
+    guard_min_members: int = Field(default=100, ge=0, le=10**12)
     # Heap Segments Sync webhook receiver: on when a secret is set.
     heap_webhook_secret: SecretStr | None = None
     heap_webhook_secret_file: Path | None = None
     webhook_host: str = "0.0.0.0"  # noqa: S104 - Heap posts from outside
     webhook_port: int = Field(default=8080, ge=0, le=65535)
-    heap_webhook_path: str = Field(default="/heap/webhook", pattern=r"^/\S*$")
+    heap_webhook_path: str = Field(default="/heap/webhook", pattern=r"^/[!-~]*$")
     heap_webhook_tolerance: float = Field(default=300.0, gt=0, le=86400)
-    heap_webhook_max_body: int = Field(default=32 * 1024 * 1024, ge=1024)
+    heap_webhook_max_body: int = Field(default=32 * 1024 * 1024, ge=1024, le=2**31)
     heap_webhook_debounce: float = Field(default=10.0, ge=0, le=3600)
     heap_auto_map: bool | None = None
     # Heap Connect tables: postgresql:// (PostgreSQL, Amazon Redshift) or snowflake://.
@@ -235,14 +326,71 @@ class Settings(BaseSettings):
     # Longest wait for one step of reading a source (a chunk, a query's first rows).
     source_timeout: float = Field(default=600.0, gt=0, le=86400)
 
+    @field_validator("walkme_client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError("must not start or end with whitespace")
+        if ":" in value:
+            raise ValueError("must not hold ':' (it separates id and secret in Basic auth)")
+        return _check_text(value)
+
     @field_validator("walkme_api_url", "walkme_token_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
+        accepted = "expected an http(s) URL such as https://api.walkme.com"
+        if any(char.isspace() or _unsafe(char) for char in value):
+            raise ValueError(f"holds spaces or control characters; {accepted}")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not a number 0..65535
+        except ValueError as exc:
+            raise ValueError(f"{exc}; {accepted}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL with a host; {accepted}")
+        if parts.query or parts.fragment or parts.username is not None:
+            raise ValueError(f"must not hold a query, fragment or user; {accepted}")
         return value.rstrip("/")
+
+    @field_validator(
+        "walkme_client_secret_file",
+        "heap_webhook_secret_file",
+        "ca_bundle",
+        mode="before",
+    )
+    @classmethod
+    def _file_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is set but empty; expected the path of a readable file")
+        return value
+
+    @field_validator("walkme_client_secret_file", "heap_webhook_secret_file", "ca_bundle")
+    @classmethod
+    def _readable_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if value.is_dir():
+            raise ValueError(f"{value} is a directory; expected the path of a readable file")
+        try:
+            value.open("rb").close()
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+        return value
+
+    @field_validator("work_dir")
+    @classmethod
+    def _writable_dir(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        if not value.is_dir():
+            raise ValueError(f"{value} is not an existing directory")
+        try:  # os.access says yes to root: only a real write tells
+            tempfile.TemporaryFile(dir=value).close()
+        except OSError as exc:
+            raise ValueError(f"{value} is not writable: {exc.strerror}") from None
+        return value
 
     @field_validator("walkme_client_secret", "heap_webhook_secret", "warehouse_url")
     @classmethod
@@ -279,13 +427,25 @@ class Settings(BaseSettings):
     @field_validator("state_url")
     @classmethod
     def _state_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise ValueError(
-                "expected sqlite:///relative.db, sqlite:////absolute.db or"
-                " postgresql://user:password@host:port/database"
-            )
-        if not value.startswith("sqlite:") and not unambiguous_url(value):
-            raise ValueError(f"cannot be parsed; {URL_HINT}")
+        accepted = (
+            "expected sqlite:///relative.db, sqlite:////absolute.db or"
+            " postgresql://user:password@host:port/database"
+        )
+        if any(_unsafe(char) for char in value):
+            raise ValueError(f"holds control characters; {accepted}")
+        if value.startswith("sqlite:///"):
+            path = value.removeprefix("sqlite:///")
+            if not path.strip() or path.endswith("/"):
+                raise ValueError(f"names no database file; {accepted}")
+            return value
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(accepted)
+        # Messages never quote the URL: it may hold a password.
+        if not unambiguous_url(value):
+            raise ValueError(UNPARSABLE_URL)
+        parts = urlsplit(value)
+        if not parts.hostname and "host=" not in parts.query:
+            raise ValueError(f"names no host; {accepted}")
         return value
 
     @field_validator("warehouse_url")
@@ -299,7 +459,7 @@ class Settings(BaseSettings):
                     " or snowflake://"
                 )
             if not unambiguous_url(value.get_secret_value()):
-                raise ValueError(f"cannot be parsed; {URL_HINT}")
+                raise ValueError(UNPARSABLE_URL)
         return value
 
     @model_validator(mode="after")
@@ -307,6 +467,15 @@ class Settings(BaseSettings):
         if self.walkme_client_secret is None and self.walkme_client_secret_file is None:
             raise ValueError(
                 "SYNCD_WALKME_CLIENT_SECRET or SYNCD_WALKME_CLIENT_SECRET_FILE must be set"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.receiver_on and self.admin_port == self.webhook_port != 0:
+            raise ValueError(
+                f"SYNCD_ADMIN_PORT and SYNCD_WEBHOOK_PORT are both {self.admin_port}:"
+                " give each server its own port"
             )
         return self
 
@@ -364,6 +533,10 @@ class Settings(BaseSettings):
             return []  # segments arrive from Heap's webhook and are mapped then
         else:
             raise ConfigError("no segments configured: set SYNCD_SEGMENTS or SYNCD_SEGMENTS_FILE")
+        if not mappings and not self.auto_map:
+            raise ConfigError(
+                "SYNCD_SEGMENTS or SYNCD_SEGMENTS_FILE holds no mappings: add at least one"
+            )
         self._check_sources(mappings)
         return mappings
 
@@ -446,9 +619,12 @@ def _json_array(text: str, where: str) -> Any:
 def _read_mappings_file(path: Path) -> Any:
     where = f"SYNCD_SEGMENTS_FILE ({path})"
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(MAX_MAPPINGS_FILE + 1)
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_MAPPINGS_FILE:
+        raise ConfigError(f"{where}: larger than {MAX_MAPPINGS_FILE // 2**20} MiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -480,21 +656,45 @@ def parse_mappings(raw: Any, where: str) -> list[SegmentMapping]:
             name = item.get("name") if isinstance(item, dict) else None
             label += f" mapping {index + 1}" + (f" ({name!r})" if isinstance(name, str) else "")
         field = ".".join(str(part) for part in location if part not in _SOURCE_TAGS)
-        raise ConfigError(f"{label}: {field or 'mapping'}: {error['msg']}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{label}: {field or 'mapping'}: {message}") from None
     names: set[str] = set()
+    external_ids: dict[tuple[str | None, str], str] = {}
+    guids: dict[str, str] = {}
     for mapping in mappings:
         if mapping.name in names:
             raise ConfigError(f"{where}: segment name {mapping.name!r} appears twice")
         names.add(mapping.name)
+        # Two mappings finding the same WalkMe segment would overwrite each other.
+        if mapping.external_id is not None:
+            key = ((mapping.system_guid or "").lower(), mapping.external_id)
+            if key in external_ids:
+                raise ConfigError(
+                    f"{where}: segments {external_ids[key]!r} and {mapping.name!r} both have"
+                    f" external_id {mapping.external_id!r}: give each its own"
+                )
+            external_ids[key] = mapping.name
+        if mapping.segment_guid is not None:
+            guid = mapping.segment_guid.lower()
+            if guid in guids:
+                raise ConfigError(
+                    f"{where}: segments {guids[guid]!r} and {mapping.name!r} both have"
+                    f" segment_guid {guid}: give each its own"
+                )
+            guids[guid] = mapping.name
     return mappings
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment (plus explicit overrides); raise ConfigError on bad input."""
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(describe_settings_error(exc)) from None
+    # Secret files are read now, so an empty one stops start-up, not a later request.
+    settings.client_secret()
+    settings.webhook_secret()
+    return settings
 
 
 def describe_settings_error(exc: ValidationError) -> str:
@@ -507,6 +707,13 @@ def describe_settings_error(exc: ValidationError) -> str:
     if error["type"] == "missing":
         return f"{name} is required but not set"
     shown = error.get("input")
-    if field not in SECRET_FIELDS and isinstance(shown, str | int | float):
-        return f"{name}: {message} (got {shown!r})"
+    if (
+        field not in SECRET_FIELDS
+        and isinstance(shown, str | int | float)
+        and (str(shown) not in message)
+    ):
+        quoted = repr(printable(shown) if isinstance(shown, str) else shown)
+        if len(quoted) > 80:
+            quoted = quoted[:77] + "..."
+        return f"{name}: {message} (got {quoted})"
     return f"{name}: {message}"

@@ -34,9 +34,9 @@ from pydantic import SecretStr
 from syncd import metrics
 from syncd.settings import (
     HEAP_SEGMENT_ID_MAX,
-    NAME_CONTROL_CHARACTERS,
     SEGMENT_NAME_MAX,
     segment_name_problem,
+    without_unsafe,
 )
 from syncd.state import StateError, StateStore
 from syncd.state.base import HeapPage
@@ -153,7 +153,7 @@ def _segment_name(raw: Any, segment_id: int) -> str:
     """
     if not isinstance(raw, str) or not _unicode(raw):
         return str(segment_id)
-    name = NAME_CONTROL_CHARACTERS.sub(" ", raw).strip()[:SEGMENT_NAME_MAX].rstrip()
+    name = without_unsafe(raw).strip()[:SEGMENT_NAME_MAX].rstrip()
     return name if name and segment_name_problem(name) is None else str(segment_id)
 
 

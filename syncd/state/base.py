@@ -35,6 +35,11 @@ class LeaseLost(StateError):
         )
 
 
+class StateRecreated(StateError):
+    """The store had lost its tables (its database dropped and created again) and made
+    them again, empty: the call failed, the next one works on the new schema."""
+
+
 @dataclass(frozen=True)
 class SegmentState:
     name: str

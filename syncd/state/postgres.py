@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
+import structlog
 
 from syncd.diff import Quarantined
 from syncd.ids import SkippedIds
@@ -32,7 +33,10 @@ from syncd.state.base import (
     RunResult,
     SegmentState,
     StateError,
+    StateRecreated,
 )
+
+log = structlog.get_logger("syncd.state")
 
 SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 0x73796E6364  # "syncd": serialises schema changes across replicas
@@ -233,7 +237,8 @@ class PostgresStore:
             raise
         return store
 
-    async def _migrate(self) -> None:
+    async def _migrate(self) -> int:
+        """Bring the schema up to date; returns how many migrations ran."""
         async with self._conn() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS syncd_schema (version INTEGER NOT NULL)")
@@ -246,6 +251,29 @@ class PostgresStore:
             for number in range(version, SCHEMA_VERSION):
                 await conn.execute(_MIGRATIONS[number])
                 await conn.execute("INSERT INTO syncd_schema (version) VALUES ($1)", number + 1)
+        return SCHEMA_VERSION - version
+
+    async def _recreate(self) -> StateError:
+        """A table is missing under a running syncd: the database was dropped and
+        created again empty (a restore gone wrong, a wiped test server). Create the
+        schema again; what WalkMe holds is then rebuilt from the sources."""
+        if not await self._migrate():
+            # Another call (or replica) made the schema already, or only some
+            # tables went: the first case heals itself, the second needs a person.
+            return StateError(
+                f"{self._where}: a table is missing; if this repeats, the database was"
+                " damaged: restore it, or empty it and restart syncd"
+            )
+        log.error(
+            "state.recreated",
+            store=self._where,
+            hint="the database lost syncd's tables and they were created again; each"
+            " segment is found again in WalkMe and rebuilt from its source with override",
+        )
+        return StateRecreated(
+            f"{self._where}: the database had lost syncd's tables (dropped and created"
+            " again?); created them again: segments are rebuilt from their sources"
+        )
 
     def _conn(self) -> _Connection:
         return _Connection(self)
@@ -753,6 +781,8 @@ class _Connection:
     async def __aexit__(self, kind: type[BaseException] | None, exc: Any, _: Any) -> None:
         if self._conn is not None:
             await self._store._pool.release(self._conn)
+        if isinstance(exc, asyncpg.UndefinedTableError):
+            raise await self._store._recreate() from None
         if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
             raise StateError(f"{self._store._where}: {_reason(exc)}") from None
 

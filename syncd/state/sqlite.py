@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import tempfile
 import time
@@ -39,6 +40,11 @@ from syncd.state.base import (
 
 SCHEMA_VERSION = 4
 _T = TypeVar("_T")
+_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+_REBUILD = (
+    "stop syncd, restore the file from a backup or move it away, and start syncd again"
+    " (with a new file, each segment is found again in WalkMe and rebuilt from its source)"
+)
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.
 _MIGRATIONS = [
@@ -231,6 +237,7 @@ class SqliteStore:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncd-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._file_id: tuple[int, int] | None = None  # (device, inode) of the file opened
 
     @classmethod
     async def open(cls, url: str) -> SqliteStore:
@@ -250,6 +257,14 @@ class SqliteStore:
             return await loop.run_in_executor(self._executor, function, *args)
         except RuntimeError as exc:  # the executor was shut down
             raise StateError(f"state store {self.path} is closed") from exc
+        except sqlite3.Error as exc:  # a read outside a transaction
+            raise StateError(self._describe(exc)) from None
+
+    def _describe(self, exc: sqlite3.Error) -> str:
+        text = str(exc)
+        if "malformed" in text or "not a database" in text:
+            return f"state store {self.path} is damaged ({text}): {_REBUILD}"
+        return f"state store {self.path}: {text}"
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -267,7 +282,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            raise StateError(f"state store {self.path}: {exc}") from None
+            raise StateError(self._describe(exc)) from None
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -298,6 +313,8 @@ class SqliteStore:
             conn.execute("PRAGMA cache_size = -16384")
             conn.execute("PRAGMA temp.cache_size = -16384")
             self._migrate(conn, where)
+            stat = os.stat(self.path)
+            self._file_id = (stat.st_dev, stat.st_ino)
             self._db = conn
         except (sqlite3.DatabaseError, OSError, StateError) as exc:
             if conn is not None:
@@ -931,9 +948,26 @@ class SqliteStore:
 
     async def ping(self) -> None:
         def read() -> None:
+            # The open connection goes on working on a deleted or overwritten file,
+            # so the file itself is looked at: what syncd writes must survive a restart.
             try:
-                self._conn.execute("SELECT 1 FROM segments LIMIT 1").fetchall()
-            except sqlite3.Error as exc:
-                raise StateError(f"state store {self.path}: {exc}") from None
+                stat = os.stat(self.path)
+                with self.path.open("rb") as file:
+                    header = file.read(len(_HEADER))
+            except FileNotFoundError:
+                raise StateError(
+                    f"state store {self.path} was deleted while syncd ran; what syncd writes"
+                    f" now is lost at exit: {_REBUILD}"
+                ) from None
+            except OSError as exc:
+                raise StateError(f"state store {self.path}: {exc.strerror}") from None
+            if (stat.st_dev, stat.st_ino) != self._file_id:
+                raise StateError(
+                    f"state store {self.path} was replaced by another file while syncd ran:"
+                    " restart syncd to use the new file"
+                )
+            if header != _HEADER:
+                raise StateError(f"state store {self.path} is damaged (not SQLite): {_REBUILD}")
+            self._conn.execute("SELECT 1 FROM segments LIMIT 1").fetchall()
 
         await self._call(read)
