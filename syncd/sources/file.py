@@ -221,19 +221,15 @@ class _OneRead:
 
     def finish(self) -> str:
         """The fingerprint of what was read, once at the end of the file; a
-        SourceError if the file changed while it was read (grown, truncated,
-        rewritten or replaced), as its ids may then be a mix or a fragment."""
+        SourceError if the opened file changed while it was read (grown, truncated
+        or rewritten), as its ids may then be a mix or a fragment. A file replaced
+        by a rename meanwhile is not an error: the one opened was read whole and
+        unchanged, and the next run's fingerprint sees the new one."""
         after = os.fstat(self._file.fileno())
-        try:
-            named = os.stat(self.path)
-        except OSError:
-            named = None
         before = self._opened
-        if (
-            self._bytes != before.st_size
-            or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
-            or named is None
-            or (named.st_dev, named.st_ino) != (before.st_dev, before.st_ino)
+        if self._bytes != before.st_size or (after.st_size, after.st_mtime_ns) != (
+            before.st_size,
+            before.st_mtime_ns,
         ):
             raise SourceError(f"{self.path} changed while being read; the next run reads it again")
         return self._hasher.hexdigest()
