@@ -76,10 +76,12 @@ def test_orphan_is_logged_listed_and_pruned_only_with_yes(
 
     # "Drop" leaves the configuration. Just synced, it may still be mapped by a
     # replica mid-rollout: no orphan yet, and prune keeps it, naming its last run.
+    # (A 10-minute schedule here: the window must not pass on a slow machine.)
     env = env_for(live_sandbox, tmp_path, [keep])
-    events = parse_log_lines(sync_ok(env))
+    recent = {**env, "SYNCD_SCHEDULE": "10m"}
+    events = parse_log_lines(sync_ok(recent))
     assert not [e for e in events if e["event"] == "segment.orphaned"]
-    kept = run_cli("prune", "--yes", env=env)
+    kept = run_cli("prune", "--yes", env=recent)
     assert kept.returncode == 0, kept.stderr
     assert "keep   'Drop'" in kept.stdout
     assert "last synced at" in kept.stdout
