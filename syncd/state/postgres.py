@@ -18,7 +18,8 @@ import structlog
 
 from syncd.settings import describe_url
 from syncd.state.base import StateError, StateRecreated
-from syncd.state.schema import SCHEMA_VERSION, migrations
+from syncd.state.schema import SCHEMA_VERSION as SCHEMA_VERSION
+from syncd.state.schema import migrations
 from syncd.state.sql import Dialect, Query, Result, Script, numbered
 from syncd.state.store import StateStore
 
@@ -31,16 +32,6 @@ _NOW = "extract(epoch FROM clock_timestamp())"  # the lease clock: the database'
 
 DIALECT = Dialect(
     name="postgresql",
-    types={
-        "BOOLEAN": "BOOLEAN",
-        "FALSE": "FALSE",
-        "BIGINT": "BIGINT",
-        "REAL": "DOUBLE PRECISION",
-        "TIMESTAMP": "TIMESTAMPTZ",
-        "ID": 'TEXT COLLATE "C"',
-        "TEXTS": "TEXT[]",
-        "WITHOUT_ROWID": "",
-    },
     now="now()",
     now_precise="now()",
     wall_clock=_NOW,

@@ -19,6 +19,18 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 5
 
+# The schema's {TYPE} names, as (SQLite, PostgreSQL) spell them.
+_TYPES = {
+    "BOOLEAN": ("INTEGER", "BOOLEAN"),
+    "FALSE": ("0", "FALSE"),
+    "BIGINT": ("INTEGER", "BIGINT"),
+    "REAL": ("REAL", "DOUBLE PRECISION"),
+    "TIMESTAMP": ("TEXT", "TIMESTAMPTZ"),
+    "ID": ("TEXT", 'TEXT COLLATE "C"'),  # ids sort by code point: keyset paging needs it
+    "TEXTS": ("TEXT", "TEXT[]"),  # a list of strings (SQLite: encoded, see the dialect)
+    "WITHOUT_ROWID": (" WITHOUT ROWID", ""),
+}
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -31,7 +43,9 @@ class Migration:
 
     def render(self, dialect: Dialect) -> str:
         own: str | None = getattr(self, dialect.name)
-        return (self.sql if own is None else own).format_map(dialect.types)
+        column = 0 if dialect.name == "sqlite" else 1
+        types = {name: spelt[column] for name, spelt in _TYPES.items()}
+        return (self.sql if own is None else own).format_map(types)
 
 
 # Each entry migrates from the previous version; index + 1 is the version it makes.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -54,7 +54,6 @@ class Dialect:
     """How one database spells what the scripts need."""
 
     name: Literal["sqlite", "postgresql"]
-    types: Mapping[str, str]  # the schema's {TYPE} names
     now: str  # the time segments and runs are stamped with (to the second)
     now_precise: str  # the same, as precise as the database keeps it
     wall_clock: str  # epoch seconds, for replica heartbeats

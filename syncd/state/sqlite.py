@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from syncd.state.base import StateError
-from syncd.state.schema import SCHEMA_VERSION, migrations
+from syncd.state.schema import SCHEMA_VERSION as SCHEMA_VERSION
+from syncd.state.schema import migrations
 from syncd.state.sql import Dialect, Query, Result, Script
 from syncd.state.store import StateStore
 
@@ -40,16 +41,6 @@ def _time(value: str | None) -> datetime | None:
 
 DIALECT = Dialect(
     name="sqlite",
-    types={
-        "BOOLEAN": "INTEGER",
-        "FALSE": "0",
-        "BIGINT": "INTEGER",
-        "REAL": "REAL",
-        "TIMESTAMP": "TEXT",
-        "ID": "TEXT",
-        "TEXTS": "TEXT",
-        "WITHOUT_ROWID": " WITHOUT ROWID",
-    },
     # Functions of this store's connection (see SqliteStore._connect).
     now="syncd_now()",
     now_precise="syncd_now_precise()",
