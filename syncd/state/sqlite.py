@@ -1,8 +1,8 @@
 """SQLite state store: the default, for one container with one volume.
 
-All database work runs on one dedicated thread and each store call is one
-function there, so a call is one transaction that no other coroutine can
-interleave with. (aiosqlite offers a thread too, but not a way to run a whole
+All database work runs on one dedicated thread and each store call's script
+(see sql.py) runs whole there, so a call is one transaction that no other
+coroutine can interleave with. (aiosqlite offers a thread too, but not a way to run a whole
 transaction as one unit.)
 """
 
