@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from syncd.state.base import Action, Origin, SegmentState, StateError, StateStore
+from syncd.state.base import Action, Origin, SegmentState, StateError
 from syncd.state.sqlite import SqliteStore
+from syncd.state.store import StateStore
 
 __all__ = ["Action", "Origin", "SegmentState", "StateError", "StateStore", "open_store"]
 

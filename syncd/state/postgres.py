@@ -9,177 +9,45 @@ starting together do not race.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from datetime import datetime
-from typing import Any, Literal
+from functools import lru_cache
+from typing import Any, ClassVar, TypeVar
 
 import asyncpg
 import structlog
 
-from syncd.diff import Quarantined
-from syncd.ids import SkippedIds
 from syncd.settings import describe_url
-from syncd.state.base import (
-    Action,
-    HeapPage,
-    HeapSegment,
-    LeaseLost,
-    Origin,
-    PageReceipt,
-    PendingBatch,
-    ReplicaPresence,
-    RunRecord,
-    RunResult,
-    SegmentState,
-    StateError,
-    StateRecreated,
-)
+from syncd.state.base import StateError, StateRecreated
+from syncd.state.schema import SCHEMA_VERSION as SCHEMA_VERSION
+from syncd.state.schema import migrations
+from syncd.state.sql import Dialect, Query, Result, Script, numbered
+from syncd.state.store import StateStore
 
 log = structlog.get_logger("syncd.state")
+_T = TypeVar("_T")
 
-SCHEMA_VERSION = 4
 _MIGRATION_LOCK = 0x73796E6364  # "syncd": serialises schema changes across replicas
-
-# Each entry migrates from the previous version; index + 1 is the version it makes.
-_MIGRATIONS = [
-    """
-    CREATE TABLE segments (
-        name TEXT PRIMARY KEY,
-        system_guid TEXT NOT NULL,
-        segment_guid TEXT,
-        external_id TEXT,
-        origin TEXT,
-        needs_override BOOLEAN NOT NULL DEFAULT FALSE,
-        members BIGINT NOT NULL DEFAULT 0,
-        last_run_at TIMESTAMPTZ,
-        last_result TEXT,
-        last_error TEXT,
-        last_success_at TIMESTAMPTZ,
-        skipped BIGINT NOT NULL DEFAULT 0,
-        skipped_examples TEXT NOT NULL DEFAULT '[]',
-        orphaned_at TIMESTAMPTZ,
-        source_fingerprint TEXT
-    );
-    CREATE TABLE members (
-        segment TEXT NOT NULL,
-        id TEXT COLLATE "C" NOT NULL,
-        PRIMARY KEY (segment, id)
-    );
-    CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY,
-        segment TEXT NOT NULL,
-        started_at TIMESTAMPTZ NOT NULL,
-        ended_at TIMESTAMPTZ,
-        result TEXT NOT NULL,
-        added BIGINT NOT NULL DEFAULT 0,
-        removed BIGINT NOT NULL DEFAULT 0,
-        requests BIGINT NOT NULL DEFAULT 0,
-        skipped BIGINT NOT NULL DEFAULT 0,
-        quarantined BIGINT NOT NULL DEFAULT 0,
-        error TEXT
-    );
-    CREATE INDEX runs_by_segment ON runs (segment, started_at);
-    CREATE TABLE quarantine (
-        segment TEXT NOT NULL,
-        action TEXT NOT NULL,
-        id TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        since TIMESTAMPTZ NOT NULL,
-        PRIMARY KEY (segment, action, id)
-    );
-    CREATE TABLE pending (
-        segment TEXT PRIMARY KEY,
-        action TEXT NOT NULL,
-        ids TEXT[] NOT NULL
-    );
-    CREATE TABLE leases (
-        segment TEXT PRIMARY KEY,
-        holder TEXT NOT NULL,
-        expires_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE TABLE heap_segments (
-        heap_segment_id BIGINT PRIMARY KEY,
-        name TEXT NOT NULL,
-        mapping_name TEXT NOT NULL,
-        members BIGINT NOT NULL DEFAULT 0,
-        complete_tasks BIGINT NOT NULL DEFAULT 0,
-        updated_at TIMESTAMPTZ NOT NULL
-    );
-    CREATE TABLE heap_members (
-        heap_segment_id BIGINT NOT NULL,
-        id TEXT COLLATE "C" NOT NULL,
-        PRIMARY KEY (heap_segment_id, id)
-    );
-    CREATE TABLE heap_pages (
-        sync_task_id TEXT NOT NULL,
-        page_number INTEGER NOT NULL,
-        heap_segment_id BIGINT NOT NULL,
-        total_pages INTEGER NOT NULL,
-        received_at TIMESTAMPTZ NOT NULL,
-        PRIMARY KEY (sync_task_id, page_number)
-    );
-    """,
-    # Due marks: a run asked for while another replica held the lease.
-    """
-    CREATE TABLE due (
-        segment TEXT PRIMARY KEY,
-        due_at DOUBLE PRECISION NOT NULL
-    );
-    """,
-    # Replica heartbeats: which live replica maps which segments.
-    """
-    CREATE TABLE replicas (
-        replica_id TEXT PRIMARY KEY,
-        mappings TEXT[] NOT NULL,
-        seen_at DOUBLE PRECISION NOT NULL,
-        expires_at DOUBLE PRECISION NOT NULL
-    );
-    """,
-    # Page receipts keyed by Heap segment too: two segments' tasks may share an id.
-    """
-    ALTER TABLE heap_pages DROP CONSTRAINT heap_pages_pkey;
-    ALTER TABLE heap_pages ADD PRIMARY KEY (heap_segment_id, sync_task_id, page_number);
-    """,
-]
-assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _NOW = "extract(epoch FROM clock_timestamp())"  # the lease clock: the database's
 
-
-async def _fence(
-    conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], name: str, holder: str | None
-) -> None:
-    """Inside a transaction: raise LeaseLost unless ``holder`` (when given) holds the
-    segment's unexpired lease. The row lock keeps anyone from taking the lease over
-    until this transaction ends, so what it writes is written under that lease."""
-    if holder is None:
-        return
-    held = await conn.fetchval(
-        f"SELECT 1 FROM leases WHERE segment = $1 AND holder = $2 AND expires_at >= {_NOW}"
-        " FOR SHARE",
-        name,
-        holder,
-    )
-    if held is None:
-        raise LeaseLost(name)
-
-
-_COLUMNS = (
-    "name, system_guid, segment_guid, external_id, origin, needs_override, members,"
-    " last_run_at, last_result, last_error, last_success_at, skipped, skipped_examples,"
-    " orphaned_at, (SELECT count(*) FROM quarantine q WHERE q.segment = segments.name),"
-    " source_fingerprint"
+DIALECT = Dialect(
+    name="postgresql",
+    now="now()",
+    now_precise="now()",
+    wall_clock=_NOW,
+    run_order="seq",
+    text_order=' COLLATE "C"',  # code point order, whatever the database's collation
+    in_ids="{column} = ANY(?::text[])",
+    each_id="unnest(?::text[])",
+    encode_ids=list,
+    encode_pending=list,
+    decode_pending=list,
+    encode_names=list,
+    decode_names=list,
+    time_arg=lambda moment: moment,
+    time_value=lambda moment: moment,
 )
-
-
-async def _forget_members(
-    conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], name: str
-) -> None:
-    """What syncd knows of the segment's members in WalkMe: the snapshot, the
-    quarantine and the batch in flight."""
-    for table in ("members", "quarantine", "pending"):
-        await conn.execute(f"DELETE FROM {table} WHERE segment = $1", name)
+_MIGRATIONS = migrations(DIALECT)
 
 
 def _count(status: str) -> int:
@@ -187,28 +55,9 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-def _state(row: asyncpg.Record) -> SegmentState:
-    return SegmentState(
-        name=row[0],
-        system_guid=row[1],
-        segment_guid=row[2],
-        external_id=row[3],
-        origin=row[4],
-        needs_override=row[5],
-        members=row[6],
-        last_run_at=row[7],
-        last_result=row[8],
-        last_error=row[9],
-        last_success_at=row[10],
-        skipped=row[11],
-        skipped_examples=json.loads(row[12]),
-        orphaned_at=row[13],
-        quarantined=row[14],
-        source_fingerprint=row[15],
-    )
+class PostgresStore(StateStore):
+    dialect: ClassVar[Dialect] = DIALECT
 
-
-class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, where: str) -> None:
         self._pool = pool
         self._where = where
@@ -285,286 +134,27 @@ class PostgresStore:
         async with self._conn() as conn:
             await conn.fetchval("SELECT 1")
 
-    # -- segments ------------------------------------------------------------------
+    # -- scripts ----------------------------------------------------------------------
 
-    async def get(self, name: str) -> SegmentState | None:
+    async def _write(self, script: Script[_T]) -> _T:
+        async with self._conn() as conn, conn.transaction():
+            return await _run(conn, script)
+
+    async def _read(self, script: Script[_T]) -> _T:
         async with self._conn() as conn:
-            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM segments WHERE name = $1", name)
-        return _state(row) if row else None
+            return await _run(conn, script)
 
-    async def all(self) -> list[SegmentState]:
-        async with self._conn() as conn:
-            rows = await conn.fetch(f"SELECT {_COLUMNS} FROM segments ORDER BY name")
-        return [_state(row) for row in rows]
-
-    async def begin_run(
-        self, name: str, run_id: str, system_guid: str, external_id: str | None
-    ) -> SegmentState:
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO segments (name, system_guid, external_id) VALUES ($1, $2, $3)"
-                " ON CONFLICT (name) DO UPDATE SET external_id = excluded.external_id",
-                name,
-                system_guid,
-                external_id,
-            )
-            await conn.execute(
-                "INSERT INTO runs (run_id, segment, started_at, result)"
-                " VALUES ($1, $2, now(), 'running')",
-                run_id,
-                name,
-            )
-            row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM segments WHERE name = $1", name)
-            # A run that dies from here on leaves WalkMe changed: until one
-            # succeeds again, no fingerprint may vouch for the snapshot.
-            await conn.execute(
-                "UPDATE segments SET source_fingerprint = NULL WHERE name = $1", name
-            )
-        assert row is not None  # inserted just above
-        return _state(row)
-
-    async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
-        async with self._conn() as conn, conn.transaction():
-            await _forget_members(conn, name)
-            await conn.execute(
-                "UPDATE segments SET segment_guid = $1, origin = $2, needs_override = TRUE,"
-                " members = 0 WHERE name = $3",
-                segment_guid,
-                origin,
-                name,
-            )
-
-    async def record_batch(
-        self,
-        name: str,
-        run_id: str,
-        action: Action,
-        ids: list[str],
-        segment_guid: str | None = None,
-        holder: str | None = None,
-        *,
-        still_pending: PendingBatch | None = None,
-    ) -> None:
-        async with self._conn() as conn, conn.transaction():
-            await _fence(conn, name, holder)
-            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
-            if still_pending is not None and still_pending.ids:
-                await conn.execute(
-                    "INSERT INTO pending (segment, action, ids) VALUES ($1, $2, $3)",
-                    name,
-                    still_pending.action,
-                    still_pending.ids,
-                )
-            if action == "remove":
-                changed = -_count(
-                    await conn.execute(
-                        "DELETE FROM members WHERE segment = $1 AND id = ANY($2::text[])",
-                        name,
-                        ids,
-                    )
-                )
-            else:
-                if action in ("create", "override"):
-                    await conn.execute("DELETE FROM members WHERE segment = $1", name)
-                    await conn.execute(
-                        "UPDATE segments SET members = 0, needs_override = FALSE,"
-                        " segment_guid = coalesce($1, segment_guid),"
-                        " origin = coalesce(origin, 'created') WHERE name = $2",
-                        segment_guid,
-                        name,
-                    )
-                changed = _count(
-                    await conn.execute(
-                        "INSERT INTO members (segment, id) SELECT $1, unnest($2::text[])"
-                        " ON CONFLICT DO NOTHING",
-                        name,
-                        ids,
-                    )
-                )
-            await conn.execute(
-                "UPDATE segments SET members = members + $1 WHERE name = $2", changed, name
-            )
-            column = "removed" if action == "remove" else "added"
-            await conn.execute(
-                f"UPDATE runs SET requests = requests + 1, {column} = {column} + $1"
-                " WHERE run_id = $2",
-                len(ids),
-                run_id,
-            )
-
-    async def forget_guid(self, name: str) -> None:
-        async with self._conn() as conn, conn.transaction():
-            await _forget_members(conn, name)
-            await conn.execute(
-                "UPDATE segments SET segment_guid = NULL, origin = NULL,"
-                " needs_override = FALSE, members = 0 WHERE name = $1",
-                name,
-            )
-
-    async def reset(self, name: str) -> bool:
-        async with self._conn() as conn, conn.transaction():
-            await _forget_members(conn, name)
-            status = await conn.execute(
-                "UPDATE segments SET members = 0,"
-                " needs_override = (segment_guid IS NOT NULL) WHERE name = $1",
-                name,
-            )
-        return _count(status) > 0
-
-    async def forget(self, name: str) -> bool:
-        async with self._conn() as conn, conn.transaction():
-            for table in ("members", "runs", "quarantine", "pending", "leases", "due"):
-                await conn.execute(f"DELETE FROM {table} WHERE segment = $1", name)
-            status = await conn.execute("DELETE FROM segments WHERE name = $1", name)
-        return _count(status) > 0
-
-    async def finish_run(
-        self,
-        name: str,
-        run_id: str,
-        result: RunResult,
-        error: str | None,
-        skipped: SkippedIds,
-        requests: int,
-        quarantined: int,
-        source_fingerprint: str | None = None,
-        holder: str | None = None,
-    ) -> None:
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE runs SET ended_at = now(), result = $1, error = $2, skipped = $3,"
-                " requests = $4, quarantined = $5 WHERE run_id = $6",
-                result,
-                error,
-                skipped.count,
-                requests,
-                quarantined,
-                run_id,
-            )
-            try:
-                await _fence(conn, name, holder)
-            except LeaseLost:
-                return  # the run's own record is closed; the segment is the new holder's
-            await conn.execute(
-                "UPDATE segments SET last_run_at = now(), last_result = $1, last_error = $2,"
-                " skipped = $3, skipped_examples = $4, source_fingerprint = $6,"
-                " last_success_at = CASE WHEN $1 = 'synced' THEN now() ELSE last_success_at END"
-                " WHERE name = $5",
-                result,
-                error,
-                skipped.count,
-                json.dumps(skipped.examples),
-                name,
-                source_fingerprint if result == "synced" else None,
-            )
-
-    async def mark_orphans(self, configured: set[str]) -> list[SegmentState]:
-        names = sorted(configured)
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE segments SET orphaned_at = now() WHERE orphaned_at IS NULL"
-                " AND segment_guid IS NOT NULL AND NOT (name = ANY($1::text[]))",
-                names,
-            )
-            await conn.execute(
-                "UPDATE segments SET orphaned_at = NULL WHERE orphaned_at IS NOT NULL"
-                " AND (segment_guid IS NULL OR name = ANY($1::text[]))",
-                names,
-            )
-            rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM segments WHERE orphaned_at IS NOT NULL ORDER BY name"
-            )
-        return [_state(row) for row in rows]
-
-    async def history(self, name: str, limit: int) -> list[RunRecord]:
-        async with self._conn() as conn:
-            rows = await conn.fetch(
-                "SELECT run_id, segment, started_at, ended_at, result, added, removed,"
-                " requests, skipped, quarantined, error FROM runs WHERE segment = $1"
-                " ORDER BY started_at DESC LIMIT $2",
-                name,
-                limit,
-            )
-        return [RunRecord(*row) for row in rows]
-
-    async def prune_history(self, before: datetime) -> int:
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute("DELETE FROM heap_pages WHERE received_at < $1", before)
-            status = await conn.execute(
-                "DELETE FROM runs WHERE started_at < $1 AND result != 'running'", before
-            )
-        return _count(status)
-
-    # -- snapshot and quarantine ---------------------------------------------------
-
-    def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
-        return self._pages("members", "segment", name, size)
-
-    async def begin_batch(
-        self, name: str, action: Action, ids: list[str], holder: str | None = None
-    ) -> None:
-        async with self._conn() as conn, conn.transaction():
-            await _fence(conn, name, holder)
-            await conn.execute(
-                "INSERT INTO pending (segment, action, ids) VALUES ($1, $2, $3)"
-                " ON CONFLICT (segment) DO UPDATE SET action = excluded.action,"
-                " ids = excluded.ids",
-                name,
-                action,
-                ids,
-            )
-
-    async def pending_batch(self, name: str) -> PendingBatch | None:
-        async with self._conn() as conn:
-            row = await conn.fetchrow("SELECT action, ids FROM pending WHERE segment = $1", name)
-        return PendingBatch(row[0], list(row[1])) if row else None
-
-    async def clear_pending(self, name: str, holder: str | None = None) -> None:
-        async with self._conn() as conn, conn.transaction():
-            await _fence(conn, name, holder)
-            await conn.execute("DELETE FROM pending WHERE segment = $1", name)
-
-    async def quarantine(
-        self, name: str, action: Literal["add", "remove"], rejected: list[tuple[str, str]]
-    ) -> None:
-        async with self._conn() as conn:
-            await conn.executemany(
-                "INSERT INTO quarantine (segment, action, id, reason, since)"
-                " VALUES ($1, $2, $3, $4, now()) ON CONFLICT (segment, action, id)"
-                " DO UPDATE SET reason = excluded.reason, since = excluded.since",
-                [(name, action, member, reason) for member, reason in rejected],
-            )
-
-    async def quarantined(self, name: str) -> Quarantined:
-        async with self._conn() as conn:
-            rows = await conn.fetch("SELECT action, id FROM quarantine WHERE segment = $1", name)
-        return Quarantined(
-            add=frozenset(row[1] for row in rows if row[0] == "add"),
-            remove=frozenset(row[1] for row in rows if row[0] == "remove"),
+    def _lease_held(self, name: str, holder: str) -> Query:
+        # The row lock keeps anyone from taking the lease over until the
+        # transaction ends, so what it writes is written under that lease.
+        return Query(
+            f"SELECT 1 FROM leases WHERE segment = ? AND holder = ? AND expires_at >= {_NOW}"
+            " FOR SHARE",
+            (name, holder),
         )
 
-    async def release_quarantine(self, name: str, released: Quarantined) -> None:
-        if not released.add and not released.remove:
-            return
-        async with self._conn() as conn, conn.transaction():
-            for action, ids in (("add", released.add), ("remove", released.remove)):
-                await conn.execute(
-                    "DELETE FROM quarantine WHERE segment = $1 AND action = $2"
-                    " AND id = ANY($3::text[])",
-                    name,
-                    action,
-                    sorted(ids),
-                )
-
-    async def quarantine_examples(self, name: str, limit: int) -> list[tuple[str, str, str]]:
-        async with self._conn() as conn:
-            rows = await conn.fetch(
-                "SELECT id, action, reason FROM quarantine WHERE segment = $1"
-                " ORDER BY since DESC, id LIMIT $2",
-                name,
-                limit,
-            )
-        return [(row[0], row[1], row[2]) for row in rows]
+    def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
+        return self._id_pages("members", "segment", name, size)
 
     # -- leases ----------------------------------------------------------------------
 
@@ -639,129 +229,31 @@ class PostgresStore:
         async with self._conn() as conn:
             now: float = await conn.fetchval(f"SELECT {_NOW}::float8")
         return now
-    # -- replicas ----------------------------------------------------------------------
-    # The database's clock again: replicas on different hosts judge liveness alike.
 
-    async def heartbeat(self, replica_id: str, mappings: list[str], live_s: float) -> None:
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "DELETE FROM replicas WHERE expires_at < extract(epoch FROM clock_timestamp())"
-            )
-            await conn.execute(
-                "INSERT INTO replicas (replica_id, mappings, seen_at, expires_at)"
-                " VALUES ($1, $2, extract(epoch FROM clock_timestamp()),"
-                " extract(epoch FROM clock_timestamp()) + $3)"
-                " ON CONFLICT (replica_id) DO UPDATE SET mappings = excluded.mappings,"
-                " seen_at = excluded.seen_at, expires_at = excluded.expires_at",
-                replica_id,
-                sorted(mappings),
-                live_s,
-            )
 
-    async def live_replicas(self) -> list[ReplicaPresence]:
-        async with self._conn() as conn:
-            rows = await conn.fetch(
-                "SELECT replica_id, mappings,"
-                " greatest(0, extract(epoch FROM clock_timestamp()) - seen_at)"
-                " FROM replicas WHERE expires_at >= extract(epoch FROM clock_timestamp())"
-                " ORDER BY replica_id"
-            )
-        return [ReplicaPresence(row[0], list(row[1]), float(row[2])) for row in rows]
-
-    async def forget_replica(self, replica_id: str) -> None:
-        async with self._conn() as conn:
-            await conn.execute("DELETE FROM replicas WHERE replica_id = $1", replica_id)
-
-    # -- Heap webhook pages ------------------------------------------------------------
-
-    async def store_heap_page(self, page: HeapPage) -> PageReceipt:
-        segment = page.heap_segment_id
-        async with self._conn() as conn, conn.transaction():
-            # The upsert locks the segment's row: pages of one segment arriving at
-            # several replicas apply one after another, and exactly one of them
-            # sees its task complete.
-            mapping_name = await conn.fetchval(
-                "INSERT INTO heap_segments (heap_segment_id, name, mapping_name, updated_at)"
-                " VALUES ($1, $2, $2, now()) ON CONFLICT (heap_segment_id) DO UPDATE"
-                " SET name = excluded.name, updated_at = excluded.updated_at"
-                " RETURNING mapping_name",
-                segment,
-                page.segment_name,
-            )
-            inserted = _count(
-                await conn.execute(
-                    "INSERT INTO heap_pages (sync_task_id, page_number, heap_segment_id,"
-                    " total_pages, received_at) VALUES ($1, $2, $3, $4, now())"
-                    " ON CONFLICT DO NOTHING",
-                    page.sync_task_id,
-                    page.page_number,
-                    segment,
-                    page.total_pages,
-                )
-            )
-            if not inserted:
-                return PageReceipt(True, False, mapping_name)
-            removed = _count(
-                await conn.execute(
-                    "DELETE FROM heap_members WHERE heap_segment_id = $1 AND id = ANY($2::text[])",
-                    segment,
-                    page.remove,
-                )
-            )
-            added = _count(
-                await conn.execute(
-                    "INSERT INTO heap_members (heap_segment_id, id)"
-                    " SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
-                    segment,
-                    page.add,
-                )
-            )
-            received = await conn.fetchval(
-                "SELECT count(*) FROM heap_pages WHERE heap_segment_id = $1 AND sync_task_id = $2",
-                segment,
-                page.sync_task_id,
-            )
-            complete = received >= page.total_pages
-            await conn.execute(
-                "UPDATE heap_segments SET members = members + $1 - $2,"
-                " complete_tasks = complete_tasks + $3 WHERE heap_segment_id = $4",
-                added,
-                removed,
-                int(complete),
-                segment,
-            )
-        return PageReceipt(False, complete, mapping_name)
-
-    async def heap_segments(self) -> list[HeapSegment]:
-        async with self._conn() as conn:
-            rows = await conn.fetch(
-                "SELECT heap_segment_id, name, mapping_name, members, complete_tasks"
-                " FROM heap_segments ORDER BY heap_segment_id"
-            )
-        return [HeapSegment(*row) for row in rows]
-
-    def heap_members(self, heap_segment_id: int, size: int) -> AsyncIterator[list[str]]:
-        return self._pages("heap_members", "heap_segment_id", heap_segment_id, size)
-
-    async def _pages(
-        self, table: str, key: str, value: object, size: int
-    ) -> AsyncIterator[list[str]]:
-        """A table's ids for one key, in id order, ``size`` at a time (keyset paging:
-        each page is its own short query, so no cursor holds a connection)."""
-        after = ""
+async def _run(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], script: Script[_T]) -> _T:
+    """The script, one awaited statement at a time."""
+    try:
+        query = next(script)
         while True:
-            async with self._conn() as conn:
-                rows = await conn.fetch(
-                    f"SELECT id FROM {table} WHERE {key} = $1 AND id > $2 ORDER BY id LIMIT $3",
-                    value,
-                    after,
-                    size,
-                )
-            if not rows:
-                return
-            chunk = [row[0] for row in rows]
-            after = chunk[-1]
-            yield chunk
+            sql = numbered(query.sql)
+            if query.many:
+                await conn.executemany(sql, query.args)
+                result = Result([], 0)
+            elif _returns_rows(sql):
+                rows = await conn.fetch(sql, *query.args)
+                result = Result(rows, len(rows))
+            else:
+                result = Result([], _count(await conn.execute(sql, *query.args)))
+            query = script.send(result)
+    except StopIteration as done:
+        value: _T = done.value
+        return value
+
+
+@lru_cache(maxsize=256)
+def _returns_rows(sql: str) -> bool:
+    return sql.startswith("SELECT") or " RETURNING " in sql
 
 
 class _Connection:

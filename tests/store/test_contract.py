@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
+import asyncpg
 import pytest
 
 from syncd.diff import Quarantined
@@ -416,6 +419,34 @@ async def test_history_is_newest_first_and_limited(store: StateStore) -> None:
     ]
     assert [r.run_id for r in await store.history("vip", 3)] == ["r5", "r4", "r3"]
     assert [r.result for r in await store.history("vip", 2)] == ["held", "synced"]
+
+
+async def _start_runs_together(store_url: str) -> None:
+    """Every run's start time made the same, as runs begun in one instant have."""
+    same = "UPDATE runs SET started_at = (SELECT min(started_at) FROM runs)"
+    if store_url.startswith("sqlite:"):
+        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
+        try:
+            conn.execute(same)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    pg: asyncpg.Connection[Any] = await asyncpg.connect(store_url)
+    try:
+        await pg.execute(same)
+    finally:
+        await pg.close()
+
+
+async def test_history_ties_put_the_run_begun_last_first(
+    store_url: str, store: StateStore
+) -> None:
+    for number in range(5):
+        await store.begin_run("vip", f"r{number}", SYSTEM, None)
+    await _start_runs_together(store_url)
+    assert [r.run_id for r in await store.history("vip", 10)] == ["r4", "r3", "r2", "r1", "r0"]
+    assert [r.run_id for r in await store.history("vip", 2)] == ["r4", "r3"]
 
 
 async def test_prune_history(store: StateStore) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,11 +18,14 @@ from syncd.state import StateError, StateStore, open_store
 from syncd.state.base import HeapPage
 from syncd.state.postgres import SCHEMA_VERSION
 from tests.store.conftest import (
+    DATABASE_PREFIX,
     GUID,
     SYSTEM,
     PostgresUnreachable,
     admin_connection,
     admin_url,
+    drop_database,
+    url_for_database,
 )
 
 TABLES = {
@@ -304,3 +308,34 @@ async def test_one_replica_wins_a_lease(pg_url: str) -> None:
     finally:
         await first.close()
         await second.close()
+
+
+async def test_lists_are_in_code_point_order_whatever_the_database_collation() -> None:
+    """A database sorting text by language rules (ICU en-US: 'a' < 'B') still lists
+    segments, replicas and quarantined ids as SQLite does: by code point."""
+    name = f"{DATABASE_PREFIX}icu_{uuid.uuid4().hex[:12]}"
+    conn = await admin_connection()
+    try:
+        await conn.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE template0'
+            " LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+    finally:
+        await conn.close()
+    names = ["b", "B", "a", "A", "_z"]
+    try:
+        store = await open_store(url_for_database(admin_url(), name))
+        try:
+            for segment in names:
+                await store.begin_run(segment, f"run-{segment}", SYSTEM, None)
+                await store.heartbeat(f"host:1:{segment}", [segment], 30)
+            await store.quarantine("a", "add", [(member, "rejected") for member in names])
+            assert [s.name for s in await store.all()] == sorted(names)
+            assert [r.replica_id for r in await store.live_replicas()] == sorted(
+                f"host:1:{segment}" for segment in names
+            )
+            assert [e[0] for e in await store.quarantine_examples("a", 10)] == sorted(names)
+        finally:
+            await store.close()
+    finally:
+        await drop_database(name)
