@@ -19,7 +19,6 @@ import structlog
 
 from syncd.diff import Quarantined
 from syncd.ids import SkippedIds
-from syncd.settings import describe_url
 from syncd.state.base import (
     Action,
     HeapPage,
@@ -35,6 +34,7 @@ from syncd.state.base import (
     StateError,
     StateRecreated,
 )
+from syncd.urls import describe_url
 
 log = structlog.get_logger("syncd.state")
 
