@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from syncd.http_server import start_server
 from syncd.metrics import REGISTRY
 
 log = structlog.get_logger("syncd.admin")
@@ -30,15 +31,10 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
         # Port 0 asks the OS for a free port (tests); report the real one.
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self._runner, _, self.port = await start_server(
+            app, self._host, self._port, access_log=None
+        )
 
     async def stop(self) -> None:
         if self._runner is not None:

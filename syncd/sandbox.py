@@ -38,6 +38,8 @@ from typing import Any, Final, Literal, TypeVar, get_args
 
 from aiohttp import web
 
+from syncd.http_server import start_server
+
 __all__ = [
     "DEFAULT_CLIENT_ID",
     "DEFAULT_CLIENT_SECRET",
@@ -306,16 +308,9 @@ class WalkMeSandbox:
             raise RuntimeError("sandbox already started")
         # access_log=None: benchmarks send thousands of requests; a line each is noise.
         # shutdown_timeout: a delayed handler must not hold stop() for aiohttp's 60 s.
-        runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound_host, bound_port = runner.addresses[0][:2]
+        self._runner, bound_host, bound_port = await start_server(
+            self._build_app(), host, port, access_log=None, shutdown_timeout=1.0
+        )
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self._url = f"http://{shown}:{bound_port}"
         return self._url

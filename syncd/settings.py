@@ -12,15 +12,11 @@ import re
 import tempfile
 import tomllib
 import unicodedata
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,12 +30,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from syncd.schedule import Schedule
+from syncd.urls import URL_HINT, unambiguous_url
+from syncd.urls import describe_url as describe_url  # where callers above still find it
+
 ENV_PREFIX = "SYNCD_"
 MAX_BATCH_SIZE = 25_000  # WalkMe's documented limit of user ids per request
 GUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-_INTERVAL = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-MAX_INTERVAL_DAYS = 366
 MAX_STALE_AFTER = 3650 * 86400.0  # ten years, in seconds: far below timedelta's limit
 MAX_HISTORY_DAYS = 36500
 MAX_MAPPINGS_FILE = 16 * 1024 * 1024  # bytes; thousands of mappings fit in far less
@@ -63,11 +60,6 @@ SECRET_FIELDS = frozenset(
 )
 
 Guid = Annotated[str, Field(pattern=GUID_PATTERN)]
-# What a database URL that cannot be read reliably is told; it never quotes the URL.
-URL_HINT = (
-    "percent-encode any '/', '?', '#', '@' or '%' in the user name and password"
-    " (e.g. '?' as %3F, '#' as %23, '@' as %40)"
-)
 UNPARSABLE_URL = f"cannot be parsed; {URL_HINT}; and a port is a number from 0 to 65535"
 
 
@@ -208,59 +200,6 @@ def segment_name_problem(name: str) -> str | None:
 _MAPPINGS = TypeAdapter(list[SegmentMapping])
 # pydantic's union tags, left out of error paths: users never typed them.
 _SOURCE_TAGS = {"file", "heap_webhook", "warehouse"}
-
-
-# --- schedule ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """``SYNCD_SCHEDULE``: an interval (``90s``, ``15m``, ``1h``, ``1d``) or 5-field cron."""
-
-    text: str
-    interval_seconds: int | None
-
-    @classmethod
-    def parse(cls, text: str) -> Schedule:
-        match = _INTERVAL.match(text)
-        if match:
-            digits, unit = match.groups()
-            if len(digits.lstrip("0")) > 9 or (
-                int(digits) * _UNIT_SECONDS[unit] > MAX_INTERVAL_DAYS * 86400
-            ):
-                raise ValueError(f"an interval must be at most {MAX_INTERVAL_DAYS}d")
-            seconds = int(digits) * _UNIT_SECONDS[unit]
-            if seconds <= 0:
-                raise ValueError("an interval must be longer than 0")
-            return cls(text.strip(), seconds)
-        if len(text.split()) != 5:
-            raise ValueError(
-                f"{text!r} is neither an interval like 90s, 15m, 1h nor a 5-field cron expression"
-            )
-        try:
-            trigger = CronTrigger.from_crontab(text, timezone=UTC)
-        except ValueError as exc:
-            raise ValueError(f"bad cron expression {text!r}: {exc}") from None
-        if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
-            raise ValueError(f"cron expression {text!r} never fires (no such date)")
-        return cls(text.strip(), None)
-
-    def typical_interval(self) -> float:
-        """Seconds between runs; for cron, the gap between its next two fire times."""
-        if self.interval_seconds is not None:
-            return float(self.interval_seconds)
-        trigger = CronTrigger.from_crontab(self.text, timezone=UTC)
-        first = trigger.get_next_fire_time(None, datetime.now(UTC))
-        # parse() made sure it fires; a 5-field cron that fires once fires every year.
-        assert first is not None
-        second = trigger.get_next_fire_time(first, first + timedelta(seconds=1))
-        assert second is not None
-        return float((second - first).total_seconds())
-
-    def trigger(self) -> BaseTrigger:
-        if self.interval_seconds is not None:
-            return IntervalTrigger(seconds=self.interval_seconds)
-        return CronTrigger.from_crontab(self.text, timezone=UTC)
 
 
 # --- environment ------------------------------------------------------------------
@@ -485,8 +424,9 @@ class Settings(BaseSettings):
     def token_url(self) -> str:
         return self.walkme_token_url or f"{self.walkme_api_url}/accounts/connect/token"
 
-    @property
+    @cached_property
     def parsed_schedule(self) -> Schedule:
+        """The schedule as a value, parsed on first use (the validator proved it parses)."""
         return Schedule.parse(self.schedule)
 
     @property
@@ -563,34 +503,6 @@ class Settings(BaseSettings):
 
     def system_for(self, mapping: SegmentMapping) -> str:
         return (mapping.system_guid or self.walkme_system_guid).lower()
-
-
-def describe_url(url: str) -> str:
-    """A URL without its user and password, safe for logs and errors: the parts
-    shown come after the URL's only "@", so no piece of a password is among them."""
-    scheme = url.split("://", 1)[0] if "://" in url else "?"
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,20}", scheme):
-        scheme = "?"
-    if not unambiguous_url(url):
-        return f"{scheme}://(unparsable URL)"
-    parts = urlsplit(url)
-    port = f":{parts.port}" if parts.port else ""
-    return f"{scheme}://{parts.hostname or ''}{port}{parts.path}"
-
-
-def unambiguous_url(url: str) -> bool:
-    """Whether a database URL reads unambiguously as scheme://user:password@host:port/...
-
-    A password holding a raw "/", "?" or "#" ends the host part early, leaving its
-    "@" in the path, query or fragment; a raw "@" makes two of them. Drivers then
-    misread the URL and quote the pieces, password included, in their errors.
-    """
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # raises on a port that is not a number
-    except ValueError:
-        return False
-    return parts.netloc.count("@") <= 1 and "@" not in parts.path + parts.query + parts.fragment
 
 
 def _secret_value(value: SecretStr | None, path: Path | None, name: str) -> SecretStr | None:

@@ -24,7 +24,6 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -53,9 +52,9 @@ _LIST_KEYS = ("data", "segments", "items", "results")
 _GUID_KEYS = ("guid", "segmentGuid", "segmentId", "id")
 _T = TypeVar("_T")
 
-#: Requests sent in the current context, by kind ("create", "update", "list"...);
-#: the engine sets one per segment run so each run can report its own count.
-request_tally: ContextVar[Counter[str] | None] = ContextVar("request_tally", default=None)
+#: Requests sent, by kind ("token", "list", "create", "update"...): a caller that
+#: passes one to each call it makes (a segment run) can report its own count.
+RequestTally = Counter[str]
 
 #: Awaited right before each send of a change (first try, retries, the retry after
 #: a fresh token); raising stops the call with nothing sent. The engine's proves
@@ -334,15 +333,16 @@ class WalkMeClient:
 
     # -- token ---------------------------------------------------------------------
 
-    async def access_token(self) -> str:
-        """A valid token; concurrent callers share one refresh."""
+    async def access_token(self, tally: RequestTally | None = None) -> str:
+        """A valid token; concurrent callers share one refresh (counted in the
+        ``tally`` of the caller that sends it)."""
         token = self._token
         if token is not None and time.monotonic() < token.expires_at:
             return token.value
         async with self._token_lock:
             token = self._token
             if token is None or time.monotonic() >= token.expires_at:
-                token = await self._retrying("token", self._fetch_token)
+                token = await self._retrying("token", lambda: self._fetch_token(tally))
                 self._token = token
             return token.value
 
@@ -351,10 +351,15 @@ class WalkMeClient:
             forget_redaction(value)
             self._token = None
 
-    async def _fetch_token(self) -> _Token:
+    async def _fetch_token(self, tally: RequestTally | None) -> _Token:
         started = time.monotonic()
         answer = await self._send(
-            "token", "POST", self._token_url, data={"grant_type": "client_credentials"}, basic=True
+            "token",
+            "POST",
+            self._token_url,
+            data={"grant_type": "client_credentials"},
+            basic=True,
+            tally=tally,
         )
         status, body = answer.status, answer.body
         if status in RETRY_STATUSES:
@@ -402,10 +407,11 @@ class WalkMeClient:
         url = f"{self._api_url}/public/v1/user/system/{system_guid}/segment"
         return url if segment_guid is None else f"{url}/{normalize_guid(segment_guid)}"
 
-    async def list_segments(self, system_guid: str) -> list[RemoteSegment]:
-        payload = await self._retrying(
-            "list", lambda: self._call("list", "GET", self._segments_url(system_guid))
-        )
+    async def list_segments(
+        self, system_guid: str, *, tally: RequestTally | None = None
+    ) -> list[RemoteSegment]:
+        url = self._segments_url(system_guid)
+        payload = await self._retrying("list", lambda: self._call("list", "GET", url, tally=tally))
         segments = (parse_segment(item) for item in segment_list(payload))
         return [segment for segment in segments if segment is not None]
 
@@ -431,10 +437,15 @@ class WalkMeClient:
         return None
 
     async def find_segment(
-        self, system_guid: str, name: str, external_id: str | None
+        self,
+        system_guid: str,
+        name: str,
+        external_id: str | None,
+        *,
+        tally: RequestTally | None = None,
     ) -> RemoteSegment | None:
         """The segment with this external id (when given) or else this name."""
-        segments = await self.list_segments(system_guid)
+        segments = await self.list_segments(system_guid, tally=tally)
         if external_id is not None:
             return next((s for s in segments if s.external_id == external_id), None)
         return next((s for s in segments if s.name == name), None)
@@ -446,6 +457,8 @@ class WalkMeClient:
         external_id: str | None,
         user_ids: list[str],
         before_attempt: BeforeAttempt | None = None,
+        *,
+        tally: RequestTally | None = None,
     ) -> str:
         """Create a segment holding ``user_ids``; returns its GUID.
 
@@ -463,12 +476,12 @@ class WalkMeClient:
         async def attempt() -> str:
             nonlocal first
             if not first:
-                existing = await self.find_segment(system_guid, name, key)
+                existing = await self.find_segment(system_guid, name, key, tally=tally)
                 if existing is not None:
                     return existing.guid
             first = False
             try:
-                payload = await self._call("create", "POST", url, body, before_attempt)
+                payload = await self._call("create", "POST", url, body, before_attempt, tally)
             except WalkMeError as exc:
                 if exc.status != 409:
                     raise
@@ -480,7 +493,7 @@ class WalkMeClient:
                         409,
                         exc.body,
                     ) from None
-                found = await self.find_segment(system_guid, name, key)
+                found = await self.find_segment(system_guid, name, key, tally=tally)
                 raise WalkMeConflict(
                     f"segment {name!r} already exists in WalkMe (HTTP 409)",
                     409,
@@ -491,7 +504,7 @@ class WalkMeClient:
             if created is not None:
                 return created.guid
             # The answer carried no GUID: find the new segment by listing.
-            found = await self.find_segment(system_guid, name, key)
+            found = await self.find_segment(system_guid, name, key, tally=tally)
             if found is None:
                 raise WalkMeError(f"created segment {name!r} but cannot find its GUID")
             return found.guid
@@ -505,11 +518,13 @@ class WalkMeClient:
         action: UpdateAction,
         user_ids: list[str],
         before_attempt: BeforeAttempt | None = None,
+        *,
+        tally: RequestTally | None = None,
     ) -> None:
         url = self._segments_url(system_guid, segment_guid)
         body = {"action": action, "userIds": user_ids}
         await self._retrying(
-            "update", lambda: self._call("update", "PUT", url, body, before_attempt)
+            "update", lambda: self._call("update", "PUT", url, body, before_attempt, tally)
         )
 
     async def delete_segment(self, system_guid: str, segment_guid: str) -> None:
@@ -565,18 +580,19 @@ class WalkMeClient:
         url: str,
         body: Any = None,
         before_attempt: BeforeAttempt | None = None,
+        tally: RequestTally | None = None,
     ) -> Any:
         """One authenticated call; a 401 gets one fresh token and one more try."""
-        token = await self.access_token()
+        token = await self.access_token(tally)
         if before_attempt is not None:
             await before_attempt()
-        answer = await self._send(kind, method, url, json_body=body, token=token)
+        answer = await self._send(kind, method, url, json_body=body, token=token, tally=tally)
         if answer.status == 401:
             self._invalidate(token)
-            token = await self.access_token()
+            token = await self.access_token(tally)
             if before_attempt is not None:
                 await before_attempt()
-            answer = await self._send(kind, method, url, json_body=body, token=token)
+            answer = await self._send(kind, method, url, json_body=body, token=token, tally=tally)
             if answer.status == 401:
                 raise WalkMeAuthError(
                     "WalkMe answered 401 to a fresh token: the API key may have been revoked"
@@ -622,6 +638,7 @@ class WalkMeClient:
         data: dict[str, str] | None = None,
         token: str | None = None,
         basic: bool = False,
+        tally: RequestTally | None = None,
     ) -> _Response:
         headers = {"Accept": "application/json"}
         payload: bytes | dict[str, str] | None = data
@@ -633,7 +650,6 @@ class WalkMeClient:
         if json_body is not None:
             headers["Content-Type"] = "application/json"
             payload = json.dumps(json_body, separators=(",", ":")).encode()
-        tally = request_tally.get()
         if tally is not None:
             tally[kind] += 1
         started = time.monotonic()

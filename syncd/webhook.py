@@ -32,6 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import SecretStr
 
 from syncd import metrics
+from syncd.http_server import start_server
 from syncd.settings import (
     HEAP_SEGMENT_ID_MAX,
     SEGMENT_NAME_MAX,
@@ -236,13 +237,9 @@ class HeapWebhookReceiver:
         app = web.Application(client_max_size=self._max_body)
         app.router.add_post(self._path, self._receive)
         # Never inflate a body: a few KiB of gzip can become GiBs (refused with 415).
-        self._runner = web.AppRunner(app, access_log=None, auto_decompress=False, logger=http_log)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self.port)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self._runner, _, self.port = await start_server(
+            app, self._host, self.port, access_log=None, auto_decompress=False, logger=http_log
+        )
         log.info("heap.webhook_listening", host=self._host, port=self.port, path=self._path)
 
     async def stop(self) -> None:

@@ -12,8 +12,8 @@ from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from syncd.settings import URL_HINT, describe_url, unambiguous_url
 from syncd.sources.base import CHUNK_SIZE, SourceError, in_thread
+from syncd.urls import URL_HINT, describe_url, unambiguous_url
 
 CONNECT_TIMEOUT = 30.0
 # Columns whose values are user ids as they are: text, or integers (sent as their

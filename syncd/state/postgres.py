@@ -16,12 +16,12 @@ from typing import Any, ClassVar, TypeVar
 import asyncpg
 import structlog
 
-from syncd.settings import describe_url
 from syncd.state.base import StateError, StateRecreated
 from syncd.state.schema import SCHEMA_VERSION as SCHEMA_VERSION
 from syncd.state.schema import migrations
 from syncd.state.sql import Dialect, Query, Result, Script, numbered
 from syncd.state.store import StateStore
+from syncd.urls import describe_url
 
 log = structlog.get_logger("syncd.state")
 _T = TypeVar("_T")

@@ -214,6 +214,16 @@ def test_schedule_interval(env: pytest.MonkeyPatch, value: str, seconds: int) ->
     assert trigger.interval.total_seconds() == seconds
 
 
+def test_the_schedule_is_parsed_once_into_one_value(env: pytest.MonkeyPatch) -> None:
+    """Every use (scheduler, staleness, in-use window) reads the same parsed value."""
+    env.setenv("SYNCD_SCHEDULE", "0 3 * * 1-5")
+    settings = load_settings()
+    schedule = settings.parsed_schedule
+    assert settings.parsed_schedule is schedule
+    assert schedule.trigger() is schedule.trigger()  # the cron expression, parsed once
+    assert schedule.typical_interval() in (86400.0, 3 * 86400.0)
+
+
 @pytest.mark.parametrize("value", ["*/5 * * * *", "0 3 * * 1-5", "30 2 1 * *"])
 def test_schedule_cron(env: pytest.MonkeyPatch, value: str) -> None:
     env.setenv("SYNCD_SCHEDULE", value)

@@ -1,0 +1,285 @@
+"""One segment run, in the README's five steps:
+
+1. read the source's ids and apply the id rules (skipped when its fingerprint
+   shows it is what the last successful run delivered);
+2. diff them against the snapshot of what WalkMe acknowledged (``syncd.diff``,
+   streamed, in bounded memory);
+3. send ``remove`` batches, then ``add`` batches (a new segment is created with
+   its first batch; an adopted or reset one is rebuilt with ``override``);
+4. record each acknowledged batch in the snapshot before sending the next, so a
+   crash re-sends at most the one batch that was in flight (remembered as the
+   pending batch, and sent again first by the next run);
+5. close the run: its result, counts and the source's fingerprint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import structlog
+
+from syncd.diff import Diff, Quarantined, compute_diff
+from syncd.engine.control import Interrupted, RunControl
+from syncd.engine.delivery import EXAMPLES_SHOWN, BatchDelivery
+from syncd.engine.guard import Hold, hold_for
+from syncd.engine.outcome import Outcome, Plan
+from syncd.engine.report import report
+from syncd.engine.resolve import Mode, SegmentResolver, first_batch_mode
+from syncd.ids import NotAnId, SkippedIds, clean_ids
+from syncd.logs import scrub
+from syncd.settings import SegmentMapping, Settings
+from syncd.sources import Source, SourceError, build_source
+from syncd.sources.base import bounded, bounded_chunks
+from syncd.state import SegmentState, StateError, StateStore
+from syncd.state.base import LeaseLost, RunResult
+from syncd.walkme import WalkMeClient, WalkMeError, WalkMeNotFound, WalkMeStopped
+
+log = structlog.get_logger("syncd.engine")
+
+SNAPSHOT_CHUNK = 50_000  # larger chunks measured no faster, and cost peak memory
+
+
+class SegmentRun:
+    """One run of one mapping; its result is ``outcome``, its controls ``control``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StateStore,
+        client: WalkMeClient,
+        resolver: SegmentResolver,
+        mapping: SegmentMapping,
+        outcome: Outcome,
+        control: RunControl,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._client = client
+        self._resolver = resolver
+        self._mapping = mapping
+        self._system = settings.system_for(mapping)
+        self.outcome = outcome
+        self.control = control
+
+    async def plan(self) -> None:
+        """A dry run: what a run would send, with nothing sent or stored."""
+        await self._guarded(self._plan)
+
+    async def run(self, *, force: bool) -> None:
+        """Sync the segment, then close the run in the store, log and count it;
+        ``force`` applies a plan the removal guard would hold."""
+        started = time.monotonic()
+        try:
+            await self._guarded(lambda: self._sync(force))
+        finally:
+            self.outcome.duration_s = round(time.monotonic() - started, 3)
+            self.outcome.requests = sum(self.control.tally.values())
+            report(self.outcome, await self._close())
+
+    async def _guarded(self, steps: Callable[[], Awaitable[None]]) -> None:
+        """Whatever goes wrong fails this run (its error in the outcome), nothing more."""
+        outcome = self.outcome
+        try:
+            await steps()
+        except (Interrupted, WalkMeStopped, LeaseLost) as exc:
+            outcome.error, outcome.interrupted = str(exc), True
+        except (SourceError, WalkMeError, StateError) as exc:
+            outcome.error = str(exc) or type(exc).__name__
+        except Exception as exc:
+            # A bug must fail this segment's run, not the daemon.
+            log.exception("segment.internal_error")
+            outcome.error = f"internal error: {type(exc).__name__}: {exc}"
+
+    async def _plan(self) -> None:
+        source = build_source(self._mapping.source, self._settings, self._store)
+        state = await self._store.get(self._mapping.name)
+        mode = first_batch_mode(state, self._mapping)
+        diff = await self._diff(source, state, mode)
+        try:
+            self.outcome.plan = Plan(
+                mode=mode,
+                staged=diff.distinct,
+                adds=diff.adds,
+                removes=diff.removes,
+                add_examples=diff.examples("add", EXAMPLES_SHOWN),
+                remove_examples=diff.examples("remove", EXAMPLES_SHOWN),
+                held=self._hold(diff, state, mode),
+            )
+            self.outcome.result = "planned"
+        finally:
+            diff.close()
+
+    async def _sync(self, force: bool) -> None:
+        mapping, outcome, store = self._mapping, self.outcome, self._store
+        source = build_source(mapping.source, self._settings, store)
+        begun = await store.begin_run(
+            mapping.name, outcome.run_id, self._system, mapping.external_id
+        )
+        # What was asked for after this instant is not in what this run reads.
+        self.control.read_started = await store.clock()
+        if await self._unchanged(source, begun):
+            return
+        state: SegmentState | None = await self._replay_pending(begun)
+        for attempt in (1, 2):
+            mode = first_batch_mode(state, mapping)
+            diff = await self._diff(source, state, mode)
+            try:
+                outcome.hold = None if force else self._hold(diff, state, mode)
+                if outcome.hold is not None:
+                    outcome.result, outcome.error = "held", outcome.hold.reason
+                    return
+                await store.release_quarantine(mapping.name, diff.released)
+                await self._send(diff)
+                break
+            except WalkMeNotFound:
+                if attempt == 2:
+                    raise
+                # Deleted in WalkMe behind our back: start over with a new segment.
+                log.warning("segment.recreating", reason="WalkMe answered 404 on update")
+                await store.forget_guid(mapping.name)
+                state = await store.get(mapping.name)
+            finally:
+                diff.close()
+        outcome.result = "synced"
+
+    async def _unchanged(self, source: Source, state: SegmentState) -> bool:
+        """Whether the source is byte-for-byte what the last successful run delivered,
+        so the diff would be empty: then the run is done without reading it.
+
+        The invariant that makes this exact: a stored fingerprint is the digest of
+        exactly the bytes (with the column and the id rules) whose ids the last run
+        diffed and delivered in full (``Source.read_fingerprint``, never the earlier
+        cheap check); ``begin_run`` clears it, so a run that crashed, failed or was
+        held leaves none; and only a plain update keeps the snapshot (a reset or an
+        adoption rebuilds). An equal fingerprint then means the same ids against the
+        same snapshot, and the same (empty) diff.
+        """
+        limit_s = self._settings.source_timeout
+        fingerprint = await bounded(source.fingerprint(), limit_s, source, self.control.check)
+        if not (
+            fingerprint is not None
+            and state.source_fingerprint == fingerprint
+            and state.last_result == "synced"
+            and first_batch_mode(state, self._mapping) == "update"
+        ):
+            return False
+        outcome = self.outcome
+        outcome.source_fingerprint = fingerprint
+        outcome.skipped = SkippedIds(state.skipped, state.skipped_examples)
+        outcome.unchanged = True
+        outcome.result = "synced"
+        return True
+
+    async def _replay_pending(self, state: SegmentState) -> SegmentState:
+        """A batch whose answer was lost may or may not be in WalkMe; sending it again
+        (add, remove and override are idempotent) makes the snapshot exact again, so
+        the diff that follows is right even for ids that changed since."""
+        name = self._mapping.name
+        pending = await self._store.pending_batch(name)
+        if pending is None:
+            return state
+        if first_batch_mode(state, self._mapping) != "update":
+            await self._store.clear_pending(name)  # the run rebuilds it anyway
+            return state
+        log.info("segment.replaying", action=pending.action, ids=len(pending.ids))
+        delivery = self._delivery(state.segment_guid)
+        await delivery.replay(pending, self._settings.batch_size)
+        refreshed = await self._store.get(name)
+        assert refreshed is not None
+        return refreshed
+
+    async def _diff(self, source: Source, state: SegmentState | None, mode: Mode) -> Diff:
+        """Source ids (after the id rules) against the snapshot; a new or rebuilt
+        segment is diffed against nothing, as everything must be sent."""
+        log.debug("segment.reading", source=source.describe())
+        outcome = self.outcome
+        outcome.skipped = SkippedIds()
+
+        async def cleaned() -> AsyncIterator[list[str]]:
+            limit_s = self._settings.source_timeout
+            async for chunk in bounded_chunks(source, limit_s, self.control.check):
+                try:
+                    ids = clean_ids(chunk, outcome.skipped)
+                except NotAnId as exc:
+                    raise SourceError(f"{source.describe()}: {exc}") from None
+                yield ids
+
+        if mode == "update" and state is not None:
+            snapshot = self._store.snapshot(self._mapping.name, SNAPSHOT_CHUNK)
+            snapshot_size = state.members
+            quarantined = await self._store.quarantined(self._mapping.name)
+        else:
+            snapshot, snapshot_size, quarantined = _nothing(), 0, Quarantined()
+        diff = await compute_diff(cleaned(), snapshot, quarantined, self._settings.work_dir)
+        # What a successful run records: the digest of exactly the ids just diffed.
+        outcome.source_fingerprint = source.read_fingerprint()
+        if diff.distinct == 0 and snapshot_size > 0:
+            # An empty or half-loaded table looks exactly like this.
+            log.warning(
+                "segment.source_empty",
+                source=source.describe(),
+                source_ids=0,
+                snapshot_members=snapshot_size,
+            )
+        return diff
+
+    def _hold(self, diff: Diff, state: SegmentState | None, mode: Mode) -> Hold | None:
+        """The removal guard's verdict on an update; a create or rebuild removes nothing."""
+        if mode != "update":
+            return None
+        fraction = self._mapping.max_remove_fraction
+        return hold_for(
+            removes=diff.removes,
+            snapshot_members=state.members if state is not None else 0,
+            source_ids=diff.distinct,
+            max_remove_fraction=(
+                fraction if fraction is not None else self._settings.max_remove_fraction
+            ),
+            guard_min_members=self._settings.guard_min_members,
+        )
+
+    async def _send(self, diff: Diff) -> None:
+        guid, mode = await self._resolver.resolve(self._mapping, self._system, self.control.tally)
+        await self._delivery(guid).send_diff(diff, mode, self._settings.batch_size)
+
+    def _delivery(self, guid: str | None) -> BatchDelivery:
+        return BatchDelivery(
+            self._store,
+            self._client,
+            self.control,
+            self.outcome,
+            self._mapping,
+            self._system,
+            guid,
+        )
+
+    async def _close(self) -> SegmentState | None:
+        """Store the run's result; the segment as it is now (None: the store failed)."""
+        outcome = self.outcome
+        result: RunResult = outcome.result if outcome.result in ("synced", "held") else "failed"
+        if outcome.error is not None:
+            # Stored, printed by status/history and logged: never with a secret in it.
+            outcome.error = scrub(outcome.error)
+        try:
+            await self._store.finish_run(
+                outcome.segment,
+                outcome.run_id,
+                result,
+                outcome.error,
+                outcome.skipped,
+                outcome.requests,
+                outcome.quarantined,
+                outcome.source_fingerprint,
+                holder=self.control.holder,
+            )
+            return await self._store.get(outcome.segment)
+        except StateError as exc:
+            outcome.result = "failed"
+            outcome.error = outcome.error or scrub(str(exc))
+            return None
+
+
+async def _nothing() -> AsyncIterator[list[str]]:
+    return
+    yield  # an empty async generator
