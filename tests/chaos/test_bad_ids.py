@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import random
 
-from tests.chaos.conftest import ScenarioFactory, make_ids, parse_events
+from tests.support.chaos import ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import parse_events
 
 SEED = 5_150
 BATCH = 25_000

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import CLIENT_SECRET, ScenarioFactory, make_ids, parse_events
+from tests.support.chaos import CLIENT_SECRET, ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import parse_events
 
 SEED = 404
 

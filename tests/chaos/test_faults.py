@@ -19,7 +19,10 @@ import time
 from collections import Counter
 
 from syncd.sandbox import Faults
-from tests.chaos.conftest import Scenario, ScenarioFactory, make_ids, run_endings, wait_until
+from tests.support.chaos import Scenario, ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import run_endings
+from tests.support.waiting import wait_until
 
 SEED = 20_240_611
 BATCH = 2_000
@@ -48,7 +51,7 @@ def test_storm_of_faults_converges(make_scenario: ScenarioFactory) -> None:
     )
     scenario = make_scenario(token_lifetime=3.0, faults=faults)
     sandbox = scenario.sandbox
-    sandbox.drop_creates = 2  # the first two creates: applied, never answered
+    sandbox.drop_after_apply("create", 2)  # the first two creates: applied, never answered
     sources = {
         "Storm A": make_ids(24_000, "a"),
         "Storm B": make_ids(6_000, "b"),
@@ -92,7 +95,7 @@ def test_storm_of_faults_converges(make_scenario: ScenarioFactory) -> None:
     # Let the run that delivered the last batch record it, then stop cleanly.
     synced = daemon.count("cycle.finished")
     daemon.wait_for("cycle.finished", count=synced + 1, timeout=60)
-    code, took = daemon.terminate(30)
+    code, took = daemon.timed_terminate(30)
     assert code == 0, daemon.errors()[-3000:]
     assert took < 30
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.chaos.conftest import Scenario, ScenarioFactory, make_ids, parse_events
+from tests.support.chaos import Scenario, ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import parse_events
 
 
 def sync(scenario: Scenario, env: dict[str, str], *args: str) -> tuple[int, list[dict[str, Any]]]:

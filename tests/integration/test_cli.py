@@ -13,22 +13,12 @@ from typing import Any
 import pytest
 
 from syncd.sandbox import WalkMeSandbox
-from tests.integration.conftest import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    REPO_ROOT,
-    base_env,
-    check_run_endings,
-    cli_env,
-    free_port,
-    make_ids,
-    parse_log_lines,
-    parse_status,
-    run_cli,
-    segment_requests,
-    wait_until,
-    write_ids,
-)
+from tests.support.harness import CLIENT_ID, CLIENT_SECRET, cli_env, parse_status, segment_requests
+from tests.support.ids import make_ids, write_ids
+from tests.support.logs import parse_log_lines, run_endings
+from tests.support.net import free_port
+from tests.support.processes import REPO_ROOT, base_env, run_cli
+from tests.support.waiting import wait_until
 
 
 def file_mapping(folder: Path, name: str, ids: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -62,7 +52,7 @@ def test_sync_exit_0_and_logs(live_sandbox: WalkMeSandbox, tmp_path: Path) -> No
     assert record is not None
     assert live_sandbox.members(record.guid) == set(source)
     events = parse_log_lines(result.stdout)
-    endings = check_run_endings(events)
+    endings = run_endings(events)
     assert [e["event"] for e in endings.values()] == ["segment.synced"]
     ending = next(iter(endings.values()))
     assert ending["segment"] == "Trial"
@@ -88,7 +78,7 @@ def test_one_failing_segment_exits_1_and_the_other_still_syncs(
     assert record is not None
     assert live_sandbox.members(record.guid) == set(good)
     assert live_sandbox.find(name="Broken") is None
-    endings = {e["segment"]: e for e in check_run_endings(parse_log_lines(result.stdout)).values()}
+    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stdout)).values()}
     assert endings["Good"]["event"] == "segment.synced"
     assert endings["Broken"]["event"] == "segment.failed"
     assert "Broken.txt" in endings["Broken"]["error"]
@@ -120,7 +110,7 @@ def test_unreadable_source_file_fails_that_segment(
     ]
     result = run_cli("sync", env=cli_env(live_sandbox.url, tmp_path, mappings))
     assert result.returncode == 1
-    endings = {e["segment"]: e for e in check_run_endings(parse_log_lines(result.stdout)).values()}
+    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stdout)).values()}
     assert {name: e["event"] for name, e in endings.items()} == {
         "Binary": "segment.failed",
         "Directory": "segment.failed",

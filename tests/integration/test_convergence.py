@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from tests.integration.conftest import BATCH, Harness, make_ids, segment_requests
+from tests.support.harness import BATCH, Harness, segment_requests
+from tests.support.ids import make_ids
 
 SIZES = [0, 1, 25_000, 25_001, 100_000]
 

@@ -12,19 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from syncd.sandbox import Faults, WalkMeSandbox
-from tests.integration.conftest import (
-    CLIENT_SECRET,
-    DaemonProcess,
-    check_run_endings,
-    cli_env,
-    free_port,
-    make_ids,
-    parse_log_lines,
-    run_cli,
-    status_rows,
-    wait_until,
-    write_ids,
-)
+from tests.support.harness import CLIENT_SECRET, cli_env, status_rows
+from tests.support.ids import make_ids, write_ids
+from tests.support.logs import parse_log_lines, run_endings
+from tests.support.net import free_port
+from tests.support.processes import DaemonProcess, run_cli
+from tests.support.waiting import wait_until
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
 
@@ -81,7 +74,7 @@ def test_daemon_serves_health_and_syncs_on_schedule(
     events = parse_log_lines(daemon.output())
     names = [e["event"] for e in events]
     assert "daemon.started" in names
-    endings = check_run_endings(events)
+    endings = run_endings(events)
     assert len(endings) >= 3
     assert all(e["event"] == "segment.synced" for e in endings.values())
     assert all(e["segment"] == "Scheduled" for e in endings.values())
@@ -120,7 +113,7 @@ def test_sigterm_during_large_sync_exits_0_and_loses_nothing(
     problems: list[str] = []
     events = parse_log_lines(daemon.output())
     try:
-        endings = check_run_endings(events)
+        endings = run_endings(events)
         if len(endings) != 1:
             problems.append(f"expected one segment run, got {len(endings)}")
     except AssertionError as exc:

@@ -12,14 +12,9 @@ import pytest
 from syncd.engine import Outcome
 from syncd.sandbox import Faults
 from syncd.settings import Settings
-from tests.integration.conftest import (
-    Harness,
-    HarnessFactory,
-    make_ids,
-    segment_requests,
-    segments_named,
-    wait_until_async,
-)
+from tests.support.harness import Harness, HarnessFactory, segment_requests, segments_named
+from tests.support.ids import make_ids
+from tests.support.waiting import wait_until_async
 
 
 async def synced_then_changed(

@@ -23,17 +23,17 @@ from aiohttp.test_utils import TestServer
 
 from syncd.sandbox import TOKEN_PATH, WalkMeSandbox
 from syncd.state import StateStore, open_store
-from tests.integration.conftest import (
+from tests.support.harness import (
     CLIENT_ID,
     Harness,
     HarnessFactory,
     cli_env,
-    make_ids,
-    run_cli_async,
     seed_segment,
     segment_requests,
     segments_named,
 )
+from tests.support.ids import make_ids
+from tests.support.processes import run_cli_async
 
 Answer = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 

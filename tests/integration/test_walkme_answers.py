@@ -5,13 +5,8 @@ from __future__ import annotations
 import pytest
 
 from syncd.sandbox import ListShape
-from tests.integration.conftest import (
-    HarnessFactory,
-    delete_segment,
-    make_ids,
-    segment_requests,
-    segments_named,
-)
+from tests.support.harness import HarnessFactory, delete_segment, segment_requests, segments_named
+from tests.support.ids import make_ids
 
 SHAPES: list[ListShape] = ["bare", "data", "segments"]
 

@@ -58,20 +58,18 @@ from typing import Any
 import pytest
 
 from syncd.sandbox import Faults
-
-from .conftest import (
+from tests.support.net import free_port
+from tests.support.replicas import (
     CLIENT_SECRET,
     Applied,
-    Database,
     Kill,
     RecordingSandbox,
     Replica,
     connect,
-    free_port,
     recording_sandbox,
     replica_env,
-    wait_until,
 )
+from tests.support.waiting import wait_until
 
 SEED = 20260601
 SEGMENTS = 30
@@ -609,9 +607,9 @@ def _await_convergence(
 
 
 def test_three_replicas_share_one_postgres_through_churn_and_a_sigkill(
-    fresh_database: Database, tmp_path: Path
+    fresh_database: str, tmp_path: Path
 ) -> None:
-    database_url = fresh_database.ready()
+    database_url = fresh_database
     began = time.monotonic()
     rng = random.Random(SEED)
     sources = make_sources(tmp_path / "sources", rng)

@@ -16,13 +16,8 @@ import pytest
 from syncd.state import StateError, StateStore, open_store
 from syncd.state.base import HeapPage
 from syncd.state.postgres import SCHEMA_VERSION
-from tests.store.conftest import (
-    GUID,
-    SYSTEM,
-    PostgresUnreachable,
-    admin_connection,
-    admin_url,
-)
+from tests.store.conftest import GUID, SYSTEM
+from tests.support.postgres import PostgresUnreachable, admin_connection, postgres_url
 
 TABLES = {
     "syncd_schema",
@@ -175,7 +170,7 @@ def _free_port() -> int:
 
 
 def _bad_url(case: str) -> str:
-    server = urlsplit(admin_url())
+    server = urlsplit(postgres_url())
     user = server.username or "postgres"
     host = server.hostname or "127.0.0.1"
     where = f"{host}:{server.port or 5432}"
