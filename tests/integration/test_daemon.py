@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from syncd.sandbox import Faults, WalkMeSandbox
-from tests.support.harness import CLIENT_SECRET, cli_env, status_rows
+from tests.support.harness import assert_no_secrets, cli_env, status_rows
 from tests.support.ids import make_ids, write_ids
 from tests.support.logs import parse_log_lines, run_endings
 from tests.support.net import free_port
@@ -30,15 +30,6 @@ def http_status(url: str) -> int:
             return status
     except urllib.error.HTTPError as exc:
         return exc.code
-
-
-def no_secrets(daemon: DaemonProcess, sandbox: WalkMeSandbox) -> None:
-    text = daemon.output() + daemon.errors()
-    assert CLIENT_SECRET not in text
-    tokens = getattr(sandbox, "_tokens", None)  # private to the sandbox; used when present
-    if isinstance(tokens, dict):
-        for token in tokens:
-            assert token not in text
 
 
 def test_daemon_serves_health_and_syncs_on_schedule(
@@ -80,7 +71,7 @@ def test_daemon_serves_health_and_syncs_on_schedule(
     assert all(e["segment"] == "Scheduled" for e in endings.values())
     assert "Traceback" not in daemon.errors()
     assert live_sandbox.count("create") == 1
-    no_secrets(daemon, live_sandbox)
+    assert_no_secrets(live_sandbox, daemon.output(), daemon.errors())
 
 
 def test_sigterm_during_large_sync_exits_0_and_loses_nothing(
@@ -102,7 +93,7 @@ def test_sigterm_during_large_sync_exits_0_and_loses_nothing(
     assert code == 0, daemon.errors()[-3000:]
     assert stopped_in < 30
     assert "Traceback" not in daemon.errors()
-    no_secrets(daemon, live_sandbox)
+    assert_no_secrets(live_sandbox, daemon.output(), daemon.errors())
     time.sleep(0.6)  # a request the daemon gave up on would land by now
 
     record = live_sandbox.find(name="Large")

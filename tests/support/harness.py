@@ -179,3 +179,13 @@ def status_rows(env: dict[str, str]) -> dict[str, dict[str, Any]]:
     result = run_cli("status", "--json", env=env)
     assert result.returncode == 0, result.stderr
     return parse_status(result.stdout)
+
+
+def assert_no_secrets(sandbox: WalkMeSandbox | None, *outputs: str) -> None:
+    """The client secret, and every access token ``sandbox`` issued, never printed."""
+    text = "\n".join(outputs)
+    assert CLIENT_SECRET not in text
+    if sandbox is not None:
+        assert sandbox.issued_tokens, "expected issued tokens to check"
+        leaked = [token for token in sandbox.issued_tokens if token in text]
+        assert not leaked, f"{len(leaked)} access tokens printed"
