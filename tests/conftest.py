@@ -7,7 +7,7 @@ import pytest
 from tests.support.postgres import REQUIRE_VARIABLE, postgres_required, unreachable_reason
 
 # Tests using one of these fixtures need the server, marked or not.
-POSTGRES_FIXTURES = frozenset({"pg_url", "fresh_database", "postgres_database"})
+POSTGRES_FIXTURES = frozenset({"pg_url", "fresh_database", "postgres", "pg_receiver"})
 _REASON = pytest.StashKey[str | None]()
 _SKIP_PREFIX = "NO POSTGRESQL, NOT TESTED: "
 

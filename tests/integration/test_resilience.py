@@ -285,6 +285,7 @@ async def _recreate_database(name: str) -> None:
         await conn.close()
 
 
+@pytest.mark.postgres
 def test_postgres_state_dropped_and_recreated_is_rebuilt_without_a_restart(
     live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
 ) -> None:

@@ -19,6 +19,8 @@ from syncd.state.postgres import SCHEMA_VERSION
 from tests.store.conftest import GUID, SYSTEM
 from tests.support.postgres import PostgresUnreachable, admin_connection, postgres_url
 
+pytestmark = pytest.mark.postgres
+
 TABLES = {
     "syncd_schema",
     "segments",
