@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,8 +30,9 @@ import asyncpg
 
 import syncd
 from syncd.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SANDBOX_SYSTEM_GUID
+from tests.support.net import free_port
+from tests.support.postgres import postgres_url
 
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SYNC_TIMEOUT_S = 3600.0
 LAUNCHER = Path(__file__).with_name("launcher.py")
 _databases = itertools.count(1)
@@ -52,7 +52,7 @@ class Sandbox:
         self.url = ""
 
     def __enter__(self) -> Sandbox:
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "syncd.sandbox", "--port", str(port)]
         if self._delay:
             command += ["--delay", str(self._delay)]
@@ -112,12 +112,6 @@ class Sandbox:
         return {item["name"]: int(item["size"]) for item in self.state()["segments"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 _code: Path | None = None  # where subprocesses import syncd from, once frozen
 
@@ -150,10 +144,6 @@ def _clean_env() -> dict[str, str]:
 # -------------------------------------------------------------------------- stores
 
 
-def postgres_base_url() -> str:
-    return os.environ.get("SYNCD_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
-
-
 async def _admin(url: str, statement: str) -> str:
     conn = await asyncpg.connect(url, timeout=30)
     try:
@@ -164,7 +154,7 @@ async def _admin(url: str, statement: str) -> str:
 
 def postgres_version() -> str:
     try:
-        conn_url = postgres_base_url()
+        conn_url = postgres_url()
 
         async def version() -> str:
             conn = await asyncpg.connect(conn_url, timeout=10)
@@ -185,7 +175,7 @@ def fresh_store(kind: str, folder: Path) -> Iterator[str]:
         yield "sqlite:///" + str((folder / "state.db").resolve())
         return
     assert kind == "postgresql", kind
-    base = postgres_base_url()
+    base = postgres_url()
     name = f"syncd_bench_{os.getpid()}_{next(_databases)}"
     asyncio.run(_admin(base, f'CREATE DATABASE "{name}"'))
     try:

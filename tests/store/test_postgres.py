@@ -6,7 +6,6 @@ Each test gets an empty database of its own (``pg_url``); see conftest.py.
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,6 +16,7 @@ from syncd.state import StateError, StateStore, open_store
 from syncd.state.base import HeapPage
 from syncd.state.postgres import SCHEMA_VERSION
 from tests.store.conftest import GUID, SYSTEM
+from tests.support.net import free_port
 from tests.support.postgres import PostgresUnreachable, admin_connection, postgres_url
 
 pytestmark = pytest.mark.postgres
@@ -164,12 +164,6 @@ async def test_replicas_opening_together_both_succeed(pg_url: str) -> None:
 # -- connection errors -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 def _bad_url(case: str) -> str:
     server = urlsplit(postgres_url())
@@ -180,7 +174,7 @@ def _bad_url(case: str) -> str:
     return {
         "unknown-role": f"postgresql://syncd_no_such_role:{SECRET}@{where}/{database}",
         "unknown-database": f"postgresql://{user}:{SECRET}@{where}/syncd_t_no_such_database",
-        "closed-port": f"postgresql://{user}:{SECRET}@127.0.0.1:{_free_port()}/{database}",
+        "closed-port": f"postgresql://{user}:{SECRET}@127.0.0.1:{free_port()}/{database}",
         "unknown-host": f"postgresql://{user}:{SECRET}@no-such-host.invalid:5432/{database}",
         # Generated passwords hold URL delimiters; unencoded, they end the password early.
         "password-with-hash": f"postgresql://{user}:{SECRET}A#{SECRET}B@{where}/{database}",
