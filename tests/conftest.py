@@ -1,5 +1,4 @@
-"""Suite-wide hooks: the ``postgres`` marker's skip-or-fail rule, and the suites that
-run serially on one xdist worker."""
+"""Suite-wide hooks: the ``postgres`` marker's skip-or-fail rule."""
 
 from __future__ import annotations
 
@@ -9,9 +8,6 @@ from tests.support.postgres import REQUIRE_VARIABLE, postgres_required, unreacha
 
 # Tests using one of these fixtures need the server, marked or not.
 POSTGRES_FIXTURES = frozenset({"pg_url", "fresh_database", "postgres", "pg_receiver"})
-# Suites whose tests time what syncd does (kills mid-batch, lease expiry, slow
-# WalkMe): each runs on one xdist worker, one test after the other.
-SERIAL_SUITES = ("chaos", "replicas")
 _REASON = pytest.StashKey[str | None]()
 _SKIP_PREFIX = "NO POSTGRESQL, NOT TESTED: "
 
@@ -24,11 +20,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        suite = item.nodeid.split("/")[1] if item.nodeid.count("/") > 1 else ""
-        if suite in SERIAL_SUITES:
-            item.add_marker(pytest.mark.xdist_group(suite))
         callspec = getattr(item, "callspec", None)
         on_postgres = callspec is not None and "postgresql" in callspec.params.values()
         if on_postgres or POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -29,9 +29,10 @@ from typing import IO, Any
 import asyncpg
 
 import syncd
-from syncd.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SANDBOX_SYSTEM_GUID
 from tests.support.net import free_port
 from tests.support.postgres import postgres_url
+from tests.support.processes import base_env
+from tests.support.settings import syncd_env
 
 SYNC_TIMEOUT_S = 3600.0
 LAUNCHER = Path(__file__).with_name("launcher.py")
@@ -132,13 +133,16 @@ def freeze_code(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _clean_env() -> dict[str, str]:
-    """This environment without SYNCD_* variables: only what a case sets reaches syncd."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SYNCD_")}
-    env["PYTHONUNBUFFERED"] = "1"
+def _with_code(env: dict[str, str]) -> dict[str, str]:
+    """``env`` importing syncd from the frozen copy of the code, once there is one."""
     if _code is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_code), env.get("PYTHONPATH")]))
     return env
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without SYNCD_* variables: only what a case sets reaches syncd."""
+    return _with_code(base_env())
 
 
 # -------------------------------------------------------------------------- stores
@@ -215,23 +219,16 @@ def sync_env(
     **extra: object,
 ) -> dict[str, str]:
     """The environment of one ``syncd sync``: the sandbox, the store, the mappings."""
-    env = _clean_env()
-    env.update(
-        {
-            "SYNCD_WALKME_CLIENT_ID": DEFAULT_CLIENT_ID,
-            "SYNCD_WALKME_CLIENT_SECRET": DEFAULT_CLIENT_SECRET,
-            "SYNCD_WALKME_SYSTEM_GUID": SANDBOX_SYSTEM_GUID,
-            "SYNCD_WALKME_API_URL": api_url,
-            "SYNCD_SEGMENTS": json.dumps(list(mappings)),
-            "SYNCD_STATE_URL": state_url,
-            "SYNCD_WORK_DIR": str(work_dir),
-            "SYNCD_ADMIN_PORT": "0",
-            "SYNCD_LOG_FORMAT": "json",
-            "SYNCD_LOG_LEVEL": "info",
-        }
-    )
-    env.update({f"SYNCD_{key.upper()}": str(value) for key, value in extra.items()})
-    return env
+    defaults = {
+        "segments": list(mappings),
+        "state_url": state_url,
+        "work_dir": work_dir,
+        "admin_port": 0,
+        "log_format": "json",
+        "log_level": "info",
+    }
+    env = syncd_env(api_url, defaults | extra)
+    return _with_code(env)
 
 
 def run_sync(env: Mapping[str, str], log: Path, profile: Path | None = None) -> Measured:

@@ -18,11 +18,16 @@ import re
 import time
 from collections import Counter
 
+import pytest
+
 from syncd.sandbox import Faults
 from tests.support.chaos import Scenario, ScenarioFactory
 from tests.support.ids import make_ids
 from tests.support.logs import run_endings
 from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 20_240_611
 BATCH = 2_000

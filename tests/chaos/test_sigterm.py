@@ -7,11 +7,16 @@ from __future__ import annotations
 import math
 import subprocess
 
+import pytest
+
 from syncd.sandbox import Faults
 from tests.support.chaos import ScenarioFactory
 from tests.support.ids import make_ids
 from tests.support.logs import run_endings
 from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 BATCH = 5_000
 

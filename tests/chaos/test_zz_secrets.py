@@ -15,6 +15,8 @@ import json
 import urllib.error
 import urllib.request
 
+import pytest
+
 from syncd.sandbox import Faults
 from tests.support.chaos import (
     CLIENT_SECRET,
@@ -27,6 +29,9 @@ from tests.support.chaos import (
 from tests.support.ids import make_ids
 from tests.support.net import fetch_text, free_port
 from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 WRONG_SECRET = "chaos-wrong-S3cret-0b5e2d77"  # a rotated-away secret: refused, never shown
 

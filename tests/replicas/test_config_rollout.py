@@ -12,11 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from syncd.engine import IN_USE_INTERVALS
 from syncd.sandbox import Faults
 from tests.support.net import free_port
 from tests.support.replicas import Replica, recording_sandbox, replica_env
 from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("replicas")
 
 SCHEDULE_S = 1
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from syncd.sandbox import Faults
 from tests.support.heap import WEBHOOK_SECRET, new_task, page, post_signed
@@ -31,6 +32,9 @@ from tests.support.replicas import (
     replica_env,
 )
 from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("replicas")
 
 LEASE_TTL = 2
 RETRY_AFTER_S = 4  # longer than the lease: the frozen replica's lease lapses meanwhile

@@ -71,6 +71,9 @@ from tests.support.replicas import (
 )
 from tests.support.waiting import wait_until
 
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("replicas")
+
 SEED = 20260601
 SEGMENTS = 30
 REPLICAS = 3

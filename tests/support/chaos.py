@@ -17,7 +17,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import sqlite3
 import subprocess
 import time
@@ -26,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, RequestKind, WalkMeSandbox
+from syncd.sandbox import Faults, RequestKind, WalkMeSandbox
 from tests.support.ids import write_ids
 from tests.support.processes import REPO_ROOT, DaemonProcess, syncd_command
+from tests.support.settings import syncd_env
 
 # Distinctive values, so a leak into any output is found by a plain substring search.
 CLIENT_ID = "chaos-client"
@@ -133,39 +133,27 @@ class Scenario:
     ) -> dict[str, str]:
         """The environment of a syncd subprocess; ``extra`` keys become SYNCD_<KEY>
         (a value of None removes the variable)."""
-        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SYNCD_")}
-        env["PYTHONUNBUFFERED"] = "1"
         work = self.folder / "work"
         work.mkdir(exist_ok=True)
-        env.update(
-            {
-                "SYNCD_WALKME_CLIENT_ID": CLIENT_ID,
-                "SYNCD_WALKME_CLIENT_SECRET": CLIENT_SECRET,
-                "SYNCD_WALKME_SYSTEM_GUID": SANDBOX_SYSTEM_GUID,
-                "SYNCD_WALKME_API_URL": self.sandbox.url,
-                "SYNCD_SEGMENTS": json.dumps(list(self.mappings if mappings is None else mappings)),
-                "SYNCD_STATE_URL": "sqlite:///" + str(self.db_path),
-                "SYNCD_SCHEDULE": "1h",
-                "SYNCD_ADMIN_PORT": "0",
-                "SYNCD_RETRY_ATTEMPTS": str(RETRY_ATTEMPTS),
-                "SYNCD_RETRY_MAX_WAIT": str(RETRY_MAX_WAIT),
-                "SYNCD_HTTP_TIMEOUT": "10",
-                "SYNCD_WORK_DIR": str(work),
-                # Secrets every chaos run holds, so the secrets check means something:
-                # the webhook receiver is on, and a warehouse URL carries a password.
-                "SYNCD_HEAP_WEBHOOK_SECRET": WEBHOOK_SECRET,
-                "SYNCD_WEBHOOK_PORT": "0",
-                "SYNCD_HEAP_AUTO_MAP": "false",
-                "SYNCD_WAREHOUSE_URL": WAREHOUSE_URL,
-            }
+        defaults: dict[str, object] = {
+            "segments": list(self.mappings if mappings is None else mappings),
+            "state_url": "sqlite:///" + str(self.db_path),
+            "schedule": "1h",
+            "admin_port": 0,
+            "retry_attempts": RETRY_ATTEMPTS,
+            "retry_max_wait": RETRY_MAX_WAIT,
+            "http_timeout": 10,
+            "work_dir": work,
+            # Secrets every chaos run holds, so the secrets check means something:
+            # the webhook receiver is on, and a warehouse URL carries a password.
+            "heap_webhook_secret": WEBHOOK_SECRET,
+            "webhook_port": 0,
+            "heap_auto_map": "false",
+            "warehouse_url": WAREHOUSE_URL,
+        }
+        return syncd_env(
+            self.sandbox.url, defaults | extra, client_id=CLIENT_ID, client_secret=CLIENT_SECRET
         )
-        for key, value in extra.items():
-            name = f"SYNCD_{key.upper()}"
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = str(value)
-        return env
 
     def syncd(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 120

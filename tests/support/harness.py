@@ -15,9 +15,10 @@ import aiohttp
 from syncd.app import open_runtime
 from syncd.engine import Outcome
 from syncd.sandbox import SANDBOX_SYSTEM_GUID, RequestRecord, WalkMeSandbox
-from syncd.settings import Settings, load_settings
+from syncd.settings import Settings
 from tests.support.ids import write_ids
-from tests.support.processes import base_env, run_cli
+from tests.support.processes import run_cli
+from tests.support.settings import sandbox_settings, syncd_env
 
 CLIENT_ID = "itest-client"
 # Distinctive, so a leak into any output is found by a plain substring search.
@@ -104,17 +105,15 @@ class Harness:
 
     def settings(self, mappings: Sequence[dict[str, Any]], **overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "walkme_client_id": CLIENT_ID,
-            "walkme_client_secret": CLIENT_SECRET,
-            "walkme_system_guid": SANDBOX_SYSTEM_GUID,
-            "walkme_api_url": self.sandbox.url,
-            "segments": json.dumps(list(mappings)),
+            "segments": list(mappings),
             "state_url": self.state_url,
             "retry_max_wait": 0.05,  # retries without real backoff waits; tests stay fast
             "http_timeout": 30.0,
         }
         values.update(overrides)
-        return load_settings(**values)
+        return sandbox_settings(
+            self.sandbox.url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **values
+        )
 
     async def sync(self, settings: Settings, names: Sequence[str] | None = None) -> list[Outcome]:
         async with open_runtime(settings, settings.mappings()) as runtime:
@@ -138,21 +137,13 @@ def cli_env(
     api_url: str, folder: Path, mappings: Sequence[dict[str, Any]], **extra: object
 ) -> dict[str, str]:
     """The environment of a syncd subprocess; ``extra`` keys become SYNCD_<KEY>."""
-    env = base_env()
-    env.update(
-        {
-            "SYNCD_WALKME_CLIENT_ID": CLIENT_ID,
-            "SYNCD_WALKME_CLIENT_SECRET": CLIENT_SECRET,
-            "SYNCD_WALKME_SYSTEM_GUID": SANDBOX_SYSTEM_GUID,
-            "SYNCD_WALKME_API_URL": api_url,
-            "SYNCD_SEGMENTS": json.dumps(list(mappings)),
-            "SYNCD_STATE_URL": "sqlite:///" + str(folder / "state.db"),
-            "SYNCD_RETRY_MAX_WAIT": "0.1",
-            "SYNCD_ADMIN_PORT": "0",
-        }
-    )
-    env.update({f"SYNCD_{key.upper()}": str(value) for key, value in extra.items()})
-    return env
+    defaults = {
+        "segments": list(mappings),
+        "state_url": "sqlite:///" + str(folder / "state.db"),
+        "retry_max_wait": 0.1,
+        "admin_port": 0,
+    }
+    return syncd_env(api_url, defaults | extra, client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
 
 
 def parse_status(text: str) -> dict[str, dict[str, Any]]:

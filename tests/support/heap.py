@@ -21,10 +21,10 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
-from syncd.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SANDBOX_SYSTEM_GUID
-from syncd.settings import Settings, load_settings
+from syncd.settings import Settings
 from syncd.state import StateStore, open_store
 from syncd.webhook import HeapWebhookReceiver
+from tests.support.settings import sandbox_settings
 
 WEBHOOK_SECRET = "whsec-heap-3f9c1a7e5b2d4c6a8e0f"
 WEBHOOK_PATH = "/heap/webhook"
@@ -216,13 +216,10 @@ def make_settings(
     **extra: Any,
 ) -> Settings:
     """Settings for an engine talking to a sandbox; retries kept short for tests."""
-    return load_settings(
-        walkme_client_id=DEFAULT_CLIENT_ID,
-        walkme_client_secret=DEFAULT_CLIENT_SECRET,
-        walkme_system_guid=SANDBOX_SYSTEM_GUID,
-        walkme_api_url=sandbox_url,
+    return sandbox_settings(
+        sandbox_url,
         state_url=state_url,
-        segments=None if segments is None else json.dumps(segments),
+        segments=segments,
         retry_attempts=2,
         retry_max_wait=1.0,
         http_timeout=20.0,

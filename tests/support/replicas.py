@@ -18,13 +18,13 @@ from typing import IO, Any
 import asyncpg
 
 from syncd.sandbox import (
-    SANDBOX_SYSTEM_GUID,
     AppliedChange,
     Faults,
     WalkMeSandbox,
     serve_in_thread,
 )
 from tests.support.logs import count_events, parse_events
+from tests.support.settings import syncd_env
 
 CLIENT_ID = "replicas-client"
 # Distinctive, so a leak into any output would be found by a substring search.
@@ -135,22 +135,19 @@ def replica_env(
     work_dir: Path,
     **settings: str,
 ) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("SYNCD_")}
-    env.update(
-        {
-            "SYNCD_WALKME_CLIENT_ID": CLIENT_ID,
-            "SYNCD_WALKME_CLIENT_SECRET": CLIENT_SECRET,
-            "SYNCD_WALKME_SYSTEM_GUID": SANDBOX_SYSTEM_GUID,
-            "SYNCD_WALKME_API_URL": f"http://127.0.0.1:{api_port}",
-            "SYNCD_STATE_URL": state_url,
-            "SYNCD_SEGMENTS_FILE": str(segments_file),
-            "SYNCD_ADMIN_PORT": str(admin_port),
-            "SYNCD_WORK_DIR": str(work_dir),
-            "SYNCD_LOG_FORMAT": "json",
-            **{f"SYNCD_{name.upper()}": value for name, value in settings.items()},
-        }
+    defaults = {
+        "state_url": state_url,
+        "segments_file": segments_file,
+        "admin_port": admin_port,
+        "work_dir": work_dir,
+        "log_format": "json",
+    }
+    return syncd_env(
+        f"http://127.0.0.1:{api_port}",
+        defaults | settings,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
     )
-    return env
 
 
 @dataclass
