@@ -1,4 +1,4 @@
-"""The benchmark cases, their targets (issue 6, section 3) and the report.
+"""The benchmark cases, their targets and the report.
 
 Cases, each with a fresh sandbox process and a fresh state store:
 

@@ -1,4 +1,4 @@
-"""WalkMe refuses some ids with 400 (issue 4 §3).
+"""WalkMe refuses some ids with 400.
 
 A few bad ids in a 50,000-member segment end quarantined (and `syncd status`
 shows them) while every other id is delivered, within about 2·k·log2(batch)

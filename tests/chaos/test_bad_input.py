@@ -1,4 +1,4 @@
-"""Bad input (issue 4 §4): a broken mapping file stops start-up with one line and
+"""Bad input: a broken mapping file stops start-up with one line and
 exit 2; a bad source fails (or skips ids of) its own segment with a clear message
 while the other segments sync; a corrupt state file or an unwritable state
 directory is a clear error that changes nothing, in the file or in WalkMe."""

@@ -1,4 +1,4 @@
-"""`syncd run` through a storm of faults converges (issue 4 §3).
+"""`syncd run` through a storm of faults converges.
 
 WalkMe answers 20% of segment calls 500/502/503 and 10% 429 with Retry-After in
 both forms (delta-seconds and HTTP-date, picked at random); 10% of the calls it

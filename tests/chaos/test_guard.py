@@ -1,4 +1,4 @@
-"""The removal guard (issue 4 §3): a source truncated to nothing or to 10% holds the
+"""The removal guard: a source truncated to nothing or to 10% holds the
 segment (one `segment.held` line, nothing removed in WalkMe, `syncd sync` exits 1);
 `--segment X --force` applies the plan once; restoring the file clears the hold."""
 

@@ -1,5 +1,5 @@
 """`syncd run` killed with SIGKILL at random points, 21 times (22 starts), while a
-100,000-member segment changes between some of the restarts (issue 4 §3).
+100,000-member segment changes between some of the restarts.
 
 The kill points come from a seeded RNG and are of three kinds:
 

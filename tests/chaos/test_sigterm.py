@@ -1,5 +1,5 @@
-"""SIGTERM during a batch: `syncd run` exits 0 within 30 s and loses nothing
-(issue 4 §3). "Nothing lost": the batch in flight is finished and recorded, the
+"""SIGTERM during a batch: `syncd run` exits 0 within 30 s and loses nothing.
+"Nothing lost": the batch in flight is finished and recorded, the
 snapshot equals WalkMe exactly, and the next run sends only what is left."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """WalkMe turns slow: answers take 2.5 s while syncd gives up after 1 s
-(SYNCD_HTTP_TIMEOUT=1), for a while, then it is back to normal (issue 4 §3).
+(SYNCD_HTTP_TIMEOUT=1), for a while, then it is back to normal.
 
 A request syncd timed out on is still applied by WalkMe later: every retry must
 be harmless, and a create must never become two segments.

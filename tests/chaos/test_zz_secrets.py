@@ -1,4 +1,4 @@
-"""No secret in any output (issue 4 §5).
+"""No secret in any output.
 
 Named to run last: besides its own chaos run (faults, short-lived and revoked
 tokens, the webhook receiver hit with bad requests, a warehouse that refuses

@@ -1,4 +1,4 @@
-"""Adopting segments that already exist in WalkMe, and `syncd reset` (issue case 3)."""
+"""Adopting segments that already exist in WalkMe, and `syncd reset`."""
 
 from __future__ import annotations
 

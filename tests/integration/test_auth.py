@@ -1,4 +1,4 @@
-"""Credentials WalkMe refuses (issue case 7)."""
+"""Credentials WalkMe refuses."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The command line as users run it: `python -m syncd ...` subprocesses (issue case 8)."""
+"""The command line as users run it: `python -m syncd ...` subprocesses."""
 
 from __future__ import annotations
 

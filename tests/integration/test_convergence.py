@@ -1,4 +1,4 @@
-"""Convergence and exact request counts, in process over real sockets (issue case 1)."""
+"""Convergence and exact request counts, in process over real sockets."""
 
 from __future__ import annotations
 

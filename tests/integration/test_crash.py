@@ -1,4 +1,4 @@
-"""SIGKILL in the middle of a sync, then a restart (issue case 10)."""
+"""SIGKILL in the middle of a sync, then a restart."""
 
 from __future__ import annotations
 

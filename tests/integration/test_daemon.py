@@ -1,4 +1,4 @@
-"""`syncd run` as a daemon: admin endpoints, schedule, SIGTERM (issue cases 8, 9)."""
+"""`syncd run` as a daemon: admin endpoints and schedule (SIGTERM: tests/chaos)."""
 
 from __future__ import annotations
 

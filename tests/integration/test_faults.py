@@ -1,4 +1,4 @@
-"""Throttling, server errors, dropped connections, tokens (issue case 6)."""
+"""Throttling, server errors, dropped connections, tokens."""
 
 from __future__ import annotations
 

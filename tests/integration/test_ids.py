@@ -1,4 +1,4 @@
-"""The id rules end to end (issue case 2)."""
+"""The id rules end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Undocumented answer shapes and segments deleted behind syncd's back (issue cases 4, 5)."""
+"""Undocumented answer shapes and segments deleted behind syncd's back."""
 
 from __future__ import annotations
 

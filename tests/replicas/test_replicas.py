@@ -1,5 +1,4 @@
-"""Three ``syncd run`` replicas sharing one PostgreSQL, under churn, one SIGKILLed
-(issue 6 §2).
+"""Three ``syncd run`` replicas sharing one PostgreSQL, under churn, one SIGKILLed.
 
 Setup: a fresh PostgreSQL database; the WalkMe sandbox on a thread of this
 process, serving each replica on its own port (so every change WalkMe applies is

@@ -53,12 +53,14 @@ def sandbox_settings(
     client_secret: str = DEFAULT_CLIENT_SECRET,
     **values: Any,
 ) -> Settings:
-    """``Settings`` for an engine in the test process talking to a sandbox; lists and
-    dicts (``segments``) are given as the JSON the variables would hold."""
-    return load_settings(
-        walkme_client_id=client_id,
-        walkme_client_secret=client_secret,
-        walkme_system_guid=SANDBOX_SYSTEM_GUID,
-        walkme_api_url=api_url,
-        **{k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in values.items()},
-    )
+    """``Settings`` for an engine in the test process talking to a sandbox; ``values``
+    may override the WalkMe ones too. Lists and dicts (``segments``) are given as the
+    JSON the variables would hold."""
+    given = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in values.items()}
+    sandbox = {
+        "walkme_client_id": client_id,
+        "walkme_client_secret": client_secret,
+        "walkme_system_guid": SANDBOX_SYSTEM_GUID,
+        "walkme_api_url": api_url,
+    }
+    return load_settings(**(sandbox | given))
