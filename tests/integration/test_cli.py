@@ -193,7 +193,7 @@ def test_status_json_parses(live_sandbox: WalkMeSandbox, tmp_path: Path) -> None
     assert rows["Synced"]["segment_guid"] == record.guid
     assert rows["Synced"]["last_result"] == "synced"
     assert rows["Never"].get("members", 0) == 0
-    assert rows["Never"].get("last_result") is None
+    assert rows["Never"]["last_result"] == "never run"
 
 
 def test_sync_against_sandbox_process(tmp_path: Path) -> None:
