@@ -1,4 +1,4 @@
-"""Benchmarks of ``syncd sync`` against the sandbox WalkMe (issue 6, section 4).
+"""Benchmarks of ``syncd sync`` against the sandbox WalkMe.
 
 Not pytest tests: run them with ``python -m tests.benchmarks`` (``--help`` for the
 options; ``--quick`` is a smoke check of under a minute, ``--write`` also saves

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,9 +29,11 @@ from typing import IO, Any
 import asyncpg
 
 import syncd
-from syncd.sandbox import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SANDBOX_SYSTEM_GUID
+from tests.support.net import free_port
+from tests.support.postgres import postgres_url
+from tests.support.processes import base_env
+from tests.support.settings import syncd_env
 
-DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SYNC_TIMEOUT_S = 3600.0
 LAUNCHER = Path(__file__).with_name("launcher.py")
 _databases = itertools.count(1)
@@ -52,7 +53,7 @@ class Sandbox:
         self.url = ""
 
     def __enter__(self) -> Sandbox:
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "syncd.sandbox", "--port", str(port)]
         if self._delay:
             command += ["--delay", str(self._delay)]
@@ -112,12 +113,6 @@ class Sandbox:
         return {item["name"]: int(item["size"]) for item in self.state()["segments"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 _code: Path | None = None  # where subprocesses import syncd from, once frozen
 
@@ -138,20 +133,19 @@ def freeze_code(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _clean_env() -> dict[str, str]:
-    """This environment without SYNCD_* variables: only what a case sets reaches syncd."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SYNCD_")}
-    env["PYTHONUNBUFFERED"] = "1"
+def _with_code(env: dict[str, str]) -> dict[str, str]:
+    """``env`` importing syncd from the frozen copy of the code, once there is one."""
     if _code is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_code), env.get("PYTHONPATH")]))
     return env
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without SYNCD_* variables: only what a case sets reaches syncd."""
+    return _with_code(base_env())
+
+
 # -------------------------------------------------------------------------- stores
-
-
-def postgres_base_url() -> str:
-    return os.environ.get("SYNCD_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
 
 
 async def _admin(url: str, statement: str) -> str:
@@ -164,7 +158,7 @@ async def _admin(url: str, statement: str) -> str:
 
 def postgres_version() -> str:
     try:
-        conn_url = postgres_base_url()
+        conn_url = postgres_url()
 
         async def version() -> str:
             conn = await asyncpg.connect(conn_url, timeout=10)
@@ -185,7 +179,7 @@ def fresh_store(kind: str, folder: Path) -> Iterator[str]:
         yield "sqlite:///" + str((folder / "state.db").resolve())
         return
     assert kind == "postgresql", kind
-    base = postgres_base_url()
+    base = postgres_url()
     name = f"syncd_bench_{os.getpid()}_{next(_databases)}"
     asyncio.run(_admin(base, f'CREATE DATABASE "{name}"'))
     try:
@@ -225,23 +219,16 @@ def sync_env(
     **extra: object,
 ) -> dict[str, str]:
     """The environment of one ``syncd sync``: the sandbox, the store, the mappings."""
-    env = _clean_env()
-    env.update(
-        {
-            "SYNCD_WALKME_CLIENT_ID": DEFAULT_CLIENT_ID,
-            "SYNCD_WALKME_CLIENT_SECRET": DEFAULT_CLIENT_SECRET,
-            "SYNCD_WALKME_SYSTEM_GUID": SANDBOX_SYSTEM_GUID,
-            "SYNCD_WALKME_API_URL": api_url,
-            "SYNCD_SEGMENTS": json.dumps(list(mappings)),
-            "SYNCD_STATE_URL": state_url,
-            "SYNCD_WORK_DIR": str(work_dir),
-            "SYNCD_ADMIN_PORT": "0",
-            "SYNCD_LOG_FORMAT": "json",
-            "SYNCD_LOG_LEVEL": "info",
-        }
-    )
-    env.update({f"SYNCD_{key.upper()}": str(value) for key, value in extra.items()})
-    return env
+    defaults = {
+        "segments": list(mappings),
+        "state_url": state_url,
+        "work_dir": work_dir,
+        "admin_port": 0,
+        "log_format": "json",
+        "log_level": "info",
+    }
+    env = syncd_env(api_url, defaults | extra)
+    return _with_code(env)
 
 
 def run_sync(env: Mapping[str, str], log: Path, profile: Path | None = None) -> Measured:

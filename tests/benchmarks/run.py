@@ -1,4 +1,4 @@
-"""The benchmark cases, their targets (issue 6, section 3) and the report.
+"""The benchmark cases, their targets and the report.
 
 Cases, each with a fresh sandbox process and a fresh state store:
 
@@ -45,12 +45,12 @@ from tests.benchmarks.harness import (
     Sandbox,
     freeze_code,
     fresh_store,
-    postgres_base_url,
     postgres_version,
     run_sync,
     startup_seconds,
     sync_env,
 )
+from tests.support.postgres import postgres_url
 
 LAST_RUN = Path(__file__).with_name("last_run.md")
 STORES = ("sqlite", "postgresql")
@@ -337,7 +337,7 @@ def machine(stores: Sequence[str], startup_s: float) -> list[str]:
         " (best of 3): every `syncd sync` pays it",
     ]
     if "postgresql" in stores:
-        info.append(f"- PostgreSQL {postgres_version()} ({_without_password(postgres_base_url())})")
+        info.append(f"- PostgreSQL {postgres_version()} ({_without_password(postgres_url())})")
     return info
 
 

@@ -1,4 +1,4 @@
-"""WalkMe refuses some ids with 400 (issue 4 §3).
+"""WalkMe refuses some ids with 400.
 
 A few bad ids in a 50,000-member segment end quarantined (and `syncd status`
 shows them) while every other id is delivered, within about 2·k·log2(batch)
@@ -11,7 +11,14 @@ from __future__ import annotations
 import math
 import random
 
-from tests.chaos.conftest import ScenarioFactory, make_ids, parse_events
+import pytest
+
+from tests.support.chaos import ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import parse_events
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 5_150
 BATCH = 25_000

@@ -1,4 +1,4 @@
-"""Bad input (issue 4 §4): a broken mapping file stops start-up with one line and
+"""Bad input: a broken mapping file stops start-up with one line and
 exit 2; a bad source fails (or skips ids of) its own segment with a clear message
 while the other segments sync; a corrupt state file or an unwritable state
 directory is a clear error that changes nothing, in the file or in WalkMe."""
@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.conftest import CLIENT_SECRET, ScenarioFactory, make_ids, parse_events
+from tests.support.chaos import CLIENT_SECRET, ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import parse_events
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 404
 

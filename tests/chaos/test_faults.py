@@ -1,4 +1,4 @@
-"""`syncd run` through a storm of faults converges (issue 4 §3).
+"""`syncd run` through a storm of faults converges.
 
 WalkMe answers 20% of segment calls 500/502/503 and 10% 429 with Retry-After in
 both forms (delta-seconds and HTTP-date, picked at random); 10% of the calls it
@@ -18,8 +18,16 @@ import re
 import time
 from collections import Counter
 
+import pytest
+
 from syncd.sandbox import Faults
-from tests.chaos.conftest import Scenario, ScenarioFactory, make_ids, run_endings, wait_until
+from tests.support.chaos import Scenario, ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import run_endings
+from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 20_240_611
 BATCH = 2_000
@@ -48,7 +56,7 @@ def test_storm_of_faults_converges(make_scenario: ScenarioFactory) -> None:
     )
     scenario = make_scenario(token_lifetime=3.0, faults=faults)
     sandbox = scenario.sandbox
-    sandbox.drop_creates = 2  # the first two creates: applied, never answered
+    sandbox.drop_after_apply("create", 2)  # the first two creates: applied, never answered
     sources = {
         "Storm A": make_ids(24_000, "a"),
         "Storm B": make_ids(6_000, "b"),
@@ -92,7 +100,7 @@ def test_storm_of_faults_converges(make_scenario: ScenarioFactory) -> None:
     # Let the run that delivered the last batch record it, then stop cleanly.
     synced = daemon.count("cycle.finished")
     daemon.wait_for("cycle.finished", count=synced + 1, timeout=60)
-    code, took = daemon.terminate(30)
+    code, took = daemon.timed_terminate(30)
     assert code == 0, daemon.errors()[-3000:]
     assert took < 30
 

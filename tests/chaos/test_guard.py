@@ -1,4 +1,4 @@
-"""The removal guard (issue 4 §3): a source truncated to nothing or to 10% holds the
+"""The removal guard: a source truncated to nothing or to 10% holds the
 segment (one `segment.held` line, nothing removed in WalkMe, `syncd sync` exits 1);
 `--segment X --force` applies the plan once; restoring the file clears the hold."""
 
@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.chaos.conftest import Scenario, ScenarioFactory, make_ids, parse_events
+import pytest
+
+from tests.support.chaos import Scenario, ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import parse_events
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 
 def sync(scenario: Scenario, env: dict[str, str], *args: str) -> tuple[int, list[dict[str, Any]]]:

@@ -1,5 +1,5 @@
 """`syncd run` killed with SIGKILL at random points, 21 times (22 starts), while a
-100,000-member segment changes between some of the restarts (issue 4 §3).
+100,000-member segment changes between some of the restarts.
 
 The kill points come from a seeded RNG and are of three kinds:
 
@@ -22,20 +22,22 @@ import time
 from collections import Counter
 from typing import Any
 
-from syncd.sandbox import Faults
-from tests.chaos.conftest import (
-    Scenario,
-    ScenarioFactory,
-    make_ids,
-    parse_events,
-    run_endings,
-    wait_until,
-)
+import pytest
+
+from syncd.sandbox import AppliedChange, Faults
+from tests.support.chaos import Scenario, ScenarioFactory
+from tests.support.ids import make_ids
+from tests.support.logs import parse_events, run_endings
+from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 4_242
 KILLS = 21  # plus the last, clean run: 22 restarts
 MEMBERS = 100_000
 BATCH = 2_500
+STALL_S = 2.0  # how long a batch is held in flight before the kill
 NAME = "Churn"
 
 
@@ -43,12 +45,11 @@ def batches(count: int) -> int:
     return math.ceil(count / BATCH)
 
 
-Stalled = tuple[str | None, list[str]]  # the action and ids of a batch held in flight
 
 
 def start_and_kill(
     scenario: Scenario, env: dict[str, str], rng: random.Random
-) -> tuple[str, Stalled | None]:
+) -> tuple[str, AppliedChange | None]:
     """Start `syncd run`, SIGKILL it at a random point; returns the kind of point
     and, when a batch was held in flight, that batch."""
     sandbox = scenario.sandbox
@@ -66,11 +67,11 @@ def start_and_kill(
         wait_until(lambda: sandbox.writes() >= target or done(), 60, "acknowledged batches")
         time.sleep(rng.uniform(0.0, 0.04))
     else:
-        sandbox.stall_write = sandbox.writes_received + rng.randint(1, 6)
+        sandbox.stall_write(sandbox.writes_received + rng.randint(1, 6), STALL_S)
         wait_until(lambda: len(sandbox.stalled) > stalls or done(), 60, "a batch in flight")
     assert daemon.alive(), daemon.output()[-3000:] + daemon.errors()[-3000:]
     daemon.kill()
-    sandbox.stall_write = None
+    sandbox.cancel_stall()
     if len(sandbox.stalled) > stalls:
         return "in-flight", sandbox.stalled[-1]
     return ("idle" if kind == "in-flight" else kind), None  # idle: the sync had finished
@@ -81,7 +82,6 @@ def test_sigkill_at_random_points_converges(make_scenario: ScenarioFactory) -> N
     rng = random.Random(SEED + 1)  # the source changes
     scenario = make_scenario(faults=Faults(delay=0.03))
     sandbox = scenario.sandbox
-    sandbox.stall_s = 2.0
     current = make_ids(MEMBERS)
     scenario.add_segment(NAME, current)
     # A killed daemon's segment lease outlives it, and the restarted daemon skips
@@ -130,7 +130,7 @@ def test_sigkill_at_random_points_converges(make_scenario: ScenarioFactory) -> N
             fresh += len(coming)
             back = rng.sample(left, min(len(left), rng.randint(0, 400)))
             if stalled is not None:
-                action, ids = stalled
+                action, ids = stalled.action, list(stalled.ids)
                 if action == "remove":
                     back += rng.sample(ids, min(len(ids), 50))
                 else:
@@ -147,7 +147,7 @@ def test_sigkill_at_random_points_converges(make_scenario: ScenarioFactory) -> N
     # The last restart runs to the end and stops cleanly.
     final = scenario.daemon(env)
     final.wait_for("segment.synced", timeout=90)
-    code, _ = final.terminate(30)
+    code, _ = final.timed_terminate(30)
     assert code == 0, final.errors()[-3000:]
     elapsed = time.monotonic() - started
     minimum += progress()
@@ -216,7 +216,7 @@ def test_restart_right_after_sigkill_syncs_at_once(make_scenario: ScenarioFactor
         except AssertionError:
             skipped = [e for e in second.events() if e["event"] == "segment.skipped"]
             problems.append(f"the restarted daemon did not sync within 8 s of its start: {skipped}")
-        code, _ = second.terminate(30)
+        code, _ = second.timed_terminate(30)
         assert code == 0, second.errors()[-3000:]
     assert not problems, "\n".join(problems)
     scenario.assert_converged({"Restarted": set(source)})
@@ -229,25 +229,24 @@ def test_batch_in_flight_at_kill_then_membership_changes(make_scenario: Scenario
     those removed come back. The restart must still make WalkMe equal the source."""
     scenario = make_scenario(faults=Faults(delay=0.02))
     sandbox = scenario.sandbox
-    sandbox.stall_s = 1.0
     source = make_ids(20_000, "f")
     scenario.add_segment("Flight", source)
     env = scenario.env(batch_size=BATCH, lease_ttl=1)
     problems: list[str] = []
 
     def kill_in_flight(write: int) -> list[str]:
-        sandbox.stall_write = sandbox.writes_received + write
+        sandbox.stall_write(sandbox.writes_received + write, 1.0)
         daemon = scenario.daemon(env)
         wait_until(lambda: len(sandbox.stalled) > stalls, 60, "a batch held in flight")
         daemon.kill()
-        sandbox.stall_write = None
+        sandbox.cancel_stall()
         time.sleep(1.2)  # the dead process's lease (TTL 1 s) lapses
-        return sandbox.stalled[-1][1]
+        return list(sandbox.stalled[-1].ids)
 
     def restart(what: str, expected: list[str]) -> None:
         daemon = scenario.daemon(env)
         daemon.wait_for("segment.synced", timeout=60)
-        code, _ = daemon.terminate(30)
+        code, _ = daemon.timed_terminate(30)
         assert code == 0, daemon.errors()[-3000:]
         problems.extend(f"{what}: {p}" for p in scenario.problems({"Flight": set(expected)}))
 

@@ -1,4 +1,4 @@
-"""No secret in any output (issue 4 §5).
+"""No secret in any output.
 
 Named to run last: besides its own chaos run (faults, short-lived and revoked
 tokens, the webhook receiver hit with bad requests, a warehouse that refuses
@@ -15,19 +15,23 @@ import json
 import urllib.error
 import urllib.request
 
+import pytest
+
 from syncd.sandbox import Faults
-from tests.chaos.conftest import (
+from tests.support.chaos import (
     CLIENT_SECRET,
     PG_PASSWORD,
     WEBHOOK_SECRET,
     ScenarioFactory,
     Transcript,
     basic_auth,
-    fetch_text,
-    free_port,
-    make_ids,
-    wait_until,
 )
+from tests.support.ids import make_ids
+from tests.support.net import fetch_text, free_port
+from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("chaos")
 
 WRONG_SECRET = "chaos-wrong-S3cret-0b5e2d77"  # a rotated-away secret: refused, never shown
 
@@ -78,7 +82,7 @@ def test_no_secret_in_any_output(make_scenario: ScenarioFactory, transcript: Tra
         status, text = fetch_text(f"http://127.0.0.1:{admin}{path}")
         assert status == 200, (path, text)
         transcript.add(f"GET {path}", text)
-    code, _ = daemon.terminate(30)
+    code, _ = daemon.timed_terminate(30)
     assert code == 0
 
     for args in (

@@ -1,178 +1,18 @@
-"""Shared helpers for the Heap source tests: a Heap-style signer, page builder,
-receiver and sandbox fixtures, settings, and the PostgreSQL connection.
-
-The signer here is written independently of ``syncd.webhook.sign`` so the
-receiver is never checked against its own code.
-"""
+"""Fixtures for the Heap source tests (their helpers are ``tests.support.heap``): a
+receiver, an HTTP session, a sandbox WalkMe, and no SYNCD_* variable from outside."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import os
-import socket
-import time
-import uuid
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from pydantic import SecretStr
 
-from syncd.sandbox import (
-    DEFAULT_CLIENT_ID,
-    DEFAULT_CLIENT_SECRET,
-    SANDBOX_SYSTEM_GUID,
-    WalkMeSandbox,
-)
-from syncd.settings import Settings, load_settings
-from syncd.state import StateStore, open_store
-from syncd.webhook import HeapWebhookReceiver
-
-WEBHOOK_SECRET = "whsec-heap-3f9c1a7e5b2d4c6a8e0f"
-WEBHOOK_PATH = "/heap/webhook"
-FREE_CUSTOMERS = 1338065
-PG_DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
-
-# ---------------------------------------------------------------------------- signing
-
-
-def heap_hash(secret: str, ts_ms: int, body: bytes) -> str:
-    """``Heap-Hash`` exactly as Heap documents it, from the standard library only."""
-    message = str(ts_ms).encode("ascii") + body
-    mac = hmac.new(secret.encode("utf-8"), message, hashlib.sha256).digest()
-    return f"ts:{ts_ms},hmac:{base64.b64encode(mac).decode('ascii')}"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-# ---------------------------------------------------------------------------- pages
-
-
-def page(
-    *,
-    task: str,
-    number: int,
-    total: int,
-    add: Iterable[str] = (),
-    remove: Iterable[str] = (),
-    segment_id: int = FREE_CUSTOMERS,
-    name: str = "Free Customers",
-    action: str = "segment.users.sync",
-) -> dict[str, Any]:
-    """A Heap Segments Sync body, shaped like the documented example."""
-    data: dict[str, Any] = {
-        "segment": {"id": segment_id, "name": name},
-        "sync_info": {"page_number": number, "total_pages": total, "sync_task_id": task},
-    }
-    adds, removes = list(add), list(remove)
-    if adds:
-        data["add"] = [{"id": member} for member in adds]
-    if removes:
-        data["remove"] = [{"id": member} for member in removes]
-    return {
-        "id_token": str(uuid.uuid4()),
-        "action_type": action,
-        "customer_config": {
-            "fields": [
-                {
-                    "field_id": "workspace",
-                    "field_display_name": "Workspace",
-                    "value": {"id": "workspace_1", "display_name": "Workspace 1"},
-                }
-            ]
-        },
-        "data": data,
-    }
-
-
-def encode(payload: Any) -> bytes:
-    """Compact JSON, raw UTF-8 (no \\u escapes), as Heap sends it."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def new_task() -> str:
-    return str(uuid.uuid4())
-
-
-@dataclass
-class Answer:
-    status: int
-    body: Any
-    elapsed: float
-
-
-async def post_raw(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: bytes,
-    *,
-    header: str | None,
-    headers: dict[str, str] | None = None,
-) -> Answer:
-    sent = {"Content-Type": "application/json", **(headers or {})}
-    if header is not None:
-        sent["Heap-Hash"] = header
-    started = time.monotonic()
-    async with session.post(url, data=body, headers=sent) as response:
-        text = await response.text()
-        elapsed = time.monotonic() - started
-    try:
-        parsed: Any = json.loads(text)
-    except ValueError:
-        parsed = text
-    return Answer(response.status, parsed, elapsed)
-
-
-async def post_signed(
-    session: aiohttp.ClientSession,
-    url: str,
-    payload: Any,
-    *,
-    secret: str = WEBHOOK_SECRET,
-    ts_ms: int | None = None,
-) -> Answer:
-    body = payload if isinstance(payload, bytes) else encode(payload)
-    ts = now_ms() if ts_ms is None else ts_ms
-    return await post_raw(session, url, body, header=heap_hash(secret, ts, body))
-
-
-# ---------------------------------------------------------------------------- store views
-
-
-async def heap_state(store: StateStore) -> dict[int, tuple[str, str, int, int, frozenset[str]]]:
-    """Everything the receiver may have changed: segments with their members."""
-    result: dict[int, tuple[str, str, int, int, frozenset[str]]] = {}
-    for segment in await store.heap_segments():
-        members: set[str] = set()
-        async for chunk in store.heap_members(segment.heap_segment_id, 1000):
-            members.update(chunk)
-        result[segment.heap_segment_id] = (
-            segment.name,
-            segment.mapping_name,
-            segment.members,
-            segment.complete_tasks,
-            frozenset(members),
-        )
-    return result
-
-
-async def heap_members(store: StateStore, heap_segment_id: int) -> set[str]:
-    members: set[str] = set()
-    async for chunk in store.heap_members(heap_segment_id, 1000):
-        members.update(chunk)
-    return members
-
-
-# ---------------------------------------------------------------------------- fixtures
+from syncd.sandbox import WalkMeSandbox
+from tests.support.heap import Receiver, start_receiver
 
 
 @pytest.fixture(autouse=True)
@@ -181,49 +21,6 @@ def _clean_syncd_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("SYNCD_") and name != "SYNCD_TEST_POSTGRES_URL":
             monkeypatch.delenv(name)
-
-
-@dataclass
-class Receiver:
-    receiver: HeapWebhookReceiver
-    store: StateStore
-    state_url: str
-    completed: list[int] = field(default_factory=list)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.receiver.port}"
-
-    @property
-    def url(self) -> str:
-        return self.base + WEBHOOK_PATH
-
-
-async def start_receiver(
-    tmp_path: Path,
-    *,
-    max_body: int = 64 * 1024,
-    tolerance_s: float = 60.0,
-    read_timeout_s: float = 10.0,
-    state_url: str | None = None,
-) -> Receiver:
-    """A receiver on a free port of 127.0.0.1, by default on a SQLite file in ``tmp_path``."""
-    state_url = state_url or "sqlite:///" + str(tmp_path / "state.db")
-    store = await open_store(state_url)
-    completed: list[int] = []
-    receiver = HeapWebhookReceiver(
-        store,
-        secret=SecretStr(WEBHOOK_SECRET),
-        port=0,
-        path=WEBHOOK_PATH,
-        tolerance_s=tolerance_s,
-        max_body=max_body,
-        on_task_complete=completed.append,
-        host="127.0.0.1",
-        read_timeout_s=read_timeout_s,
-    )
-    await receiver.start()
-    return Receiver(receiver, store, state_url, completed)
 
 
 @pytest_asyncio.fixture
@@ -247,37 +44,3 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def sandbox() -> AsyncIterator[WalkMeSandbox]:
     async with WalkMeSandbox() as running:
         yield running
-
-
-def make_settings(
-    sandbox_url: str,
-    state_url: str,
-    *,
-    segments: list[dict[str, Any]] | None = None,
-    **extra: Any,
-) -> Settings:
-    """Settings for an engine talking to a sandbox; retries kept short for tests."""
-    return load_settings(
-        walkme_client_id=DEFAULT_CLIENT_ID,
-        walkme_client_secret=DEFAULT_CLIENT_SECRET,
-        walkme_system_guid=SANDBOX_SYSTEM_GUID,
-        walkme_api_url=sandbox_url,
-        state_url=state_url,
-        segments=None if segments is None else json.dumps(segments),
-        retry_attempts=2,
-        retry_max_wait=1.0,
-        http_timeout=20.0,
-        **extra,
-    )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def postgres_url() -> str:
-    return os.environ.get("SYNCD_TEST_POSTGRES_URL", PG_DEFAULT_URL)
-

@@ -26,18 +26,17 @@ import pytest
 import pytest_asyncio
 
 from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, WalkMeSandbox, run_sandbox_in_thread
-
-from .conftest import (
+from tests.support.heap import (
     FREE_CUSTOMERS,
     WEBHOOK_PATH,
     WEBHOOK_SECRET,
     encode,
-    free_port,
     heap_hash,
     new_task,
     page,
     post_signed,
 )
+from tests.support.net import free_port
 
 CLIENT_ID = "e2e-client"
 CLIENT_SECRET = "wm-client-secret-8d7c6b5a4f3e2d1c"

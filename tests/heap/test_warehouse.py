@@ -33,8 +33,8 @@ from syncd.sandbox import WalkMeSandbox
 from syncd.settings import Settings
 from syncd.sources.base import CHUNK_SIZE, SourceError
 from syncd.sources.warehouse import WarehouseSource
-
-from .conftest import make_settings, postgres_url
+from tests.support.heap import make_settings
+from tests.support.postgres import postgres_url
 
 USERS = 120_000
 

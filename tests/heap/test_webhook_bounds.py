@@ -24,9 +24,7 @@ import structlog
 from syncd.engine import auto_mapping
 from syncd.ids import NotAnId, SkippedIds, clean_ids
 from syncd.settings import ConfigError, parse_mappings, segment_name_problem
-from tests.store.conftest import admin_url, create_database, drop_database, url_for_database
-
-from .conftest import (
+from tests.support.heap import (
     FREE_CUSTOMERS,
     WEBHOOK_PATH,
     WEBHOOK_SECRET,
@@ -42,6 +40,7 @@ from .conftest import (
     post_signed,
     start_receiver,
 )
+from tests.support.postgres import create_database, drop_database, postgres_url, url_for_database
 
 
 @pytest_asyncio.fixture
@@ -371,7 +370,7 @@ def test_non_finite_numbers_are_refused_never_sent_as_nan_or_inf(value: object) 
 async def pg_receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
     """A receiver whose store is a fresh PostgreSQL database."""
     database = await create_database()
-    running = await start_receiver(tmp_path, state_url=url_for_database(admin_url(), database))
+    running = await start_receiver(tmp_path, state_url=url_for_database(postgres_url(), database))
     try:
         yield running
     finally:

@@ -17,8 +17,7 @@ import pytest
 from syncd.state import StateStore, open_store
 from syncd.state.base import HeapPage
 from syncd.webhook import sign
-
-from .conftest import (
+from tests.support.heap import (
     FREE_CUSTOMERS,
     WEBHOOK_SECRET,
     Receiver,

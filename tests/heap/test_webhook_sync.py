@@ -17,8 +17,7 @@ from syncd.app import open_runtime
 from syncd.engine import Outcome
 from syncd.sandbox import SANDBOX_SYSTEM_GUID, WalkMeSandbox
 from syncd.settings import ConfigError, Settings
-
-from .conftest import (
+from tests.support.heap import (
     FREE_CUSTOMERS,
     WEBHOOK_SECRET,
     Receiver,

@@ -1,18 +1,18 @@
-"""Adopting segments that already exist in WalkMe, and `syncd reset` (issue case 3)."""
+"""Adopting segments that already exist in WalkMe, and `syncd reset`."""
 
 from __future__ import annotations
 
-from tests.integration.conftest import (
+from tests.support.harness import (
     SEGMENTS_PATH,
     Harness,
     cli_env,
-    make_ids,
     raw_call,
-    run_cli_async,
     seed_segment,
     segment_requests,
     segments_named,
 )
+from tests.support.ids import make_ids
+from tests.support.processes import run_cli_async
 
 STALE = ["stale1@example.com", "stale2@example.com", "user0000001@example.com"]
 

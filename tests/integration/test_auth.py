@@ -1,14 +1,9 @@
-"""Credentials WalkMe refuses (issue case 7)."""
+"""Credentials WalkMe refuses."""
 
 from __future__ import annotations
 
-from tests.integration.conftest import (
-    CLIENT_ID,
-    Harness,
-    HarnessFactory,
-    make_ids,
-    segment_requests,
-)
+from tests.support.harness import CLIENT_ID, Harness, HarnessFactory, segment_requests
+from tests.support.ids import make_ids
 
 WRONG_SECRET = "wrong-secret-3b9d1f0a"
 

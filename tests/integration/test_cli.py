@@ -1,4 +1,4 @@
-"""The command line as users run it: `python -m syncd ...` subprocesses (issue case 8)."""
+"""The command line as users run it: `python -m syncd ...` subprocesses."""
 
 from __future__ import annotations
 
@@ -13,22 +13,19 @@ from typing import Any
 import pytest
 
 from syncd.sandbox import WalkMeSandbox
-from tests.integration.conftest import (
+from tests.support.harness import (
     CLIENT_ID,
     CLIENT_SECRET,
-    REPO_ROOT,
-    base_env,
-    check_run_endings,
+    assert_no_secrets,
     cli_env,
-    free_port,
-    make_ids,
-    parse_log_lines,
     parse_status,
-    run_cli,
     segment_requests,
-    wait_until,
-    write_ids,
 )
+from tests.support.ids import make_ids, write_ids
+from tests.support.logs import parse_log_lines, run_endings
+from tests.support.net import free_port
+from tests.support.processes import REPO_ROOT, base_env, run_cli
+from tests.support.waiting import wait_until
 
 
 def file_mapping(folder: Path, name: str, ids: list[str] | None, **extra: Any) -> dict[str, Any]:
@@ -37,18 +34,6 @@ def file_mapping(folder: Path, name: str, ids: list[str] | None, **extra: Any) -
     if ids is not None:
         write_ids(path, ids)
     return {"name": name, "source": {"type": "file", "path": str(path)}, **extra}
-
-
-def assert_no_secrets(sandbox: WalkMeSandbox | None, *outputs: str) -> None:
-    """The client secret, and every access token the sandbox issued, never printed."""
-    text = "\n".join(outputs)
-    assert CLIENT_SECRET not in text
-    # The sandbox keeps issued tokens privately; use them when it has them.
-    tokens = getattr(sandbox, "_tokens", None)
-    if isinstance(tokens, dict):
-        assert tokens, "expected issued tokens to check"
-        for token in tokens:
-            assert token not in text
 
 
 def test_sync_exit_0_and_logs(live_sandbox: WalkMeSandbox, tmp_path: Path) -> None:
@@ -62,7 +47,7 @@ def test_sync_exit_0_and_logs(live_sandbox: WalkMeSandbox, tmp_path: Path) -> No
     assert record is not None
     assert live_sandbox.members(record.guid) == set(source)
     events = parse_log_lines(result.stdout)
-    endings = check_run_endings(events)
+    endings = run_endings(events)
     assert [e["event"] for e in endings.values()] == ["segment.synced"]
     ending = next(iter(endings.values()))
     assert ending["segment"] == "Trial"
@@ -88,7 +73,7 @@ def test_one_failing_segment_exits_1_and_the_other_still_syncs(
     assert record is not None
     assert live_sandbox.members(record.guid) == set(good)
     assert live_sandbox.find(name="Broken") is None
-    endings = {e["segment"]: e for e in check_run_endings(parse_log_lines(result.stdout)).values()}
+    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stdout)).values()}
     assert endings["Good"]["event"] == "segment.synced"
     assert endings["Broken"]["event"] == "segment.failed"
     assert "Broken.txt" in endings["Broken"]["error"]
@@ -120,7 +105,7 @@ def test_unreadable_source_file_fails_that_segment(
     ]
     result = run_cli("sync", env=cli_env(live_sandbox.url, tmp_path, mappings))
     assert result.returncode == 1
-    endings = {e["segment"]: e for e in check_run_endings(parse_log_lines(result.stdout)).values()}
+    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stdout)).values()}
     assert {name: e["event"] for name, e in endings.items()} == {
         "Binary": "segment.failed",
         "Directory": "segment.failed",
@@ -208,7 +193,7 @@ def test_status_json_parses(live_sandbox: WalkMeSandbox, tmp_path: Path) -> None
     assert rows["Synced"]["segment_guid"] == record.guid
     assert rows["Synced"]["last_result"] == "synced"
     assert rows["Never"].get("members", 0) == 0
-    assert rows["Never"]["last_result"] != "synced"
+    assert rows["Never"]["last_result"] == "never run"
 
 
 def test_sync_against_sandbox_process(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Convergence and exact request counts, in process over real sockets (issue case 1)."""
+"""Convergence and exact request counts, in process over real sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from tests.integration.conftest import BATCH, Harness, make_ids, segment_requests
+from syncd.sandbox import Faults, RequestKind
+from tests.support.harness import BATCH, Harness, HarnessFactory, segment_requests
+from tests.support.ids import make_ids
 
 SIZES = [0, 1, 25_000, 25_001, 100_000]
 
@@ -128,7 +130,7 @@ async def test_emptied_source_is_held_by_default(harness: Harness) -> None:
     harness.source("Guarded", [])
     sandbox.clear_requests()
     outcome = await harness.sync_one(settings)
-    assert outcome.result != "synced"
+    assert outcome.result == "held", outcome.error
     assert segment_requests(sandbox) == []
     assert sandbox.members(guid) == set(make_ids(3))
 
@@ -147,3 +149,30 @@ async def test_many_segments_at_limited_concurrency(harness: Harness) -> None:
         assert sandbox.members(harness.guid(name)) == set(ids)
     assert sandbox.count("create") == 6
     assert sandbox.count("update") == sum(math.ceil(len(ids) / 400) - 1 for ids in sources.values())
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+async def test_concurrency_caps_the_segments_syncing_at_once(
+    make_harness: HarnessFactory, concurrency: int
+) -> None:
+    """With SYNCD_CONCURRENCY=N and more segments than that, WalkMe sees exactly N
+    segment calls in flight at the peak: the cap is reached and never passed."""
+    # Every segment call takes 0.1 s, so syncs that may overlap do.
+    harness = await make_harness(faults=Faults(delay=0.1))
+    sandbox = harness.sandbox
+    arrivals = 0
+    in_flight: list[int] = []
+
+    def arrived(kind: RequestKind) -> None:
+        # A call is in flight from its arrival until the sandbox records its answer.
+        nonlocal arrivals
+        arrivals += 1
+        answered = sum(1 for r in list(sandbox.requests) if r.kind != "token")
+        in_flight.append(arrivals - answered)
+
+    sandbox.on_request(arrived)
+    mappings = [harness.mapping(f"Segment {i}", make_ids(5, f"c{i}-")) for i in range(6)]
+    settings = harness.settings(mappings, concurrency=concurrency)
+    outcomes = await harness.sync(settings)
+    assert [o.result for o in outcomes] == ["synced"] * 6, [o.error for o in outcomes]
+    assert max(in_flight) == concurrency

@@ -1,4 +1,4 @@
-"""SIGKILL in the middle of a sync, then a restart (issue case 10)."""
+"""SIGKILL in the middle of a sync, then a restart."""
 
 from __future__ import annotations
 
@@ -8,18 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from syncd.sandbox import Faults, WalkMeSandbox
-from tests.integration.conftest import (
-    DaemonProcess,
-    check_run_endings,
-    cli_env,
-    make_ids,
-    parse_log_lines,
-    segment_requests,
-    segments_named,
-    status_rows,
-    wait_until,
-    write_ids,
-)
+from tests.support.harness import cli_env, segment_requests, segments_named, status_rows
+from tests.support.ids import make_ids, write_ids
+from tests.support.logs import parse_log_lines, run_endings
+from tests.support.processes import DaemonProcess
+from tests.support.waiting import wait_until
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
 
@@ -29,7 +22,7 @@ def run_to_convergence(start: StartDaemon, env: dict[str, str]) -> DaemonProcess
     daemon = start(env)
     daemon.wait_for("segment.synced", timeout=60)
     assert daemon.terminate(30) == 0
-    endings = check_run_endings(parse_log_lines(daemon.output()))
+    endings = run_endings(parse_log_lines(daemon.output()))
     assert [e["event"] for e in endings.values()] == ["segment.synced"]
     return daemon
 

@@ -10,7 +10,8 @@ import structlog
 
 from syncd.sources.file import FileSource
 from syncd.state import open_store
-from tests.integration.conftest import Harness, make_ids, segment_requests, write_ids
+from tests.support.harness import Harness, segment_requests
+from tests.support.ids import make_ids, write_ids
 
 
 async def test_unchanged_file_is_not_read_and_sends_nothing(harness: Harness) -> None:

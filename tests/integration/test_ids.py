@@ -1,14 +1,9 @@
-"""The id rules end to end (issue case 2)."""
+"""The id rules end to end."""
 
 from __future__ import annotations
 
-from tests.integration.conftest import (
-    Harness,
-    cli_env,
-    parse_status,
-    run_cli_async,
-    segment_requests,
-)
+from tests.support.harness import Harness, cli_env, parse_status, segment_requests
+from tests.support.processes import run_cli_async
 
 TOO_LONG = "L" * 101
 LONGEST = "M" * 100

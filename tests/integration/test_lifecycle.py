@@ -17,17 +17,11 @@ import pytest
 
 from syncd.engine import IN_USE_INTERVALS
 from syncd.sandbox import Faults, WalkMeSandbox
-from tests.integration.conftest import (
-    DaemonProcess,
-    cli_env,
-    delete_segment,
-    free_port,
-    make_ids,
-    parse_log_lines,
-    run_cli,
-    seed_segment,
-    write_ids,
-)
+from tests.support.harness import cli_env, delete_segment, seed_segment
+from tests.support.ids import make_ids, write_ids
+from tests.support.logs import parse_log_lines
+from tests.support.net import free_port
+from tests.support.processes import DaemonProcess, run_cli
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
 SCHEDULE = "1s"

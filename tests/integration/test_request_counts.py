@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.integration.conftest import Harness, make_ids
+from tests.support.harness import Harness
+from tests.support.ids import make_ids
 
 
 async def test_runs_side_by_side_each_count_only_their_own_requests(harness: Harness) -> None:

@@ -18,28 +18,19 @@ import pytest
 
 from syncd.sandbox import Faults, WalkMeSandbox
 from syncd.state import open_store
-from tests.integration.conftest import (
-    REPO_ROOT,
-    DaemonProcess,
-    check_run_endings,
-    cli_env,
-    free_port,
-    make_ids,
-    parse_log_lines,
-    parse_status,
-    run_cli,
-    status_rows,
-    syncd_command,
-    wait_until,
-    write_ids,
-)
-from tests.store.conftest import (
+from tests.support.harness import cli_env, parse_status, status_rows
+from tests.support.ids import make_ids, write_ids
+from tests.support.logs import parse_log_lines, run_endings
+from tests.support.net import free_port
+from tests.support.postgres import (
     admin_connection,
-    admin_url,
     create_database,
     drop_database,
+    postgres_url,
     url_for_database,
 )
+from tests.support.processes import REPO_ROOT, DaemonProcess, run_cli, syncd_command
+from tests.support.waiting import wait_until
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
 
@@ -161,7 +152,7 @@ def test_daemon_starts_and_serves_with_bad_stored_heap_rows(
     cycles = [e for e in events if e["event"] == "cycle.finished"]
     assert all(c["failed"] == len(BAD_HEAP_NAMES) and c["synced"] == 1 for c in cycles)
     assert daemon.count("segment.failed") >= 2 * len(BAD_HEAP_NAMES)
-    check_run_endings(events)
+    run_endings(events)
     assert "Traceback" not in daemon.errors()
     assert "Job raised" not in daemon.output() + daemon.errors()
 
@@ -276,7 +267,7 @@ def test_signals_stop_an_interactive_sync_after_the_batch_in_flight(
     assert "Traceback" not in err
     events = parse_log_lines(out)
     assert [e["signal"] for e in events if e["event"] == "sync.stopping"] == [signum.name]
-    ending = check_run_endings(events)
+    ending = run_endings(events)
     assert [e["interrupted"] for e in ending.values()] == [True]
     live_sandbox.faults = Faults()
     record = live_sandbox.find(name="Interactive")
@@ -294,6 +285,7 @@ async def _recreate_database(name: str) -> None:
         await conn.close()
 
 
+@pytest.mark.postgres
 def test_postgres_state_dropped_and_recreated_is_rebuilt_without_a_restart(
     live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
 ) -> None:
@@ -312,7 +304,7 @@ def test_postgres_state_dropped_and_recreated_is_rebuilt_without_a_restart(
             },
             {"name": "By name", "source": {"type": "file", "path": str(by_name)}},
         ]
-        url = url_for_database(admin_url(), database)
+        url = url_for_database(postgres_url(), database)
         env = cli_env(live_sandbox.url, tmp_path, mappings, state_url=url, schedule="2s")
         daemon = daemons(env)
         daemon.wait_for("segment.synced", count=2, timeout=30)

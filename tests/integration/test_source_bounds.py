@@ -22,7 +22,9 @@ import pytest
 
 from syncd.app import open_runtime
 from syncd.sandbox import WalkMeSandbox
-from tests.integration.conftest import DaemonProcess, Harness, cli_env, make_ids
+from tests.support.harness import Harness, cli_env
+from tests.support.ids import make_ids
+from tests.support.processes import DaemonProcess
 
 # The daemon subprocess's sitecustomize: io.open hands out hanging files for STUCK_PATH.
 HANG_MODULE = '''

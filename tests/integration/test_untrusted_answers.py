@@ -23,17 +23,19 @@ from aiohttp.test_utils import TestServer
 
 from syncd.sandbox import TOKEN_PATH, WalkMeSandbox
 from syncd.state import StateStore, open_store
-from tests.integration.conftest import (
+from tests.support.harness import (
     CLIENT_ID,
+    SEGMENTS_PATH,
     Harness,
     HarnessFactory,
     cli_env,
-    make_ids,
-    run_cli_async,
+    raw_call,
     seed_segment,
     segment_requests,
     segments_named,
 )
+from tests.support.ids import make_ids
+from tests.support.processes import run_cli_async
 
 Answer = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
@@ -314,23 +316,35 @@ async def pending_of(harness: Harness) -> list[str] | None:
 async def test_pending_batch_is_replayed_in_todays_batch_size(
     make_harness: HarnessFactory,
 ) -> None:
+    """WalkMe applied a batch whose answer the crashed run never saw, and its ids
+    have left the source since: the next run sends it again first, in today's batch
+    size, which makes the snapshot exact, so the diff then removes them."""
     harness = await make_harness(max_body_bytes=1_500 * ID_BYTES)
     source = make_ids(100)
-    settings = harness.settings([harness.mapping("Replay", source)], batch_size=1_000)
+    mappings = [harness.mapping("Replay", source)]
+    # Removing the 3,000 is the point here, not what the removal guard is for.
+    settings = harness.settings(mappings, batch_size=1_000, max_remove_fraction=1.0)
     assert (await harness.sync_one(settings)).result == "synced"
+    guid = harness.guid("Replay")
     lost = make_ids(3_000, "lost")
     await pending_replay(harness, lost)
-    harness.source("Replay", source + lost)
+    for start in range(0, len(lost), 1_000):  # what the lost request did in WalkMe
+        body = {"action": "add", "userIds": lost[start : start + 1_000]}
+        status, answer = await raw_call(harness.sandbox, "PUT", f"{SEGMENTS_PATH}/{guid}", body)
+        assert status == 200, answer
+    # The crashed run never finished: the source is not the last synced one byte for byte.
+    harness.source("Replay", reversed(source))
     harness.sandbox.clear_requests()
 
     outcome = await harness.sync_one(settings)
     assert outcome.result == "synced", outcome.error
     sent = segment_requests(harness.sandbox)
-    assert [(r.action, r.n_ids, r.status) for r in sent] == [("add", 1_000, 200)] * 3
+    assert [(r.action, r.n_ids, r.status) for r in sent] == [("add", 1_000, 200)] * 3 + [
+        ("remove", 1_000, 200)
+    ] * 3
     assert await pending_of(harness) is None
-    guid = harness.guid("Replay")
-    assert harness.sandbox.members(guid) == set(source + lost)
-    assert await snapshot_of(harness, "Replay") == set(source + lost)
+    assert harness.sandbox.members(guid) == set(source)
+    assert await snapshot_of(harness, "Replay") == set(source)
 
 
 async def test_replay_cut_short_keeps_every_unacknowledged_id_pending(

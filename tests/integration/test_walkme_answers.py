@@ -1,17 +1,12 @@
-"""Undocumented answer shapes and segments deleted behind syncd's back (issue cases 4, 5)."""
+"""Undocumented answer shapes and segments deleted behind syncd's back."""
 
 from __future__ import annotations
 
 import pytest
 
 from syncd.sandbox import ListShape
-from tests.integration.conftest import (
-    HarnessFactory,
-    delete_segment,
-    make_ids,
-    segment_requests,
-    segments_named,
-)
+from tests.support.harness import HarnessFactory, delete_segment, segment_requests, segments_named
+from tests.support.ids import make_ids
 
 SHAPES: list[ListShape] = ["bare", "data", "segments"]
 

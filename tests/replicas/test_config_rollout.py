@@ -12,10 +12,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from syncd.engine import IN_USE_INTERVALS
 from syncd.sandbox import Faults
+from tests.support.net import free_port
+from tests.support.replicas import Replica, recording_sandbox, replica_env
+from tests.support.waiting import wait_until
 
-from .conftest import Database, Replica, free_port, recording_sandbox, replica_env, wait_until
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("replicas")
 
 SCHEDULE_S = 1
 
@@ -37,9 +43,9 @@ def events(replica: Replica, event: str) -> list[dict[str, Any]]:
 
 
 def test_replicas_mapping_different_segments_never_orphan_or_delete_each_others(
-    fresh_database: Database, tmp_path: Path
+    fresh_database: str, tmp_path: Path
 ) -> None:
-    url = fresh_database.ready()
+    url = fresh_database
     sources = {}
     for name in ("Shared", "OnlyOld", "OnlyNew"):
         sources[name] = tmp_path / f"{name}.txt"

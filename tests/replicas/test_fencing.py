@@ -19,20 +19,22 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from syncd.sandbox import Faults
-from tests.heap.conftest import WEBHOOK_SECRET, new_task, page, post_signed
-
-from .conftest import (
-    Database,
+from tests.support.heap import WEBHOOK_SECRET, new_task, page, post_signed
+from tests.support.net import free_port
+from tests.support.replicas import (
     RecordingSandbox,
     Replica,
     connect,
-    free_port,
     recording_sandbox,
     replica_env,
-    wait_until,
 )
+from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("replicas")
 
 LEASE_TTL = 2
 RETRY_AFTER_S = 4  # longer than the lease: the frozen replica's lease lapses meanwhile
@@ -88,9 +90,9 @@ def _walkme_members(sandbox: RecordingSandbox, name: str) -> set[str]:
 
 
 def test_a_replica_frozen_past_its_lease_sends_nothing_after_waking(
-    fresh_database: Database, tmp_path: Path
+    fresh_database: str, tmp_path: Path
 ) -> None:
-    url = fresh_database.ready()
+    url = fresh_database
     source = tmp_path / "members.txt"
     base = [f"user{n:04d}@example.com" for n in range(200)]
     late = [f"late{n:04d}@example.com" for n in range(50)]
@@ -178,9 +180,9 @@ async def _running_runs(url: str) -> int:
 
 
 def test_a_task_completing_while_another_replica_runs_the_segment_is_synced_soon(
-    fresh_database: Database, tmp_path: Path
+    fresh_database: str, tmp_path: Path
 ) -> None:
-    url = fresh_database.ready()
+    url = fresh_database
     segments_file = tmp_path / "segments.json"
     mapping = {
         "name": SEGMENT,

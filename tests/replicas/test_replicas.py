@@ -1,5 +1,4 @@
-"""Three ``syncd run`` replicas sharing one PostgreSQL, under churn, one SIGKILLed
-(issue 6 §2).
+"""Three ``syncd run`` replicas sharing one PostgreSQL, under churn, one SIGKILLed.
 
 Setup: a fresh PostgreSQL database; the WalkMe sandbox on a thread of this
 process, serving each replica on its own port (so every change WalkMe applies is
@@ -58,20 +57,21 @@ from typing import Any
 import pytest
 
 from syncd.sandbox import Faults
-
-from .conftest import (
+from tests.support.net import free_port
+from tests.support.replicas import (
     CLIENT_SECRET,
     Applied,
-    Database,
     Kill,
     RecordingSandbox,
     Replica,
     connect,
-    free_port,
     recording_sandbox,
     replica_env,
-    wait_until,
 )
+from tests.support.waiting import wait_until
+
+# Timed against what syncd does: one xdist worker runs these, one after another.
+pytestmark = pytest.mark.xdist_group("replicas")
 
 SEED = 20260601
 SEGMENTS = 30
@@ -609,9 +609,9 @@ def _await_convergence(
 
 
 def test_three_replicas_share_one_postgres_through_churn_and_a_sigkill(
-    fresh_database: Database, tmp_path: Path
+    fresh_database: str, tmp_path: Path
 ) -> None:
-    database_url = fresh_database.ready()
+    database_url = fresh_database
     began = time.monotonic()
     rng = random.Random(SEED)
     sources = make_sources(tmp_path / "sources", rng)

@@ -1,9 +1,7 @@
 """Fixtures for the state store tests: one contract suite, run against every store.
 
-PostgreSQL tests need a real server: ``SYNCD_TEST_POSTGRES_URL`` (default
-``postgresql://postgres@127.0.0.1:5432/test``) names a database on it whose user
-may create databases. Every test gets a database of its own, dropped afterwards.
-Without a server the PostgreSQL tests fail (never skip) and say how to get one.
+PostgreSQL tests need a real server (see ``tests.support.postgres``; they are
+marked ``postgres``). Every test gets a database of its own, dropped afterwards.
 
 Creating a database takes PostgreSQL a few tenths of a second, so the contract
 tests' databases are copies of one that ``open_store`` migrated once, created a
@@ -15,84 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import threading
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Coroutine, Generator
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 import pytest_asyncio
 
-from syncd.settings import describe_url
 from syncd.state import StateStore, open_store
+from tests.support.postgres import (
+    PostgresUnreachable,
+    create_database,
+    drop_database,
+    url_for_database,
+)
+from tests.support.postgres import postgres_url as admin_url
 
-PG_DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 SYSTEM = "5a1d0c2e-3b4f-4e6a-8c7d-9e0f1a2b3c4d"
 GUID = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
 OTHER_GUID = "11111111-2222-4333-8444-555555555555"
 BACKENDS = ["sqlite", "postgresql"]
-DATABASE_PREFIX = "syncd_t_"
 
 _T = TypeVar("_T")
 _UNREACHABLE = pytest.StashKey[str]()
-_problem: str | None = None  # remembered, so an unreachable server costs one timeout
-
-
-class PostgresUnreachable(Exception):
-    """No PostgreSQL server to test against."""
-
-
-def admin_url() -> str:
-    return os.environ.get("SYNCD_TEST_POSTGRES_URL", PG_DEFAULT_URL)
-
-
-def url_for_database(url: str, database: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path="/" + database))
-
-
-async def admin_connection() -> asyncpg.Connection[Any]:
-    """A connection to the admin database, or PostgresUnreachable saying what to do."""
-    global _problem
-    if _problem is not None:
-        raise PostgresUnreachable(_problem)
-    url = admin_url()
-    try:
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(url, timeout=5)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        _problem = (
-            f"PostgreSQL is not reachable at {describe_url(url)} ({type(exc).__name__}:"
-            f" {exc}). The PostgreSQL state store tests need a real server whose user may"
-            " create databases: start one, or set"
-            " SYNCD_TEST_POSTGRES_URL=postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
-        )
-        raise PostgresUnreachable(_problem) from None
-    return conn
-
-
-async def create_database(template: str | None = None) -> str:
-    """A new database (empty, or a copy of ``template``); returns its name."""
-    name = f"{DATABASE_PREFIX}{uuid.uuid4().hex[:16]}"
-    conn = await admin_connection()
-    try:
-        source = f' TEMPLATE "{template}"' if template else ""
-        await conn.execute(f'CREATE DATABASE "{name}"{source}')
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_database(name: str) -> None:
-    """Drop it, closing whatever connections a test left open."""
-    conn = await admin_connection()
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 async def _migrated_template() -> str:
@@ -127,7 +72,7 @@ class _Databases:
             self._template = self._submit(_migrated_template())
         template = await asyncio.wrap_future(self._template)
         while len(self._ready) <= self.AHEAD:
-            self._ready.append(self._submit(create_database(template)))
+            self._ready.append(self._submit(create_database(template=template)))
         return await asyncio.wrap_future(self._ready.popleft())
 
     def drop(self, name: str) -> None:

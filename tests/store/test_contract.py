@@ -12,7 +12,9 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -22,6 +24,7 @@ from syncd.ids import SkippedIds
 from syncd.state import SegmentState, StateError, StateStore, open_store
 from syncd.state.base import HeapPage, HeapSegment, LeaseLost, PendingBatch, RunResult
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
+from tests.support.postgres import drop_database
 
 # Ids and names that trip up quoting, CSV, LIKE/format strings, JSON and collations.
 TRICKY_IDS = [
@@ -858,8 +861,18 @@ async def test_heartbeats_are_seen_by_another_store_on_the_same_state(
 # -- ping, reopen, close ---------------------------------------------------------------------
 
 
-async def test_ping(store: StateStore) -> None:
+async def test_ping_answers_while_the_store_exists_and_fails_once_it_is_gone(
+    store_url: str, store: StateStore
+) -> None:
+    """``ping`` (what /readyz asks) really reaches the store: it fails with a
+    StateError once the SQLite file or the PostgreSQL database is gone."""
     await store.ping()
+    if store_url.startswith("sqlite:"):
+        await asyncio.to_thread(Path(urlsplit(store_url).path).unlink)
+    else:
+        await drop_database(urlsplit(store_url).path.lstrip("/"))
+    with pytest.raises(StateError):
+        await store.ping()
 
 
 async def test_reopen_keeps_everything(store_url: str, store: StateStore) -> None:

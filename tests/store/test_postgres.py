@@ -6,7 +6,6 @@ Each test gets an empty database of its own (``pg_url``); see conftest.py.
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,16 +16,17 @@ import pytest
 from syncd.state import StateError, StateStore, open_store
 from syncd.state.base import HeapPage
 from syncd.state.postgres import SCHEMA_VERSION
-from tests.store.conftest import (
-    DATABASE_PREFIX,
-    GUID,
-    SYSTEM,
+from tests.store.conftest import GUID, SYSTEM
+from tests.support.net import free_port
+from tests.support.postgres import (
     PostgresUnreachable,
     admin_connection,
-    admin_url,
     drop_database,
+    postgres_url,
     url_for_database,
 )
+
+pytestmark = pytest.mark.postgres
 
 TABLES = {
     "syncd_schema",
@@ -171,15 +171,9 @@ async def test_replicas_opening_together_both_succeed(pg_url: str) -> None:
 # -- connection errors -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
 
 def _bad_url(case: str) -> str:
-    server = urlsplit(admin_url())
+    server = urlsplit(postgres_url())
     user = server.username or "postgres"
     host = server.hostname or "127.0.0.1"
     where = f"{host}:{server.port or 5432}"
@@ -187,7 +181,7 @@ def _bad_url(case: str) -> str:
     return {
         "unknown-role": f"postgresql://syncd_no_such_role:{SECRET}@{where}/{database}",
         "unknown-database": f"postgresql://{user}:{SECRET}@{where}/syncd_t_no_such_database",
-        "closed-port": f"postgresql://{user}:{SECRET}@127.0.0.1:{_free_port()}/{database}",
+        "closed-port": f"postgresql://{user}:{SECRET}@127.0.0.1:{free_port()}/{database}",
         "unknown-host": f"postgresql://{user}:{SECRET}@no-such-host.invalid:5432/{database}",
         # Generated passwords hold URL delimiters; unencoded, they end the password early.
         "password-with-hash": f"postgresql://{user}:{SECRET}A#{SECRET}B@{where}/{database}",
@@ -313,7 +307,7 @@ async def test_one_replica_wins_a_lease(pg_url: str) -> None:
 async def test_lists_are_in_code_point_order_whatever_the_database_collation() -> None:
     """A database sorting text by language rules (ICU en-US: 'a' < 'B') still lists
     segments, replicas and quarantined ids as SQLite does: by code point."""
-    name = f"{DATABASE_PREFIX}icu_{uuid.uuid4().hex[:12]}"
+    name = f"syncd_t_icu_{uuid.uuid4().hex[:12]}"
     conn = await admin_connection()
     try:
         await conn.execute(
@@ -324,7 +318,7 @@ async def test_lists_are_in_code_point_order_whatever_the_database_collation() -
         await conn.close()
     names = ["b", "B", "a", "A", "_z"]
     try:
-        store = await open_store(url_for_database(admin_url(), name))
+        store = await open_store(url_for_database(postgres_url(), name))
         try:
             for segment in names:
                 await store.begin_run(segment, f"run-{segment}", SYSTEM, None)

@@ -412,7 +412,10 @@ async def test_token_refused_is_an_auth_error_naming_the_secret_variable(
     assert fake.calls == []
 
 
-def test_client_repr_hides_the_secret() -> None:
+def test_client_repr_names_the_client_and_hides_the_secret() -> None:
+    """Its repr says which API and client id it is (what a log reader needs) and
+    never the secret."""
+
     async def build() -> str:
         async with aiohttp.ClientSession() as client_session:
             client = WalkMeClient(
@@ -424,7 +427,9 @@ def test_client_repr_hides_the_secret() -> None:
             )
             return repr(client)
 
-    assert SECRET not in asyncio.run(build())
+    shown = asyncio.run(build())
+    assert shown == f"<WalkMeClient https://api.walkme.com client_id={CLIENT_ID}>"
+    assert SECRET not in shown
 
 
 # -- retries -------------------------------------------------------------------------

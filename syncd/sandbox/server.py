@@ -1,4 +1,4 @@
-"""A fake WalkMe Segments API server for integration tests, demos and benchmarks.
+"""The fake WalkMe Segments API: an aiohttp.web server holding segments in memory.
 
 It serves the real API's paths with the real API's documented rules (OAuth client
 credentials, 25,000 ids per request, 100 characters per id) and adds seeded,
@@ -11,11 +11,9 @@ validating the (at most 25,000) ids of the request itself.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
-import contextlib
 import dataclasses
 import email.utils
 import hmac
@@ -25,38 +23,19 @@ import math
 import random
 import re
 import secrets
-import signal
-import sys
 import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, get_args
 
 from aiohttp import web
 
 from syncd.http_server import start_server
-
-__all__ = [
-    "DEFAULT_CLIENT_ID",
-    "DEFAULT_CLIENT_SECRET",
-    "MAX_BODY_BYTES",
-    "SANDBOX_SYSTEM_GUID",
-    "SEGMENTS_PATH",
-    "SEGMENT_PATH",
-    "TOKEN_PATH",
-    "Faults",
-    "ListShape",
-    "RequestKind",
-    "RequestRecord",
-    "SegmentRecord",
-    "WalkMeSandbox",
-    "main",
-    "run_sandbox_in_thread",
-]
+from syncd.sandbox.faults import Faults
 
 SANDBOX_SYSTEM_GUID: Final = "5a1d0c2e-3b4f-4e6a-8c7d-9e0f1a2b3c4d"
 DEFAULT_CLIENT_ID: Final = "sandbox-client"
@@ -83,59 +62,6 @@ _BAD_GATEWAY_HTML: Final = (
     "<html><head><title>502 Bad Gateway</title></head>"
     "<body><center><h1>502 Bad Gateway</h1></center></body></html>\n"
 )
-
-
-@dataclass
-class Faults:
-    """Seeded fault injection; every rate is a probability in [0, 1] and defaults to off.
-
-    Faults hit segment calls only, unless ``faults_on_token`` is set. Fields may be
-    changed at runtime; assign a new ``Faults`` to ``WalkMeSandbox.faults`` to reseed.
-    """
-
-    seed: int = 0
-    error_rate: float = 0.0
-    throttle_rate: float = 0.0
-    retry_after: float = 1.0
-    # None: pick delta-seconds or HTTP-date at random for each 429.
-    retry_after_http_date: bool | None = False
-    drop_rate: float = 0.0
-    delay: float = 0.0
-    faults_on_token: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("error_rate", "throttle_rate", "drop_rate"):
-            rate = getattr(self, name)
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"Faults.{name} must be within [0, 1], got {rate!r}")
-        if self.retry_after < 0 or self.delay < 0:
-            raise ValueError("Faults.retry_after and Faults.delay must not be negative")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Faults:
-        """Build from JSON-like data; unknown keys and wrong types raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown fault fields: {', '.join(unknown)}")
-        values: dict[str, Any] = {}
-        for name, value in data.items():
-            if name == "faults_on_token":
-                ok = isinstance(value, bool)
-            elif name == "retry_after_http_date":
-                ok = value is None or isinstance(value, bool)
-            elif name == "seed":
-                ok = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not ok:
-                raise ValueError(f"Faults.{name}: invalid value {value!r}")
-            values[name] = value
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form, the same keys ``from_dict`` accepts."""
-        return dataclasses.asdict(self)
 
 
 @dataclass(eq=False)
@@ -170,6 +96,17 @@ class RequestRecord:
     status: int
     applied: bool
     dropped: bool = False
+    retry_after: str | None = None  # the Retry-After header of the answer, if any
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedChange:
+    """A segment change the sandbox applied, as its apply hooks and stalls see it."""
+
+    action: str  # "create", "delete", or the update's "add", "remove" or "override"
+    segment_guid: str
+    ids: tuple[str, ...]  # the request's userIds, in the order sent
+    port: int  # the local port it came in on: see ``WalkMeSandbox.listen_also``
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +132,14 @@ class _Call:
     n_ids: int | None = None
     applied: bool = False
     drop: bool = False
+    write_number: int | None = None  # creates and updates, 1-based, in arrival order
+    change: AppliedChange | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Stall:
+    from_write: int
+    seconds: float
 
 
 class _Answer(Exception):
@@ -287,6 +232,15 @@ class WalkMeSandbox:
         self._token_script: deque[_Scripted] = deque()
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
+        # Every access token issued, kept after it expired or was revoked.
+        self.issued_tokens: list[str] = []
+        # Changes whose answers a stall held back, in order.
+        self.stalled: list[AppliedChange] = []
+        self._writes_received = 0
+        self._stall: _Stall | None = None
+        self._drops_after_apply: Counter[RequestKind] = Counter()
+        self._request_hooks: list[Callable[[RequestKind], None]] = []
+        self._apply_hooks: list[Callable[[AppliedChange], None]] = []
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -314,6 +268,19 @@ class WalkMeSandbox:
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         self._url = f"http://{shown}:{bound_port}"
         return self._url
+
+    async def listen_also(self, host: str = "127.0.0.1") -> int:
+        """Serve the same API on one more free port, and return it: each client given
+        a port of its own is told apart by ``AppliedChange.port``."""
+        runner = self._runner
+        if runner is None:
+            raise RuntimeError("sandbox is not running")
+        before = {tuple(address[:2]) for address in runner.addresses}
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        added = [a for a in runner.addresses if tuple(a[:2]) not in before]
+        port: int = added[0][1]
+        return port
 
     async def stop(self) -> None:
         """Stop listening; safe to call twice."""
@@ -394,12 +361,49 @@ class WalkMeSandbox:
             self._script.clear()
             self._token_script.clear()
 
+    def drop_after_apply(self, kind: RequestKind, times: int = 1) -> None:
+        """Apply the next ``times`` calls of ``kind`` that succeed, then drop their
+        connections unanswered (the ambiguous write: done, but the client never hears)."""
+        with self._lock:
+            self._drops_after_apply[kind] += times
+
+    def stall_write(self, from_write: int, seconds: float) -> None:
+        """Hold back the answer of the first create or update, from the
+        ``from_write``-th received on (1-based, see ``writes_received``), that is
+        applied and answered, for ``seconds``: a request in flight for as long as a
+        test needs. It is added to ``stalled``. One request per call; replaces an
+        earlier stall not yet used."""
+        with self._lock:
+            self._stall = _Stall(from_write, seconds)
+
+    def cancel_stall(self) -> None:
+        """Forget a stall not yet used."""
+        with self._lock:
+            self._stall = None
+
+    def on_request(self, hook: Callable[[RequestKind], None]) -> None:
+        """Call ``hook(kind)`` on the server's event loop as each segment call arrives,
+        before faults are drawn (to change ``faults`` from then on, say)."""
+        self._request_hooks.append(hook)
+
+    def on_apply(self, hook: Callable[[AppliedChange], None]) -> None:
+        """Call ``hook(change)`` on the server's event loop right after each change is
+        applied and before it is answered, with no await in between: hooks see the
+        changes in the order WalkMe applied them."""
+        self._apply_hooks.append(hook)
+
     def clear_requests(self) -> None:
         """Forget the request log (e.g. after a test's setup phase)."""
         with self._lock:
             self.requests.clear()
 
     # ------------------------------------------------------------ introspection
+
+    @property
+    def writes_received(self) -> int:
+        """Creates and updates received so far, answered or not."""
+        with self._lock:
+            return self._writes_received
 
     def members(self, segment_guid: str) -> set[str]:
         """A copy of a segment's members; ``KeyError`` if there is no such segment."""
@@ -496,18 +500,17 @@ class WalkMeSandbox:
 
     # ------------------------------------------------------------ request flow
 
-    def _record(
-        self, request: web.Request, call: _Call, status: int, dropped: bool = False
-    ) -> None:
+    def _record(self, request: web.Request, call: _Call, response: web.Response) -> None:
         record = RequestRecord(
             kind=call.kind,
             method=request.method,
             path=request.path,
             action=call.action,
             n_ids=call.n_ids,
-            status=0 if dropped else status,
+            status=0 if call.drop else response.status,
             applied=call.applied,
-            dropped=dropped,
+            dropped=call.drop,
+            retry_after=response.headers.get("Retry-After"),
         )
         with self._lock:
             self.requests.append(record)
@@ -592,17 +595,44 @@ class WalkMeSandbox:
             call.drop = self._rng.random() < faults.drop_rate
 
     def _finish(self, request: web.Request, call: _Call, response: web.Response) -> web.Response:
+        if call.applied and not call.drop:
+            with self._lock:
+                if self._drops_after_apply[call.kind] > 0:
+                    self._drops_after_apply[call.kind] -= 1
+                    call.drop = True
         self._roll_drop(call, response.status)
+        self._record(request, call, response)
         if call.drop:
-            self._record(request, call, response.status, dropped=True)
             # Closing the transport makes aiohttp's write fail as a client disconnect,
             # which it ignores quietly; the client sees the server hang up unanswered.
             transport = request.transport
             if transport is not None:
                 transport.close()
-            return response
-        self._record(request, call, response.status)
         return response
+
+    def _applied(self, request: web.Request, call: _Call, change: AppliedChange) -> None:
+        call.applied = True
+        call.change = change
+        for hook in self._apply_hooks:
+            hook(change)
+
+    def _take_stall(self, call: _Call, response: web.Response) -> float | None:
+        """The seconds to hold this answer back, if a stall is armed for it."""
+        change = call.change
+        with self._lock:
+            stall = self._stall
+            if (
+                stall is None
+                or change is None
+                or call.write_number is None
+                or call.write_number < stall.from_write
+                or call.drop
+                or response.status >= 300
+            ):
+                return None
+            self._stall = None
+            self.stalled.append(change)
+        return stall.seconds
 
     async def _segment_call(
         self,
@@ -611,6 +641,12 @@ class WalkMeSandbox:
         operation: Callable[[web.Request, _Call, str, bytes], web.Response],
     ) -> web.Response:
         call = _Call(kind)
+        if kind in ("create", "update"):
+            with self._lock:
+                self._writes_received += 1
+                call.write_number = self._writes_received
+        for hook in self._request_hooks:
+            hook(kind)
         # Read the body even when a fault answers: an unread body would break keep-alive.
         try:
             raw = await request.read()
@@ -627,7 +663,11 @@ class WalkMeSandbox:
             response = operation(request, call, system, raw)
         except _Answer as answer:
             response = answer.response
-        return self._finish(request, call, response)
+        response = self._finish(request, call, response)
+        stall_s = self._take_stall(call, response)
+        if stall_s is not None:
+            await asyncio.sleep(stall_s)
+        return response
 
     def _authorize(self, request: web.Request) -> None:
         """Raise 401 for a missing, unknown, expired or revoked token; 403 if forbidden."""
@@ -720,6 +760,7 @@ class WalkMeSandbox:
                 self._tokens = {t: e for t, e in self._tokens.items() if e.expires_at > now}
                 self._tokens[token] = _Token(client_id=client_id, expires_at=now + lifetime)
                 self.tokens_issued += 1
+                self.issued_tokens.append(token)
             call.applied = True
             response = web.json_response(
                 {
@@ -769,7 +810,11 @@ class WalkMeSandbox:
             ):
                 raise _error(409, "conflict", f"external id {external_id!r} is already in use")
             self.segments[record.guid] = record
-        call.applied = True
+        self._applied(
+            request,
+            call,
+            AppliedChange("create", record.guid, tuple(body["userIds"]), _local_port(request)),
+        )
         if not self.create_returns_guid:
             return web.json_response({"success": True}, status=201)
         return web.json_response(record.public(), status=201)
@@ -793,7 +838,9 @@ class WalkMeSandbox:
                 record.members -= ids
             else:
                 record.members = ids
-        call.applied = True
+        self._applied(
+            request, call, AppliedChange(action, guid, tuple(body["userIds"]), _local_port(request))
+        )
         return web.json_response({"success": True})
 
     def _list(self, request: web.Request, call: _Call, system: str, raw: bytes) -> web.Response:
@@ -810,7 +857,7 @@ class WalkMeSandbox:
             if record is None or record.system_guid != system:
                 raise _error(404, "not_found", "unknown segment")
             del self.segments[guid]
-        call.applied = True
+        self._applied(request, call, AppliedChange("delete", guid, (), _local_port(request)))
         return web.json_response({"success": True})
 
     # ------------------------------------------------ control plane (not recorded)
@@ -873,128 +920,9 @@ class WalkMeSandbox:
         return web.json_response({"success": True})
 
 
-@contextlib.contextmanager
-def run_sandbox_in_thread(
-    *, host: str = "127.0.0.1", port: int = 0, **kwargs: Any
-) -> Iterator[WalkMeSandbox]:
-    """Run a ``WalkMeSandbox(**kwargs)`` on its own event loop in a daemon thread.
-
-    Yields the started sandbox; its ``url`` is ready. Use its thread-safe methods
-    (``members``, ``size``, ``find``, ``count``, ``state``) from the calling thread.
-    """
-    with serve_in_thread(WalkMeSandbox(**kwargs), host, port) as sandbox:
-        yield sandbox
-
-
-_Sandbox = TypeVar("_Sandbox", bound=WalkMeSandbox)
-
-
-@contextlib.contextmanager
-def serve_in_thread(
-    sandbox: _Sandbox, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[_Sandbox]:
-    """Serve an already built sandbox (a test's subclass, say) from a daemon thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="walkme-sandbox", daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(sandbox.start(host, port), loop).result(timeout=30)
-        yield sandbox
-    finally:
-        try:
-            asyncio.run_coroutine_threadsafe(sandbox.stop(), loop).result(timeout=30)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-            if not thread.is_alive():
-                loop.close()
-
-
-# --------------------------------------------------------------------- command line
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m syncd.sandbox", description="Run a fake WalkMe Segments API."
-    )
-    add = parser.add_argument
-    add("--host", default="127.0.0.1")
-    add("--port", type=int, default=8089, help="0 picks a free port (default 8089)")
-    add("--client-id", default=DEFAULT_CLIENT_ID)
-    add("--client-secret", default=DEFAULT_CLIENT_SECRET)
-    add(
-        "--system",
-        action="append",
-        dest="systems",
-        metavar="GUID",
-        help=f"system GUID to serve (repeatable; default {SANDBOX_SYSTEM_GUID})",
-    )
-    add("--token-lifetime", type=float, default=86400.0, metavar="S")
-    add("--list-shape", choices=get_args(ListShape), default="data")
-    add(
-        "--no-create-guid",
-        action="store_true",
-        help='create answers {"success": true} only, without the new GUID',
-    )
-    add("--error-rate", type=float, default=0.0)
-    add("--throttle-rate", type=float, default=0.0)
-    add("--retry-after", type=float, default=1.0, metavar="S")
-    add("--drop-rate", type=float, default=0.0)
-    add("--delay", type=float, default=0.0, metavar="S")
-    add("--faults-on-token", action="store_true")
-    add("--seed", type=int, default=0)
-    return parser.parse_args(argv)
-
-
-async def _serve(sandbox: WalkMeSandbox, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        # Not available on Windows' default loop; Ctrl-C still ends asyncio.run there.
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
-    url = await sandbox.start(host, port)
-    try:
-        print(f"sandbox listening on {url}", flush=True)
-        await stop.wait()
-    finally:
-        await sandbox.stop()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the sandbox in the foreground until SIGTERM or SIGINT."""
-    args = _parse_args(argv)
-    try:
-        faults = Faults(
-            seed=args.seed,
-            error_rate=args.error_rate,
-            throttle_rate=args.throttle_rate,
-            retry_after=args.retry_after,
-            drop_rate=args.drop_rate,
-            delay=args.delay,
-            faults_on_token=args.faults_on_token,
-        )
-    except ValueError as exc:
-        print(f"sandbox: {exc}", file=sys.stderr)
-        return 2
-    sandbox = WalkMeSandbox(
-        client_id=args.client_id,
-        client_secret=args.client_secret,
-        systems=args.systems or (SANDBOX_SYSTEM_GUID,),
-        token_lifetime=args.token_lifetime,
-        faults=faults,
-        list_shape=args.list_shape,
-        create_returns_guid=not args.no_create_guid,
-    )
-    try:
-        asyncio.run(_serve(sandbox, args.host, args.port))
-    except OSError as exc:
-        print(f"sandbox: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _local_port(request: web.Request) -> int:
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if sockname:
+        return int(sockname[1])
+    return int(request.url.port or 0)

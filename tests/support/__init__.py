@@ -1,0 +1,1 @@
+"""Plain helpers shared by the test suites; the conftests hold fixtures only."""

@@ -1,0 +1,42 @@
+"""Ports and plain HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import urllib.error
+import urllib.request
+
+# Below the kernel's ephemeral range (32768 up), so a port handed out here is never
+# one the kernel gives a listener on port 0; each xdist worker has its own block,
+# and within it no port is handed out twice: two tests never race for one port.
+_FIRST_PORT = 20_000
+_PORTS_PER_WORKER = 2_000
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_START = _FIRST_PORT + _WORKER * _PORTS_PER_WORKER
+_candidates = itertools.count(_START)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, of this test worker's own block."""
+    for port in _candidates:
+        if port >= _START + _PORTS_PER_WORKER:
+            break
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"test worker {_WORKER} used up its {_PORTS_PER_WORKER} ports")
+
+
+def fetch_text(url: str, timeout: float = 5) -> tuple[int, str]:
+    """GET ``url``: its status and body, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - 127.0.0.1
+            status: int = response.status
+            return status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
