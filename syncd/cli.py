@@ -357,7 +357,7 @@ _EXIT_STATUSES = {
     "check": "0 all fine, 1 something failed, 2 bad configuration",
     "status": "0, 1 the state store failed, 2 bad configuration or no state store",
     "history": "0, 1 the state store failed, 2 bad configuration or no state store",
-    "reset": "0, 2 unknown segment, bad configuration or no state store",
+    "reset": "0, 2 bad configuration, unknown segment or no state store",
     "delete": "0, 1 WalkMe refused or the segment is in use, 2 bad configuration",
     "prune": "0, 1 a delete failed, 2 bad configuration",
     "demo": "0",
@@ -419,15 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(event: str, message: str) -> None:
-    """A start-up failure: one line on stderr; a JSON log line when
-    SYNCD_LOG_FORMAT=json, so a log pipeline keeps it."""
-    message = scrub(message)
-    if os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "").strip().lower() == "json":
-        configure_logging("json", "info", sys.stderr)
-        log.error(event, error=message)
-    else:
-        print(f"syncd: {message}", file=sys.stderr, flush=True)
+def _errors_as_json() -> bool:
+    """A start-up failure is one line on stderr: a JSON log line (logging set up for it)
+    when SYNCD_LOG_FORMAT=json, so a log pipeline keeps it; else plain text."""
+    if os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "").strip().lower() != "json":
+        return False
+    configure_logging("json", "info", sys.stderr)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -436,10 +434,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Command = args.handler
         return asyncio.run(handler(args))
     except ConfigError as exc:
-        _fail("config.invalid", f"configuration error: {exc}")
+        message = scrub(f"configuration error: {exc}")
+        if _errors_as_json():
+            log.error("config.invalid", error=message)
+        else:
+            print(f"syncd: {message}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except StateError as exc:
-        _fail("state.unavailable", str(exc))
+        message = scrub(str(exc))
+        if _errors_as_json():
+            log.error("state.unavailable", error=message)
+        else:
+            print(f"syncd: {message}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
