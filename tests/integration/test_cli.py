@@ -429,7 +429,8 @@ def test_status_and_history_read_local_state_without_walkme_settings(
 
     table = run_cli("status", env=env)
     assert table.returncode == 0, table.stderr
-    assert "Local" in table.stdout and "synced" in table.stdout
+    assert "Local" in table.stdout
+    assert "synced" in table.stdout
     history = run_cli("history", "--segment", "Local", env=env)
     assert history.returncode == 0, history.stderr
     header = history.stdout.splitlines()[0].split()
@@ -463,5 +464,6 @@ def test_read_only_commands_never_create_a_state_store(
         )
         assert result.returncode == 2, (argv, result.stdout, result.stderr)
         line = result.stderr.strip()
-        assert "\n" not in line and line.startswith("syncd: configuration error: SYNCD_STATE_URL")
+        assert "\n" not in line
+        assert line.startswith("syncd: configuration error: SYNCD_STATE_URL")
         assert list(tmp_path.iterdir()) == [], f"{argv} created {list(tmp_path.iterdir())}"

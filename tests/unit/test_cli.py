@@ -185,8 +185,10 @@ def test_a_bad_guid_is_explained_not_shown_as_a_pattern(
     env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
     env.setenv("SYNCD_WALKME_SYSTEM_GUID", "1234")
     line = run_config_error(["check"], capsys)
-    assert "not a GUID" in line and "8-4-4-4-12" in line, line
-    assert "[0-9a-fA-F]" not in line and "pattern" not in line, line
+    assert "not a GUID" in line, line
+    assert "8-4-4-4-12" in line, line
+    assert "[0-9a-fA-F]" not in line, line
+    assert "pattern" not in line, line
 
 
 @pytest.mark.parametrize("argv", [["sync"], ["run"], ["status"]])
