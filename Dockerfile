@@ -1,28 +1,41 @@
 # Container image for syncd.
 #
-# Needs BuildKit (RUN --mount). No "# syntax=" line on purpose: the frontend
-# built into Docker >= 20.10 is enough, and fetching one needs a registry.
+# Builds with BuildKit or with the legacy builder (DOCKER_BUILDKIT=0, or a docker
+# client without the buildx plugin): no RUN --mount, no "# syntax=" line (fetching a
+# frontend needs a registry).
 #
-#   DOCKER_BUILDKIT=1 docker build -t syncd:local .
+#   docker build -t syncd:local .
+#
+# Dependencies are installed from requirements.lock with --require-hashes: two builds
+# of one commit hold the same packages (`bash .ci/lock` rewrites the lock).
+#
+# Labels: pass the version and commit (the release workflow does):
+#
+#   docker build --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" \
+#       -t syncd:local .
 #
 # Behind a TLS-intercepting proxy / private index (see tests/image/README.md):
 #
-#   DOCKER_BUILDKIT=1 docker build --network host \
-#       --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt \
+#   docker build --network host \
+#       --build-arg PIP_CA_PEM="$(cat /etc/ssl/certs/ca-certificates.crt)" \
 #       --build-arg PIP_INDEX_URL=https://pypi.org/simple \
 #       --build-arg BASE_IMAGE=syncd-base:local \
 #       -t syncd:local .
 #
-# The CA bundle is mounted only for the duration of the pip RUN steps (it is never
-# written to a layer), and the build args live only in the builder stage.
+# PIP_CA_PEM (certificates are public, not secrets) and the index URLs exist only in
+# the builder stage, which the runtime image does not contain; the CA file is deleted
+# in the RUN step that wrote it. Don't put passwords in index URLs: build args show
+# in build logs.
 
-ARG BASE_IMAGE=python:3.12-slim
+# A pinned tag, so a rebuild months later starts from the same Python and Debian.
+ARG BASE_IMAGE=python:3.12.11-slim-bookworm
 
 ############################################################ builder
 FROM ${BASE_IMAGE} AS builder
 
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=
+ARG PIP_CA_PEM=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DEFAULT_TIMEOUT=120 \
@@ -32,30 +45,34 @@ RUN python3 -m venv /opt/syncd
 
 WORKDIR /src
 
-# Dependencies first, in their own layer, so code changes don't re-download them.
-COPY pyproject.toml ./
-RUN --mount=type=secret,id=pip_ca \
-    set -eu; \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+# Dependencies first, in their own layer, so code changes don't re-download them:
+# exactly the locked versions, each file checked against its hash.
+COPY requirements.lock ./
+RUN set -eu; \
+    if [ -n "${PIP_CA_PEM}" ]; then \
+        printf '%s\n' "${PIP_CA_PEM}" > /tmp/pip-ca.pem; export PIP_CERT=/tmp/pip-ca.pem; \
+    fi; \
     if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi; \
     if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
-    python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt; \
-    /opt/syncd/bin/python -m pip install -r /tmp/requirements.txt
+    /opt/syncd/bin/python -m pip install --require-hashes --no-deps --only-binary :all: \
+        -r requirements.lock; \
+    rm -f /tmp/pip-ca.pem
 
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY syncd ./syncd
-# Then the project itself; afterwards drop pip/setuptools (not needed at runtime,
-# and they differ between bases) and compile bytecode now, because the runtime root
-# filesystem is read-only. unchecked-hash .pyc files stay valid whatever the file
-# mtimes are after COPY --from. `syncd --help` imports the whole CLI: a module missing
-# from pyproject.toml's dependencies fails the build here, not the container at start.
-RUN --mount=type=secret,id=pip_ca \
-    set -eu; \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+# Then the project itself (nothing else: --no-deps); afterwards drop pip/setuptools
+# (not needed at runtime, and they differ between bases) and compile bytecode now,
+# because the runtime root filesystem is read-only. unchecked-hash .pyc files stay
+# valid whatever the file mtimes are after COPY --from. `syncd --help` imports the
+# whole CLI: a module missing from the lock fails the build here, not the container.
+RUN set -eu; \
+    if [ -n "${PIP_CA_PEM}" ]; then \
+        printf '%s\n' "${PIP_CA_PEM}" > /tmp/pip-ca.pem; export PIP_CERT=/tmp/pip-ca.pem; \
+    fi; \
     if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi; \
     if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
     /opt/syncd/bin/python -m pip install --no-deps .; \
+    rm -f /tmp/pip-ca.pem; \
     /opt/syncd/bin/python -m pip check; \
     /opt/syncd/bin/python -m pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
     /opt/syncd/bin/python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/syncd/lib; \
@@ -64,6 +81,16 @@ RUN --mount=type=secret,id=pip_ca \
 
 ############################################################ runtime
 FROM ${BASE_IMAGE} AS runtime
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/example-org/syncd
+LABEL org.opencontainers.image.title="syncd" \
+      org.opencontainers.image.description="Keeps WalkMe segments equal to Heap segments, unattended." \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="LicenseRef-Proprietary"
 
 ENV PATH=/opt/syncd/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
