@@ -14,18 +14,15 @@
 #   docker build --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" \
 #       -t syncd:local .
 #
-# Behind a TLS-intercepting proxy / private index (see tests/image/README.md):
+# Behind a TLS-intercepting proxy, build on a base that trusts its CA and whose pip
+# uses the system store: tests/image/build-base.sh makes one (Debian's pip does).
+# Another index (a mirror):
 #
-#   docker build --network host \
-#       --build-arg PIP_CA_PEM="$(cat /etc/ssl/certs/ca-certificates.crt)" \
-#       --build-arg PIP_INDEX_URL=https://pypi.org/simple \
-#       --build-arg BASE_IMAGE=syncd-base:local \
-#       -t syncd:local .
+#   docker build --network host --build-arg BASE_IMAGE=syncd-base:local \
+#       --build-arg PIP_INDEX_URL=https://mirror.example/simple -t syncd:local .
 #
-# PIP_CA_PEM (certificates are public, not secrets) and the index URLs exist only in
-# the builder stage, which the runtime image does not contain; the CA file is deleted
-# in the RUN step that wrote it. Don't put passwords in index URLs: build args show
-# in build logs.
+# The index URLs exist only in the builder stage, which the runtime image does not
+# contain. Don't put passwords in them: build args show in build logs.
 
 # A pinned tag, so a rebuild months later starts from the same Python and Debian.
 ARG BASE_IMAGE=python:3.12.11-slim-bookworm
@@ -35,7 +32,6 @@ FROM ${BASE_IMAGE} AS builder
 
 ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG PIP_EXTRA_INDEX_URL=
-ARG PIP_CA_PEM=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DEFAULT_TIMEOUT=120 \
@@ -49,14 +45,10 @@ WORKDIR /src
 # exactly the locked versions, each file checked against its hash.
 COPY requirements.lock ./
 RUN set -eu; \
-    if [ -n "${PIP_CA_PEM}" ]; then \
-        printf '%s\n' "${PIP_CA_PEM}" > /tmp/pip-ca.pem; export PIP_CERT=/tmp/pip-ca.pem; \
-    fi; \
     if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi; \
     if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
     /opt/syncd/bin/python -m pip install --require-hashes --no-deps --only-binary :all: \
-        -r requirements.lock; \
-    rm -f /tmp/pip-ca.pem
+        -r requirements.lock
 
 COPY pyproject.toml README.md ./
 COPY syncd ./syncd
@@ -66,13 +58,9 @@ COPY syncd ./syncd
 # valid whatever the file mtimes are after COPY --from. `syncd --help` imports the
 # whole CLI: a module missing from the lock fails the build here, not the container.
 RUN set -eu; \
-    if [ -n "${PIP_CA_PEM}" ]; then \
-        printf '%s\n' "${PIP_CA_PEM}" > /tmp/pip-ca.pem; export PIP_CERT=/tmp/pip-ca.pem; \
-    fi; \
     if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi; \
     if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
     /opt/syncd/bin/python -m pip install --no-deps .; \
-    rm -f /tmp/pip-ca.pem; \
     /opt/syncd/bin/python -m pip check; \
     /opt/syncd/bin/python -m pip uninstall -y -q pip setuptools wheel 2>/dev/null || true; \
     /opt/syncd/bin/python -m compileall -q -f -j 0 --invalidation-mode unchecked-hash /opt/syncd/lib; \

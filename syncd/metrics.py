@@ -86,3 +86,5 @@ webhook_pages = Counter(
     ["result"],
     registry=REGISTRY,
 )
+for _result in ("stored", "duplicate", "ignored", "not_stored"):
+    webhook_pages.labels(_result)  # the series exist from the start, at 0

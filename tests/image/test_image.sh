@@ -16,8 +16,6 @@
 # Environment overrides:
 #   IMAGE          tag to build and test                 (default syncd:local)
 #   BASE_IMAGE     base image, built by build-base.sh    (default syncd-base:local)
-#   CA_BUNDLE      CA bundle pip trusts in the build (build arg PIP_CA_PEM)
-#                                                        (default /etc/ssl/certs/ca-certificates.crt)
 #   DOCKER         docker client                         (default /usr/bin/docker if present)
 #   DOCKER_BUILDKIT  1 builds with BuildKit               (default 0: the legacy builder)
 #   PYTHON         host python with syncd installed      (default .venv/bin/python)
@@ -32,7 +30,6 @@ root=$(cd "$here/../.." && pwd)
 
 IMAGE=${IMAGE:-syncd:local}
 BASE_IMAGE=${BASE_IMAGE:-syncd-base:local}
-CA_BUNDLE=${CA_BUNDLE-/etc/ssl/certs/ca-certificates.crt}
 PYTHON=${PYTHON:-$root/.venv/bin/python}
 TIMEOUT=${TIMEOUT:-90}
 STOP_TIMEOUT=${STOP_TIMEOUT:-30}
@@ -153,10 +150,6 @@ else
     fi
     build_args=(--network host --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$IMAGE"
         --build-arg "VERSION=$VERSION" --build-arg "REVISION=$REVISION")
-    if [[ -n $CA_BUNDLE ]]; then
-        [[ -r $CA_BUNDLE ]] || die "CA_BUNDLE=$CA_BUNDLE not readable (set CA_BUNDLE= to build without it)"
-        build_args+=(--build-arg "PIP_CA_PEM=$(cat "$CA_BUNDLE")")
-    fi
     log "building $IMAGE from $root/Dockerfile (base $BASE_IMAGE, DOCKER_BUILDKIT=$BUILDKIT)"
     DOCKER_BUILDKIT=$BUILDKIT "$DOCKER" build "${build_args[@]}" "$root" \
         >"$work/build.log" 2>&1 \
@@ -176,8 +169,15 @@ import importlib.metadata as m
 for d in sorted(m.distributions(), key=lambda d: d.metadata["Name"].lower()):
     print(d.metadata["Name"].lower().replace("_", "-") + "==" + d.version)
 ' | grep -v '^syncd==' >"$work/installed.txt"
-grep -oE '^[a-z0-9_.-]+==[^ ]+' "$root/requirements.lock" | tr '_' '-' | sort >"$work/locked.txt"
-diff -u "$work/locked.txt" "$work/installed.txt" >&2 || die "the image's packages differ from requirements.lock"
+sort -o "$work/installed.txt" "$work/installed.txt"
+# Locked packages with an environment marker (tzdata on Windows...) may be absent.
+grep -E '^[a-z0-9_.-]+==' "$root/requirements.lock" | sed 's/ *\\$//' >"$work/lock-lines.txt"
+grep -v ';' "$work/lock-lines.txt" | tr '_' '-' | sort >"$work/locked.txt"
+sed 's/ *;.*//' "$work/lock-lines.txt" | tr '_' '-' | sort >"$work/lockable.txt"
+extra=$(comm -13 "$work/lockable.txt" "$work/installed.txt")
+absent=$(comm -23 "$work/locked.txt" "$work/installed.txt")
+[[ -z $extra && -z $absent ]] \
+    || die "the image's packages differ from requirements.lock: not locked: ${extra:-none}; missing: ${absent:-none}"
 log "labels: version $VERSION, revision ${REVISION:0:12}; packages = requirements.lock ($(wc -l <"$work/locked.txt"))"
 
 image_size=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
