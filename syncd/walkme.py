@@ -274,7 +274,7 @@ def _connection_failure(exc: aiohttp.ClientConnectionError, url: str) -> _Retrya
     elif isinstance(exc, aiohttp.ServerDisconnectedError):
         detail = f"connection to {where} closed by the server before it answered"
     else:
-        detail = f"connection to {where} failed: {exc or type(exc).__name__}"
+        detail = f"connection to {where} failed: {str(exc) or type(exc).__name__}"
     failure = _Retryable("connection error", detail=scrub(detail))
     failure.unconnected = isinstance(exc, aiohttp.ClientConnectorError)
     return failure
