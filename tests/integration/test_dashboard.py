@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -191,7 +190,7 @@ def prometheus(live_run: LiveRun, tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _listening(port), 30, "Prometheus to listen")
+        wait_until(lambda: _ready(url), 60, "Prometheus to be ready")
         yield url
     finally:
         process.terminate()
@@ -199,9 +198,13 @@ def prometheus(live_run: LiveRun, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
+def _ready(prometheus: str) -> bool:
+    """Prometheus answers queries (it listens, then answers 503 until its TSDB is open)."""
+    try:
+        with urllib.request.urlopen(f"{prometheus}/-/ready", timeout=5) as answer:  # noqa: S310
+            return bool(answer.status == 200)
+    except OSError:
+        return False
 
 
 def query(prometheus: str, expr: str) -> list[dict[str, Any]]:

@@ -337,8 +337,9 @@ class Replica:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
     def events(self) -> list[dict[str, Any]]:
+        """Its JSON log lines: on stdout for ``run``, on stderr for ``sync``."""
         found = []
-        for line in self.stdout().splitlines():
+        for line in (self.stdout() + self.stderr()).splitlines():
             with contextlib.suppress(ValueError):
                 entry = json.loads(line)
                 if isinstance(entry, dict):
