@@ -1,22 +1,31 @@
 # Container image for syncd.
 #
-# Needs BuildKit (RUN --mount). No "# syntax=" line on purpose: the frontend
-# built into Docker >= 20.10 is enough, and fetching one needs a registry.
+# Builds with BuildKit or with the legacy builder (DOCKER_BUILDKIT=0, or a docker
+# client without the buildx plugin): no RUN --mount, no "# syntax=" line (fetching a
+# frontend needs a registry).
 #
-#   DOCKER_BUILDKIT=1 docker build -t syncd:local .
+#   docker build -t syncd:local .
 #
-# Behind a TLS-intercepting proxy / private index (see tests/image/README.md):
+# Dependencies are installed from requirements.lock with --require-hashes: two builds
+# of one commit hold the same packages (`bash .ci/lock` rewrites the lock).
 #
-#   DOCKER_BUILDKIT=1 docker build --network host \
-#       --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt \
-#       --build-arg PIP_INDEX_URL=https://pypi.org/simple \
-#       --build-arg BASE_IMAGE=syncd-base:local \
+# Labels: pass the version and commit (the release workflow does):
+#
+#   docker build --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" \
 #       -t syncd:local .
 #
-# The CA bundle is mounted only for the duration of the pip RUN steps (it is never
-# written to a layer), and the build args live only in the builder stage.
+# Behind a TLS-intercepting proxy, build on a base that trusts its CA and whose pip
+# uses the system store: tests/image/build-base.sh makes one (Debian's pip does).
+# Another index (a mirror):
+#
+#   docker build --network host --build-arg BASE_IMAGE=syncd-base:local \
+#       --build-arg PIP_INDEX_URL=https://mirror.example/simple -t syncd:local .
+#
+# The index URLs exist only in the builder stage, which the runtime image does not
+# contain. Don't put passwords in them: build args show in build logs.
 
-ARG BASE_IMAGE=python:3.12-slim
+# A pinned tag, so a rebuild months later starts from the same Python and Debian.
+ARG BASE_IMAGE=python:3.12.11-slim-bookworm
 
 ############################################################ builder
 FROM ${BASE_IMAGE} AS builder
@@ -32,27 +41,23 @@ RUN python3 -m venv /opt/syncd
 
 WORKDIR /src
 
-# Dependencies first, in their own layer, so code changes don't re-download them.
-COPY pyproject.toml ./
-RUN --mount=type=secret,id=pip_ca \
-    set -eu; \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+# Dependencies first, in their own layer, so code changes don't re-download them:
+# exactly the locked versions, each file checked against its hash.
+COPY requirements.lock ./
+RUN set -eu; \
     if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi; \
     if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
-    python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
-        > /tmp/requirements.txt; \
-    /opt/syncd/bin/python -m pip install -r /tmp/requirements.txt
+    /opt/syncd/bin/python -m pip install --require-hashes --no-deps --only-binary :all: \
+        -r requirements.lock
 
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY syncd ./syncd
-# Then the project itself; afterwards drop pip/setuptools (not needed at runtime,
-# and they differ between bases) and compile bytecode now, because the runtime root
-# filesystem is read-only. unchecked-hash .pyc files stay valid whatever the file
-# mtimes are after COPY --from. `syncd --help` imports the whole CLI: a module missing
-# from pyproject.toml's dependencies fails the build here, not the container at start.
-RUN --mount=type=secret,id=pip_ca \
-    set -eu; \
-    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+# Then the project itself (nothing else: --no-deps); afterwards drop pip/setuptools
+# (not needed at runtime, and they differ between bases) and compile bytecode now,
+# because the runtime root filesystem is read-only. unchecked-hash .pyc files stay
+# valid whatever the file mtimes are after COPY --from. `syncd --help` imports the
+# whole CLI: a module missing from the lock fails the build here, not the container.
+RUN set -eu; \
     if [ -z "${PIP_INDEX_URL}" ]; then unset PIP_INDEX_URL; fi; \
     if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
     /opt/syncd/bin/python -m pip install --no-deps .; \
@@ -64,6 +69,16 @@ RUN --mount=type=secret,id=pip_ca \
 
 ############################################################ runtime
 FROM ${BASE_IMAGE} AS runtime
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/example-org/syncd
+LABEL org.opencontainers.image.title="syncd" \
+      org.opencontainers.image.description="Keeps WalkMe segments equal to Heap segments, unattended." \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="LicenseRef-Proprietary"
 
 ENV PATH=/opt/syncd/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

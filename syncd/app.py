@@ -14,6 +14,8 @@ from syncd.settings import SegmentMapping, Settings
 from syncd.state import StateStore, open_store
 from syncd.walkme import WalkMeClient, log_retry, make_session
 
+CHECK_CONNECT_TIMEOUT = 5.0  # seconds `check` waits for a TCP/TLS connection to WalkMe
+
 
 @dataclass
 class Runtime:
@@ -26,15 +28,21 @@ class Runtime:
 
 @asynccontextmanager
 async def open_runtime(
-    settings: Settings, mappings: list[SegmentMapping]
+    settings: Settings, mappings: list[SegmentMapping], *, fail_fast: bool = False
 ) -> AsyncIterator[Runtime]:
-    """Everything a command needs, closed in reverse order on the way out."""
+    """Everything a command needs, closed in reverse order on the way out.
+
+    ``fail_fast`` (``syncd check``, run by a person waiting for it): a WalkMe
+    connection that cannot be made fails at once, after at most a short connect timeout."""
     secret = settings.client_secret()
     stamina.instrumentation.set_on_retry_hooks([log_retry])
     remove_stale_spills(settings.work_dir)
     store = await open_store(settings.state_url)
     try:
-        async with make_session(settings.http_timeout, settings.ca_bundle) as session:
+        connect_timeout = min(CHECK_CONNECT_TIMEOUT, settings.http_timeout) if fail_fast else None
+        async with make_session(
+            settings.http_timeout, settings.ca_bundle, connect_timeout
+        ) as session:
             client = WalkMeClient(
                 session,
                 api_url=settings.walkme_api_url,
@@ -43,6 +51,7 @@ async def open_runtime(
                 client_secret=secret,
                 attempts=settings.retry_attempts,
                 max_wait=settings.retry_max_wait,
+                fail_fast=fail_fast,
             )
             engine = Engine(settings, store, client, mappings)
             yield Runtime(settings, mappings, store, client, engine)

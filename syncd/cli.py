@@ -1,13 +1,16 @@
-"""The ``syncd`` command line: run, sync, check, status, reset, demo."""
+"""The ``syncd`` command line: run, sync, check, status, reset, demo.
+
+Interactive commands print their output on stdout and their log lines on
+stderr; ``syncd run`` logs on stdout, as a container is expected to.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
-import json
 import math
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -18,9 +21,12 @@ import structlog
 
 from syncd import __version__
 from syncd.app import Runtime, open_runtime
-from syncd.engine import Engine, Outcome, Plan, SegmentInUse, all_mappings
+from syncd.engine import Engine, Outcome, Plan, SegmentInUse
 from syncd.logs import configure_logging, redact, redact_credentials, scrub
+from syncd.reports import force_command, print_history, print_status
+from syncd.reports import out as _out
 from syncd.settings import (
+    ENV_PREFIX,
     ConfigError,
     SegmentMapping,
     Settings,
@@ -29,20 +35,55 @@ from syncd.settings import (
     printable,
 )
 from syncd.state import SegmentState, StateError, open_store
+from syncd.state.sqlite import sqlite_path
 from syncd.walkme import WalkMeError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_WOULD_HOLD = 3  # `sync --dry-run`: the plan is fine but the removal guard would hold it
 # What an interactive `syncd sync` stops on: finish the batch in flight, record it, exit.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 log = structlog.get_logger("syncd.cli")
 
 
-def _configured() -> tuple[Settings, list[SegmentMapping]]:
+def _configured(*, logs_on_stdout: bool = False) -> tuple[Settings, list[SegmentMapping]]:
     settings = load_settings()
     _redact_secrets(settings)
     mappings = settings.mappings()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(
+        settings.log_format, settings.log_level, sys.stdout if logs_on_stdout else sys.stderr
+    )
+    return settings, mappings
+
+
+# WalkMe settings, which commands that only read local state never use: stand-ins
+# let them start without credentials. A value that is set is still used (and checked).
+_WALKME_SECRETS = ("WALKME_CLIENT_SECRET", "WALKME_CLIENT_SECRET_FILE")
+_STAND_IN_GUID = "00000000-0000-0000-0000-000000000000"
+
+
+def _configured_locally() -> tuple[Settings, list[SegmentMapping] | None]:
+    """The settings of ``status``, ``history`` and ``reset``: the state URL is enough;
+    mappings are read when given (None: not given). These never create a state store."""
+    given = {name.upper() for name in os.environ if os.environ[name]}
+    stand_ins: dict[str, str] = {}
+    if f"{ENV_PREFIX}WALKME_CLIENT_ID" not in given:
+        stand_ins["walkme_client_id"] = "unused-by-this-command"
+    if f"{ENV_PREFIX}WALKME_SYSTEM_GUID" not in given:
+        stand_ins["walkme_system_guid"] = _STAND_IN_GUID
+    if not any(f"{ENV_PREFIX}{name}" in given for name in _WALKME_SECRETS):
+        stand_ins["walkme_client_secret"] = secrets.token_hex(16)
+    settings = load_settings(**stand_ins)
+    _redact_secrets(settings)
+    given_mappings = settings.segments is not None or settings.segments_file is not None
+    mappings = settings.mappings() if given_mappings else None
+    configure_logging(settings.log_format, settings.log_level, sys.stderr)
+    url = settings.state_url
+    if url.startswith("sqlite:") and not sqlite_path(url).is_file():
+        raise ConfigError(
+            f"SYNCD_STATE_URL: no state store at {sqlite_path(url).absolute()}: set it to"
+            " the database `syncd run` uses (this command reads state, never creates it)"
+        )
     return settings, mappings
 
 
@@ -66,18 +107,13 @@ def _redact_secrets(settings: Settings) -> None:
             redact(unquote(password))
 
 
-def _out(line: str = "") -> None:
-    # Status, history and check print texts stored by other processes: scrubbed here too.
-    print(scrub(line), flush=True)
-
-
 # -- run ---------------------------------------------------------------------------
 
 
 async def cmd_run(_: argparse.Namespace) -> int:
     from syncd.scheduler import Daemon  # the scheduler and servers load only for `run`
 
-    settings, mappings = _configured()
+    settings, mappings = _configured(logs_on_stdout=True)
     async with open_runtime(settings, mappings) as runtime:
         return await Daemon(settings, runtime.engine, runtime.store).run()
 
@@ -108,7 +144,11 @@ async def cmd_sync(args: argparse.Namespace) -> int:
             _print_plan(outcome, settings.batch_size)
     # A held segment is not synced: exit 1 so scripts notice.
     done = ("synced", "planned", "skipped")  # skipped: another replica is running it
-    return EXIT_OK if all(o.result in done for o in outcomes) else EXIT_FAILED
+    if all(o.result in done for o in outcomes):
+        if any(o.plan is not None and o.plan.held is not None for o in outcomes):
+            return EXIT_WOULD_HOLD  # only a dry run plans without sending
+        return EXIT_OK
+    return EXIT_FAILED
 
 
 def _stop_on_signals(engine: Engine) -> None:
@@ -151,7 +191,8 @@ def _print_plan(outcome: Outcome, batch: int) -> None:
         _out(f"  skip   {outcome.skipped.count:>10}  {'; '.join(outcome.skipped.examples)}")
     _out(f"  requests {_requests_needed(plan, batch)} (batches of at most {batch})")
     if plan.held is not None:
-        _out(f"  HELD by the removal guard: {plan.held.reason}; --force applies it")
+        _out(f"  HELD by the removal guard: {plan.held.reason}")
+        _out(f"  {force_command(outcome.segment)} applies it once")
 
 
 def _examples(examples: list[str], total: int) -> str:
@@ -168,7 +209,7 @@ async def cmd_check(_: argparse.Namespace) -> int:
     settings, mappings = _configured()
     _out(f"ok    configuration: {len(mappings)} segment(s), schedule {settings.schedule}")
     try:
-        async with open_runtime(settings, mappings) as runtime:
+        async with open_runtime(settings, mappings, fail_fast=True) as runtime:
             _out(f"ok    state store: {describe_url(settings.state_url)}")
             try:
                 await runtime.client.access_token()
@@ -189,92 +230,10 @@ async def cmd_check(_: argparse.Namespace) -> int:
 # -- status ------------------------------------------------------------------------
 
 
-StatusRow = dict[str, Any]
-
-
-def _status_row(state: SegmentState, configured: bool) -> StatusRow:
-    return {
-        "segment": state.name,
-        "configured": configured,
-        "segment_guid": state.segment_guid,
-        "origin": state.origin,
-        "members": state.members,
-        "needs_rebuild": state.needs_override,
-        "last_run_at": state.last_run_at.isoformat() if state.last_run_at else None,
-        "last_result": state.last_result,
-        "last_success_at": state.last_success_at.isoformat() if state.last_success_at else None,
-        "last_error": state.last_error,
-        "skipped": state.skipped,
-        "skipped_examples": state.skipped_examples,
-        "orphaned_at": state.orphaned_at.isoformat() if state.orphaned_at else None,
-        "quarantined": state.quarantined,
-    }
-
-
 async def cmd_status(args: argparse.Namespace) -> int:
-    settings, mappings = _configured()
+    settings, mappings = _configured_locally()
     await print_status(settings, mappings, as_json=args.json)
     return EXIT_OK
-
-
-async def print_status(
-    settings: Settings, mappings: list[SegmentMapping], *, as_json: bool = False
-) -> None:
-    store = await open_store(settings.state_url)
-    try:
-        found = await all_mappings(settings, mappings, store)
-        states = {state.name: state for state in await store.all()}
-        quarantine = {
-            name: await store.quarantine_examples(name, 5)
-            for name, s in states.items()
-            if s.quarantined
-        }
-    finally:
-        await store.close()
-    current = found.names
-    rows: list[StatusRow] = [
-        _status_row(states[name], True)
-        if name in states
-        else {"segment": name, "configured": True, "last_result": "never run"}
-        for name in [*found.usable, *found.broken]
-    ]
-    for row in rows:
-        if row["segment"] in found.broken:
-            row["last_result"] = "invalid"
-            row["last_error"] = found.broken[row["segment"]].error
-        if row["segment"] in quarantine:
-            row["quarantined_examples"] = [
-                {"id": member, "action": action, "walkme_answer": reason[:200]}
-                for member, action, reason in quarantine[row["segment"]]
-            ]
-    orphans = [_status_row(s, False) for name, s in states.items() if name not in current]
-    if as_json:
-        _out(json.dumps({"segments": rows, "orphans": orphans}, indent=2))
-        return
-    _print_table(rows)
-    if orphans:
-        _out("\nOrphans: WalkMe segments syncd wrote to that no mapping names any more")
-        _print_table(orphans)
-        _out("  `syncd prune` shows what would be deleted; `syncd prune --yes` deletes them.")
-
-
-def _print_table(rows: list[StatusRow]) -> None:
-    _out(f"{'SEGMENT':30} {'WALKME GUID':36} {'MEMBERS':>9} {'LAST RUN':25} {'RESULT':9} SKIPPED")
-    for row in rows:
-        _out(
-            f"{printable(row['segment'])[:30]:30} {row.get('segment_guid') or '-':36}"
-            f" {row.get('members', 0):>9} {row.get('last_run_at') or '-':25}"
-            f" {row.get('last_result') or '-':9} {row.get('skipped', 0)}"
-        )
-        if row.get("last_error"):
-            _out(f"    error: {printable(row['last_error'])}")
-        if row.get("skipped_examples"):
-            _out(f"    skipped ids: {printable('; '.join(row['skipped_examples']))}")
-        if row.get("quarantined"):
-            shown = ", ".join(repr(q["id"]) for q in row.get("quarantined_examples", []))
-            _out(f"    quarantined (rejected by WalkMe): {row['quarantined']}: {shown}")
-        if row.get("orphaned_at"):
-            _out(f"    orphaned since {row['orphaned_at']} ({row.get('origin')})")
 
 
 # -- delete, prune -----------------------------------------------------------------
@@ -347,35 +306,13 @@ async def _delete(states: list[SegmentState], runtime: Runtime, *, yes: bool) ->
 
 
 async def cmd_history(args: argparse.Namespace) -> int:
-    settings, _ = _configured()
+    settings, _ = _configured_locally()
     store = await open_store(settings.state_url)
     try:
         runs = await store.history(args.segment, args.limit)
     finally:
         await store.close()
-    if args.json:
-        rows = [
-            {
-                **dataclasses.asdict(run),
-                "started_at": run.started_at and run.started_at.isoformat(),
-                "ended_at": run.ended_at and run.ended_at.isoformat(),
-            }
-            for run in runs
-        ]
-        _out(json.dumps(rows, indent=2))
-        return EXIT_OK
-    if not runs:
-        _out(f"no runs recorded for {args.segment!r}")
-        return EXIT_OK
-    _out(f"{'STARTED':25} {'RESULT':7} {'ADDED':>8} {'REMOVED':>8} {'REQUESTS':>8} RUN ID")
-    for run in runs:
-        started = run.started_at.isoformat() if run.started_at else "-"
-        _out(
-            f"{started:25} {run.result:7} {run.added:>8} {run.removed:>8} {run.requests:>8}"
-            f" {run.run_id}"
-        )
-        if run.error:
-            _out(f"    {printable(run.error)}")
+    print_history(args.segment, runs, as_json=args.json)
     return EXIT_OK
 
 
@@ -383,7 +320,7 @@ async def cmd_history(args: argparse.Namespace) -> int:
 
 
 async def cmd_reset(args: argparse.Namespace) -> int:
-    settings, _ = _configured()
+    settings, _ = _configured_locally()
     store = await open_store(settings.state_url)
     try:
         found = await store.reset(args.segment)
@@ -412,31 +349,59 @@ async def cmd_demo(_: argparse.Namespace) -> int:
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 
+_EXIT_STATUSES = {
+    "run": "0 stopped by a signal, 2 bad configuration",
+    "sync": "0 all synced, 1 a segment failed or was held by the removal guard,"
+    " 2 bad configuration, 3 (--dry-run only) the plan is fine but the removal guard"
+    " would hold it",
+    "check": "0 all fine, 1 something failed, 2 bad configuration",
+    "status": "0, 1 the state store failed, 2 bad configuration or no state store",
+    "history": "0, 1 the state store failed, 2 bad configuration or no state store",
+    "reset": "0, 2 bad configuration, unknown segment or no state store",
+    "delete": "0, 1 WalkMe refused or the segment is in use, 2 bad configuration",
+    "prune": "0, 1 a delete failed, 2 bad configuration",
+    "demo": "0",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syncd",
         description="Keeps WalkMe segments equal to Heap segments. Configured by SYNCD_* "
         "environment variables (see README).",
+        epilog="exit statuses: "
+        + "; ".join(f"{name}: {statuses}" for name, statuses in _EXIT_STATUSES.items()),
     )
     parser.add_argument("--version", action="version", version=f"syncd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Command, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=f"exit status: {_EXIT_STATUSES[name]}",
+        )
         sub.set_defaults(handler=handler)
         return sub
 
-    add("run", cmd_run, "run the daemon: sync at start, then on SYNCD_SCHEDULE")
-    sync = add("sync", cmd_sync, "sync once now and exit (0 all synced, 1 any failed)")
+    add("run", cmd_run, "run the daemon: sync at start, then on SYNCD_SCHEDULE (logs on stdout)")
+    sync = add("sync", cmd_sync, "sync once now and exit")
     sync.add_argument("--segment", action="append", metavar="NAME", help="only this segment")
-    sync.add_argument("--dry-run", action="store_true", help="print the plan, send nothing")
+    sync.add_argument(
+        "--dry-run", action="store_true", help="print the plan, send nothing (exit 3: held)"
+    )
     sync.add_argument(
         "--force", action="store_true", help="apply a plan the removal guard holds (once)"
     )
     add("check", cmd_check, "check configuration, state store, token and WalkMe access")
-    status = add("status", cmd_status, "show each segment's state")
+    status = add("status", cmd_status, "show each segment's state (needs only SYNCD_STATE_URL)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    history = add("history", cmd_history, "show a segment's past runs, newest first")
+    history = add(
+        "history",
+        cmd_history,
+        "show a segment's past runs, newest first (needs only SYNCD_STATE_URL)",
+    )
     history.add_argument("--segment", required=True, metavar="NAME")
     history.add_argument("--limit", type=int, default=20, metavar="N")
     history.add_argument("--json", action="store_true", help="machine-readable output")
@@ -454,16 +419,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _errors_as_json() -> bool:
+    """A start-up failure is one line on stderr: a JSON log line (logging set up for it)
+    when SYNCD_LOG_FORMAT=json, so a log pipeline keeps it; else plain text."""
+    if os.environ.get(f"{ENV_PREFIX}LOG_FORMAT", "").strip().lower() != "json":
+        return False
+    configure_logging("json", "info", sys.stderr)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         handler: Command = args.handler
         return asyncio.run(handler(args))
     except ConfigError as exc:
-        print(scrub(f"syncd: configuration error: {exc}"), file=sys.stderr)
+        message = scrub(f"configuration error: {exc}")
+        if _errors_as_json():
+            log.error("config.invalid", error=message)
+        else:
+            print(f"syncd: {message}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except StateError as exc:
-        print(scrub(f"syncd: {exc}"), file=sys.stderr)
+        message = scrub(str(exc))
+        if _errors_as_json():
+            log.error("state.unavailable", error=message)
+        else:
+            print(f"syncd: {message}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

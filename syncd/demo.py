@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from syncd.app import open_runtime
-from syncd.cli import print_status
 from syncd.logs import configure_logging
+from syncd.reports import print_status
 from syncd.sandbox import SANDBOX_SYSTEM_GUID, Faults, WalkMeSandbox
 from syncd.settings import load_settings
 

@@ -1,4 +1,4 @@
-"""Log configuration: one JSON object per line on stdout (or colour for a terminal).
+"""Log configuration: one JSON object per line (or colour for a terminal).
 
 Configuration lives here; code elsewhere only calls ``structlog.get_logger()``.
 Secrets are registered with :func:`redact` and scrubbed from every line, a
@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import quote, quote_plus
 
 import structlog
@@ -80,8 +80,12 @@ def scrub_secrets(_: Any, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
-def configure_logging(log_format: str = "json", level: str = "info") -> None:
-    """Route structlog and stdlib logging (aiohttp, apscheduler) to one stream."""
+def configure_logging(
+    log_format: str = "json", level: str = "info", stream: TextIO | None = None
+) -> None:
+    """Route structlog and stdlib logging (aiohttp, apscheduler) to one stream:
+    ``stream``, else stdout."""
+    stream = stream or sys.stdout
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -90,7 +94,7 @@ def configure_logging(log_format: str = "json", level: str = "info") -> None:
     ]
     renderer: Processor
     if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
     numeric_level = logging.getLevelName(level.upper())
@@ -101,10 +105,10 @@ def configure_logging(log_format: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],

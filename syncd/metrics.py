@@ -6,16 +6,30 @@ and never a secret.
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
     disable_created_metrics,
 )
 
+from syncd import __version__
+
 disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only double the scrape size
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU, memory, open files, start time) and python_info, as every
+# prometheus-client exporter has them.
+REGISTRY.register(PROCESS_COLLECTOR)
+REGISTRY.register(PLATFORM_COLLECTOR)
+
+build_info = Info("syncd_build", "The running syncd: its version and Python's.", registry=REGISTRY)
+build_info.info({"version": __version__, "python": platform.python_version()})
 
 segment_runs = Counter(
     "syncd_segment_runs",
@@ -72,3 +86,5 @@ webhook_pages = Counter(
     ["result"],
     registry=REGISTRY,
 )
+for _result in ("stored", "duplicate", "ignored", "not_stored"):
+    webhook_pages.labels(_result)  # the series exist from the start, at 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import tempfile
 import tomllib
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -59,7 +61,19 @@ SECRET_FIELDS = frozenset(
     {"walkme_client_secret", "heap_webhook_secret", "warehouse_url", "state_url"}
 )
 
-Guid = Annotated[str, Field(pattern=GUID_PATTERN)]
+
+
+def _guid(value: str) -> str:
+    if not re.match(GUID_PATTERN, value):
+        raise ValueError(
+            "not a GUID: expected 32 hex digits as 8-4-4-4-12, e.g."
+            " 01234567-89ab-cdef-0123-456789abcdef (a system's is in its snippet URL,"
+            " cdn.walkme.com/users/<GUID>/)"
+        )
+    return value
+
+
+Guid = Annotated[str, AfterValidator(_guid)]
 UNPARSABLE_URL = f"cannot be parsed; {URL_HINT}; and a port is a number from 0 to 65535"
 
 
@@ -602,14 +616,34 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(describe_settings_error(exc)) from None
+        raise ConfigError(describe_settings_error(exc, _secret_given(overrides))) from None
     # Secret files are read now, so an empty one stops start-up, not a later request.
     settings.client_secret()
     settings.webhook_secret()
     return settings
 
 
-def describe_settings_error(exc: ValidationError) -> str:
+def _secret_given(overrides: dict[str, Any]) -> bool:
+    """Whether the client secret (or its file) is set: the check that names it runs only
+    once every field is valid, too late to list it with the other missing variables."""
+    fields = ("walkme_client_secret", "walkme_client_secret_file")
+    given = {name.upper() for name, value in os.environ.items() if value}
+    return any(overrides.get(field) is not None for field in fields) or any(
+        f"{ENV_PREFIX}{field.upper()}" in given for field in fields
+    )
+
+
+def describe_settings_error(exc: ValidationError, secret_given: bool = True) -> str:
+    # Every variable that is missing, at once: a newcomer sets them in one go.
+    missing = [
+        f"{ENV_PREFIX}{str(error['loc'][0]).upper()}"
+        for error in exc.errors()
+        if error["type"] == "missing" and error["loc"]
+    ]
+    if missing and not secret_given:
+        missing.insert(1, "SYNCD_WALKME_CLIENT_SECRET (or SYNCD_WALKME_CLIENT_SECRET_FILE)")
+    if len(missing) > 1:
+        return f"{', '.join(missing)} are required but not set"
     error = exc.errors()[0]
     field = str(error["loc"][0]) if error["loc"] else ""
     message = error["msg"].removeprefix("Value error, ")

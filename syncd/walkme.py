@@ -19,6 +19,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
 import ssl
 import time
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
 
 import aiohttp
 import stamina
@@ -51,6 +53,18 @@ _GUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-
 _LIST_KEYS = ("data", "segments", "items", "results")
 _GUID_KEYS = ("guid", "segmentGuid", "segmentId", "id")
 _T = TypeVar("_T")
+#: The ``reason`` label of ``syncd_walkme_retries_total``: a closed set, never free text.
+RetryReason = Literal[
+    "throttled",
+    "server error",
+    "token endpoint unavailable",
+    "unexpected answer",
+    "timeout",
+    "connection error",
+    "broken response",
+]
+for _reason in get_args(RetryReason):
+    metrics.walkme_retries.labels(_reason)  # every series exists from the start, at 0
 
 #: Requests sent, by kind ("token", "list", "create", "update"...): a caller that
 #: passes one to each call it makes (a segment run) can report its own count.
@@ -106,7 +120,7 @@ class WalkMeStopped(WalkMeError):
 class _Retryable(Exception):
     def __init__(
         self,
-        reason: str,
+        reason: RetryReason,
         status: int | None = None,
         retry_after: float | None = None,
         detail: str | None = None,
@@ -116,6 +130,9 @@ class _Retryable(Exception):
         self.reason = reason
         self.status = status
         self.retry_after = retry_after
+        # No connection was made (refused, DNS, unreachable, connect timeout): a
+        # fail-fast client (``check``) does not try again.
+        self.unconnected = False
 
 
 @dataclass(frozen=True)
@@ -199,24 +216,67 @@ def create_key(system_guid: str, name: str) -> str:
 def log_retry(details: RetryDetails) -> None:
     """stamina hook: one ``walkme.retry`` line per scheduled retry."""
     cause = details.caused_by
-    metrics.walkme_retries.labels(getattr(cause, "reason", type(cause).__name__)).inc()
+    if not isinstance(cause, _Retryable):
+        return  # only _Retryable is retried (see _backoff)
+    metrics.walkme_retries.labels(cause.reason).inc()
     log.warning(
         "walkme.retry",
-        reason=getattr(cause, "reason", type(cause).__name__),
-        status=getattr(cause, "status", None),
+        reason=cause.reason,
+        status=cause.status,
+        error=str(cause),
         retry=details.retry_num,
         wait_s=round(details.wait_for, 2),
     )
 
 
-def make_session(timeout: float, ca_bundle: Path | None = None) -> aiohttp.ClientSession:
+def make_session(
+    timeout: float, ca_bundle: Path | None = None, connect_timeout: float | None = None
+) -> aiohttp.ClientSession:
     """An HTTP session with TLS verification always on (optionally a custom CA bundle)."""
     context = ssl.create_default_context(cafile=str(ca_bundle) if ca_bundle else None)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=context, limit=32),
-        timeout=aiohttp.ClientTimeout(total=timeout),
+        timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout),
         raise_for_status=False,
     )
+
+
+def _endpoint(url: str) -> str:
+    """``host:port`` of a URL (never its path, query or credentials)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _os_cause(error: OSError) -> str:
+    """The operating system's words for a failed connection: "Connection refused",
+    "Name or service not known"... (asyncio's own text only repeats the address)."""
+    if isinstance(error, ssl.SSLError):
+        return f"TLS: {error.reason or error}"
+    if isinstance(error.errno, int) and error.errno > 0:
+        return os.strerror(error.errno)
+    return str(error.strerror or error) or type(error).__name__
+
+
+def _connection_failure(exc: aiohttp.ClientConnectionError, url: str) -> _Retryable:
+    """A dropped or impossible connection, naming where and the OS-level cause."""
+    where = _endpoint(url)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        detail = f"cannot connect to {where}: TLS certificate not trusted: {exc.certificate_error}"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        detail = f"cannot connect to {where}: {_os_cause(exc.os_error)}"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        detail = f"connection to {where} closed by the server before it answered"
+    else:
+        detail = f"connection to {where} failed: {str(exc) or type(exc).__name__}"
+    failure = _Retryable("connection error", detail=scrub(detail))
+    failure.unconnected = isinstance(exc, aiohttp.ClientConnectorError)
+    return failure
 
 
 def _excerpt(body: bytes) -> str:
@@ -313,8 +373,11 @@ class WalkMeClient:
         client_secret: SecretStr,
         attempts: int = 8,
         max_wait: float = 60.0,
+        fail_fast: bool = False,
     ) -> None:
         self._session = session
+        # Interactive (``check``): a connection that cannot be made fails at once.
+        self._fail_fast = fail_fast
         self._api_url = api_url.rstrip("/")
         self._token_url = token_url
         self._client_id = client_id
@@ -411,7 +474,19 @@ class WalkMeClient:
         self, system_guid: str, *, tally: RequestTally | None = None
     ) -> list[RemoteSegment]:
         url = self._segments_url(system_guid)
-        payload = await self._retrying("list", lambda: self._call("list", "GET", url, tally=tally))
+        try:
+            payload = await self._retrying(
+                "list", lambda: self._call("list", "GET", url, tally=tally)
+            )
+        except WalkMeNotFound as exc:
+            # Listing a system's segments finds no system: its GUID is wrong.
+            raise WalkMeNotFound(
+                f"WalkMe has no system {system_guid} (HTTP 404 listing its segments): check"
+                " SYNCD_WALKME_SYSTEM_GUID (or the mapping's system_guid), the GUID in"
+                f" cdn.walkme.com/users/<GUID>/; WalkMe said: {exc.body}",
+                404,
+                exc.body,
+            ) from None
         segments = (parse_segment(item) for item in segment_list(payload))
         return [segment for segment in segments if segment is not None]
 
@@ -555,10 +630,16 @@ class WalkMeClient:
             if not calling.done():
                 calling.cancel()
 
+    def _backoff(self, exc: Exception) -> bool | float:
+        if self._fail_fast and isinstance(exc, _Retryable) and exc.unconnected:
+            return False
+        return _backoff(exc)
+
     async def _retry_loop(self, kind: str, call: Callable[[], Awaitable[_T]]) -> _T:
+        tries = 0
         try:
             async for attempt in stamina.retry_context(
-                on=_backoff,
+                on=self._backoff,
                 attempts=self._attempts,
                 timeout=None,
                 wait_initial=0.5,
@@ -566,10 +647,12 @@ class WalkMeClient:
                 wait_jitter=1.0,
             ):
                 with attempt:
+                    tries = attempt.num
                     return await call()
         except _Retryable as exc:
+            times = "once" if tries == 1 else f"{tries} times"
             raise WalkMeUnavailable(
-                f"WalkMe {kind} call failed {self._attempts} times; last: {exc}", exc.status
+                f"WalkMe {kind} call failed {times}; last: {exc}", exc.status
             ) from None
         raise AssertionError("stamina ended without a result")  # pragma: no cover
 
@@ -671,12 +754,23 @@ class WalkMeClient:
                     media,
                     response.headers.get("Location"),
                 )
+        except aiohttp.ConnectionTimeoutError:
+            failure = _Retryable(
+                "timeout", detail=f"cannot connect to {_endpoint(url)}: connect timed out"
+            )
+            failure.unconnected = True
+            raise failure from None
         except TimeoutError:
-            raise _Retryable("timeout") from None
+            raise _Retryable(
+                "timeout", detail=f"no answer from {_endpoint(url)} in time (SYNCD_HTTP_TIMEOUT)"
+            ) from None
         except aiohttp.ClientConnectionError as exc:
-            raise _Retryable(f"connection error: {type(exc).__name__}") from None
+            raise _connection_failure(exc, url) from None
         except aiohttp.ClientPayloadError as exc:
-            raise _Retryable(f"broken response: {type(exc).__name__}") from None
+            raise _Retryable(
+                "broken response",
+                detail=f"answer from {_endpoint(url)} cut short: {type(exc).__name__}",
+            ) from None
         finally:
             self._in_flight -= 1
             metrics.walkme_requests.labels(kind, status).inc()

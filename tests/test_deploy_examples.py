@@ -9,9 +9,11 @@ validate the files too; where not, those two tests skip, saying so (CI installs 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -438,3 +440,41 @@ def test_alert_rules_validate_with_promtool(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- as shipped
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines as `docker run --env-file` reads them (no quotes, # comments)."""
+    pairs = (line.split("=", 1) for line in path.read_text(encoding="utf-8").splitlines())
+    return {key: value for key, value in (p for p in pairs if len(p) == 2) if key[:1] != "#"}
+
+
+@pytest.mark.parametrize("mappings", ["segments.json", "segments.toml"])
+def test_the_shipped_env_and_mappings_start_as_they_are(tmp_path: Path, mappings: str) -> None:
+    """config/syncd.env with the shipped mappings, /config mounted as in compose: the
+    configuration is valid and the plan is made (a dry run contacts nothing)."""
+    mounted = tmp_path / "config"
+    shutil.copytree(CONFIG, mounted)
+    for name in ("segments.json", "segments.toml"):
+        text = (mounted / name).read_text(encoding="utf-8")
+        (mounted / name).write_text(text.replace("/config/", f"{mounted}/"), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCD_")}
+    env |= env_file(CONFIG / "syncd.env")
+    assert env["SYNCD_SEGMENTS_FILE"] == "/config/segments.json"
+    env["SYNCD_SEGMENTS_FILE"] = str(mounted / mappings)
+    env["SYNCD_STATE_URL"] = f"sqlite:///{tmp_path / 'syncd.db'}"  # the image's /data volume
+
+    result = subprocess.run(
+        [sys.executable, "-m", "syncd", "sync", "--dry-run"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Trial users: create the WalkMe segment; source has 3 ids" in result.stdout

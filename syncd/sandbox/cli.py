@@ -21,13 +21,25 @@ from syncd.sandbox.server import (
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m syncd.sandbox", description="Run a fake WalkMe Segments API."
+        prog="python -m syncd.sandbox",
+        description="Run a fake WalkMe Segments API.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="try the operator commands against it (another shell):\n"
+        "  export SYNCD_WALKME_API_URL=http://127.0.0.1:8089\n"
+        f"  export SYNCD_WALKME_CLIENT_ID={DEFAULT_CLIENT_ID}\n"
+        f"  export SYNCD_WALKME_CLIENT_SECRET={DEFAULT_CLIENT_SECRET}\n"
+        f"  export SYNCD_WALKME_SYSTEM_GUID={SANDBOX_SYSTEM_GUID}\n"
+        "  syncd check",
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1")
     add("--port", type=int, default=8089, help="0 picks a free port (default 8089)")
-    add("--client-id", default=DEFAULT_CLIENT_ID)
-    add("--client-secret", default=DEFAULT_CLIENT_SECRET)
+    add("--client-id", default=DEFAULT_CLIENT_ID, help=f"(default {DEFAULT_CLIENT_ID})")
+    add(
+        "--client-secret",
+        default=DEFAULT_CLIENT_SECRET,
+        help=f"(default {DEFAULT_CLIENT_SECRET}; not a real secret)",
+    )
     add(
         "--system",
         action="append",

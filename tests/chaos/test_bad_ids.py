@@ -42,7 +42,7 @@ def test_rejected_ids_are_quarantined_and_the_rest_delivered(
     assert scenario.snapshot("Picky") == good
     assert scenario.quarantined("Picky") == bad
 
-    events = parse_events(result.stdout)
+    events = parse_events(result.stderr)
     lines = [e for e in events if e["event"] == "segment.quarantined"]
     assert sum(e["count"] for e in lines) == len(bad)
     assert all(e["walkme_answer"] for e in lines)
@@ -98,7 +98,7 @@ def test_400_not_about_ids_fails_the_run_and_quarantines_no_good_id(
     sandbox.clear_script()
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    events = parse_events(result.stdout)
+    events = parse_events(result.stderr)
     (ending,) = [e for e in events if e["event"] == "segment.failed"]
     assert "chaos-lock-7731" in ending["error"], ending
     rejected = [e for e in events if e["event"] == "walkme.rejected"]

@@ -88,7 +88,7 @@ def test_bad_sources_fail_alone_and_the_others_sync(make_scenario: ScenarioFacto
     result = scenario.syncd("sync", env=env)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
-    events = parse_events(result.stdout)
+    events = parse_events(result.stderr)
     failed = {e["segment"]: e["error"] for e in events if e["event"] == "segment.failed"}
     synced = {e["segment"] for e in events if e["event"] == "segment.synced"}
 

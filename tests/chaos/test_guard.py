@@ -19,7 +19,7 @@ pytestmark = pytest.mark.xdist_group("chaos")
 def sync(scenario: Scenario, env: dict[str, str], *args: str) -> tuple[int, list[dict[str, Any]]]:
     result = scenario.syncd("sync", *args, env=env)
     assert "Traceback" not in result.stderr, result.stderr
-    return result.returncode, parse_events(result.stdout)
+    return result.returncode, parse_events(result.stderr)
 
 
 def only(events: list[dict[str, Any]], name: str, segment: str) -> dict[str, Any]:

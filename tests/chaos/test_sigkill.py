@@ -207,7 +207,7 @@ def test_restart_right_after_sigkill_syncs_at_once(make_scenario: ScenarioFactor
     problems: list[str] = []
     result = scenario.syncd("sync", env=env)
     if result.returncode == 0 and not scenario.converged({"Restarted": set(source)}):
-        skipped = [e for e in parse_events(result.stdout) if e["event"] == "segment.skipped"]
+        skipped = [e for e in parse_events(result.stderr) if e["event"] == "segment.skipped"]
         problems.append(f"`syncd sync` right after the kill exited 0 without syncing: {skipped}")
     if not scenario.converged({"Restarted": set(source)}):
         second = scenario.daemon(env)

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from tests.support.harness import (
 from tests.support.ids import make_ids, write_ids
 from tests.support.logs import parse_log_lines, run_endings
 from tests.support.net import free_port
-from tests.support.processes import REPO_ROOT, base_env, run_cli
+from tests.support.processes import REPO_ROOT, base_env, run_cli, syncd_command
 from tests.support.waiting import wait_until
 
 
@@ -46,7 +47,8 @@ def test_sync_exit_0_and_logs(live_sandbox: WalkMeSandbox, tmp_path: Path) -> No
     record = live_sandbox.find(name="Trial")
     assert record is not None
     assert live_sandbox.members(record.guid) == set(source)
-    events = parse_log_lines(result.stdout)
+    assert result.stdout == "", "`sync` prints nothing on stdout: its log lines go to stderr"
+    events = parse_log_lines(result.stderr)
     endings = run_endings(events)
     assert [e["event"] for e in endings.values()] == ["segment.synced"]
     ending = next(iter(endings.values()))
@@ -73,7 +75,7 @@ def test_one_failing_segment_exits_1_and_the_other_still_syncs(
     assert record is not None
     assert live_sandbox.members(record.guid) == set(good)
     assert live_sandbox.find(name="Broken") is None
-    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stdout)).values()}
+    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stderr)).values()}
     assert endings["Good"]["event"] == "segment.synced"
     assert endings["Broken"]["event"] == "segment.failed"
     assert "Broken.txt" in endings["Broken"]["error"]
@@ -105,7 +107,7 @@ def test_unreadable_source_file_fails_that_segment(
     ]
     result = run_cli("sync", env=cli_env(live_sandbox.url, tmp_path, mappings))
     assert result.returncode == 1
-    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stdout)).values()}
+    endings = {e["segment"]: e for e in run_endings(parse_log_lines(result.stderr)).values()}
     assert {name: e["event"] for name, e in endings.items()} == {
         "Binary": "segment.failed",
         "Directory": "segment.failed",
@@ -316,3 +318,136 @@ def test_bad_config_exits_2_with_one_line(
     if changed and not command.startswith("sync --segment"):
         # The message names the variable to fix.
         assert any(k in lines[0] for k in changed) or "SYNCD_" in lines[0], lines[0]
+
+
+def test_check_with_walkme_unreachable_fails_fast_naming_host_port_and_cause(
+    tmp_path: Path,
+) -> None:
+    port = free_port()  # nothing listens there: the connection is refused
+    mapping = file_mapping(tmp_path, "Unreachable", ["a@example.com"])
+    env = cli_env(f"http://127.0.0.1:{port}", tmp_path, [mapping], retry_max_wait=5)
+
+    started = time.monotonic()
+    result = run_cli("check", env=env)
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert elapsed < 15, f"check took {elapsed:.1f}s: connection failures must not be retried"
+    fail = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fail) == 1, result.stdout
+    assert f"127.0.0.1:{port}" in fail[0]
+    assert "Connection refused" in fail[0]
+    assert "retry" not in result.stderr, "check must not retry a connection that was refused"
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_run_that_cannot_connect_names_host_port_and_cause(tmp_path: Path) -> None:
+    port = free_port()
+    mapping = file_mapping(tmp_path, "Unreachable", ["a@example.com"])
+    env = cli_env(f"http://127.0.0.1:{port}", tmp_path, [mapping], retry_attempts=2)
+
+    result = run_cli("sync", env=env)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    events = parse_log_lines(result.stderr)
+    retries = [e for e in events if e["event"] == "walkme.retry"]
+    assert [e["reason"] for e in retries] == ["connection error"], retries
+    assert f"127.0.0.1:{port}: Connection refused" in retries[0]["error"]
+    failed = [e for e in events if e["event"] == "segment.failed"]
+    assert len(failed) == 1, events
+    assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in failed[0]["error"]
+
+
+def test_check_with_an_unknown_system_guid_points_at_the_variable(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    mapping = file_mapping(tmp_path, "Elsewhere", ["a@example.com"])
+    wrong = "0badbad0-0000-4000-8000-000000000000"
+    env = cli_env(live_sandbox.url, tmp_path, [mapping], walkme_system_guid=wrong)
+
+    result = run_cli("check", env=env)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    fail = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert len(fail) == 1, result.stdout
+    assert "SYNCD_WALKME_SYSTEM_GUID" in fail[0]
+    assert wrong in fail[0]
+
+
+def test_a_dry_run_the_guard_would_hold_exits_3_and_status_shows_the_force_command(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    source = make_ids(400)
+    mapping = file_mapping(tmp_path, "Guarded one", source)
+    env = cli_env(live_sandbox.url, tmp_path, [mapping])
+    assert run_cli("sync", env=env).returncode == 0
+    write_ids(tmp_path / "Guarded one.txt", source[:10])
+    force = "syncd sync --segment 'Guarded one' --force"
+
+    planned = run_cli("sync", "--dry-run", env=env)
+    assert planned.returncode == 3, planned.stdout + planned.stderr
+    assert force in planned.stdout
+
+    held = run_cli("sync", env=env)
+    assert held.returncode == 1, held.stdout + held.stderr
+    table = run_cli("status", env=env)
+    assert table.returncode == 0, table.stderr
+    assert force in table.stdout
+    assert parse_status(run_cli("status", "--json", env=env).stdout)["Guarded one"]["hint"]
+
+    # A plan that cannot be made is a failure, whatever else would be held.
+    (tmp_path / "Guarded one.txt").unlink()
+    assert run_cli("sync", "--dry-run", env=env).returncode == 1
+
+
+def test_status_and_history_read_local_state_without_walkme_settings(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    mapping = file_mapping(tmp_path, "Local", make_ids(5))
+    env = cli_env(live_sandbox.url, tmp_path, [mapping])
+    assert run_cli("sync", env=env).returncode == 0
+    for name in list(env):
+        if name.startswith("SYNCD_WALKME_"):
+            del env[name]
+    live_sandbox.clear_requests()
+
+    table = run_cli("status", env=env)
+    assert table.returncode == 0, table.stderr
+    assert "Local" in table.stdout
+    assert "synced" in table.stdout
+    history = run_cli("history", "--segment", "Local", env=env)
+    assert history.returncode == 0, history.stderr
+    header = history.stdout.splitlines()[0].split()
+    assert header[:3] == ["STARTED", "ENDED", "RESULT"], history.stdout
+    # Without mappings, every segment the state store knows, none called an orphan.
+    del env["SYNCD_SEGMENTS"]
+    document = json.loads(run_cli("status", "--json", env=env).stdout)
+    assert [row["segment"] for row in document["segments"]] == ["Local"]
+    assert document["orphans"] == []
+    assert live_sandbox.requests == []
+
+
+@pytest.mark.parametrize("state_url", [None, "sqlite:///elsewhere/syncd.db"])
+def test_read_only_commands_never_create_a_state_store(
+    tmp_path: Path, state_url: str | None
+) -> None:
+    """Run in the wrong directory (the default ``syncd.db``, or a path that is not
+    there): one line naming SYNCD_STATE_URL, and no file created."""
+    env = base_env()
+    if state_url is not None:
+        env["SYNCD_STATE_URL"] = state_url
+    for argv in (["status"], ["history", "--segment", "X"], ["reset", "--segment", "X"]):
+        result = subprocess.run(
+            syncd_command(*argv),
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 2, (argv, result.stdout, result.stderr)
+        line = result.stderr.strip()
+        assert "\n" not in line
+        assert line.startswith("syncd: configuration error: SYNCD_STATE_URL")
+        assert list(tmp_path.iterdir()) == [], f"{argv} created {list(tmp_path.iterdir())}"

@@ -55,9 +55,11 @@ def names_in(sandbox: WalkMeSandbox) -> set[str]:
 
 
 def sync_ok(env: dict[str, str]) -> str:
+    """The log lines of a `syncd sync` that succeeded (on stderr, as for every
+    interactive command)."""
     result = run_cli("sync", env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return result.stdout
+    return result.stderr
 
 
 def test_orphan_is_logged_listed_and_pruned_only_with_yes(
@@ -172,7 +174,7 @@ def test_renamed_mapping_keeping_external_id_is_recognised(
 
     env = env_for(live_sandbox, tmp_path, [mapping(tmp_path, "New", ids, external_id="e-1")])
     first = run_cli("sync", env=env)
-    events = parse_log_lines(first.stdout)
+    events = parse_log_lines(first.stderr)
     renamed = [e for e in events if e["event"] == "segment.renamed"]
     assert renamed, first.stdout
     assert renamed[0]["old_segment"] == "Old"

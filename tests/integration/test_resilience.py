@@ -113,7 +113,7 @@ def test_bad_stored_heap_rows_fail_only_their_segments_in_every_command(
     result = run_cli("sync", env=env)
     assert result.returncode == 1, result.stdout + result.stderr  # some segments failed
     assert "Traceback" not in result.stderr
-    events = parse_log_lines(result.stdout)
+    events = parse_log_lines(result.stderr)
     failed = failed_segments(events)
     assert set(failed) == {escaped(name) for name in BAD_HEAP_NAMES.values()}
     assert all("heap_segment_id" in e["error"] for e in failed.values())
@@ -182,7 +182,7 @@ def test_state_errors_taking_a_lease_fail_the_segment_and_finish_the_cycle(
     result = run_cli("sync", env=env)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "leases" in failed_segments(parse_log_lines(result.stdout))["Leased"]["error"]
+    assert "leases" in failed_segments(parse_log_lines(result.stderr))["Leased"]["error"]
 
 
 @pytest.mark.parametrize("damage", ["deleted", "overwritten"])
@@ -265,7 +265,7 @@ def test_signals_stop_an_interactive_sync_after_the_batch_in_flight(
             process.kill()
     assert process.returncode == 1, out[-2000:] + err[-2000:]
     assert "Traceback" not in err
-    events = parse_log_lines(out)
+    events = parse_log_lines(err)  # an interactive command logs on stderr
     assert [e["signal"] for e in events if e["event"] == "sync.stopping"] == [signum.name]
     ending = run_endings(events)
     assert [e["interrupted"] for e in ending.values()] == [True]

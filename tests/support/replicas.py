@@ -197,7 +197,8 @@ class Replica:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
 
     def events(self) -> list[dict[str, Any]]:
-        return parse_events(self.stdout())
+        """Its JSON log lines: on stdout for ``run``, on stderr for ``sync``."""
+        return parse_events(self.stdout() + self.stderr())
 
     def count(self, event: str) -> int:
         return count_events(self.events(), event)

@@ -165,3 +165,75 @@ def test_status_and_history_mask_every_configured_secret_in_stored_texts(
     assert "[redacted]" in printed
     assert [form for form in forms if form in printed] == []
     assert "tok-77aa99bb" not in printed
+
+
+def test_every_missing_variable_is_named_at_once(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = run_config_error(["check"], capsys)
+    for variable in (
+        "SYNCD_WALKME_CLIENT_ID",
+        "SYNCD_WALKME_CLIENT_SECRET",
+        "SYNCD_WALKME_SYSTEM_GUID",
+    ):
+        assert variable in line, line
+
+
+def test_a_bad_guid_is_explained_not_shown_as_a_pattern(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_WALKME_SYSTEM_GUID", "1234")
+    line = run_config_error(["check"], capsys)
+    assert "not a GUID" in line, line
+    assert "8-4-4-4-12" in line, line
+    assert "[0-9a-fA-F]" not in line, line
+    assert "pattern" not in line, line
+
+
+@pytest.mark.parametrize("argv", [["sync"], ["run"], ["status"]])
+def test_a_start_up_error_is_one_json_line_when_logs_are_json(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_LOG_FORMAT", "json")
+    env.setenv("SYNCD_BATCH_SIZE", "0")
+    event = json.loads(run_config_error(argv, capsys))
+    assert event["event"] == "config.invalid"
+    assert event["level"] == "error"
+    assert "SYNCD_BATCH_SIZE" in event["error"]
+    assert "timestamp" in event
+
+
+def test_status_and_history_start_without_walkme_settings(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = clean_env / "state.db"
+    asyncio.run(_create_store(f"sqlite:///{state}"))
+    monkeypatch.setenv("SYNCD_STATE_URL", f"sqlite:///{state}")
+    assert main(["status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"segments": [], "orphans": []}
+    assert main(["history", "--segment", "vip"]) == 0
+    assert "no runs recorded for 'vip'" in capsys.readouterr().out
+
+
+async def _create_store(url: str) -> None:
+    store = await open_store(url)
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    "command", ["run", "sync", "check", "status", "history", "reset", "delete", "prune", "demo"]
+)
+def test_every_command_help_lists_its_exit_statuses(
+    capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit status: 0" in text, text
+    if command not in ("demo",):
+        assert "2 bad configuration" in text, text
+    if command == "sync":
+        assert "3 (--dry-run only)" in text, text
