@@ -1,0 +1,49 @@
+"""State stores as the previous syncd (schema 1) wrote them, for upgrade tests."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from syncd.state import StateStore, open_store
+from syncd.state import postgres as postgres_store
+from syncd.state import sqlite as sqlite_store
+
+
+def write_schema_1_sqlite(path: Path, fill: Callable[[sqlite3.Connection], object]) -> None:
+    """A schema-1 SQLite file at ``path`` holding the rows ``fill`` inserts."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(sqlite_store._MIGRATIONS[0])
+        fill(conn)
+        conn.execute("PRAGMA user_version = 1")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def write_schema_1_postgres(
+    url: str, fill: Callable[[asyncpg.Connection[Any]], Awaitable[object]]
+) -> None:
+    """A schema-1 PostgreSQL database at ``url`` holding the rows ``fill`` inserts."""
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(url)
+    try:
+        await conn.execute(postgres_store._MIGRATIONS[0])
+        await conn.execute("CREATE TABLE syncd_schema (version INTEGER NOT NULL)")
+        await conn.execute("INSERT INTO syncd_schema (version) VALUES (1)")
+        await fill(conn)
+    finally:
+        await conn.close()
+
+
+async def check_opened(url: str, check: Callable[[StateStore], Awaitable[None]]) -> None:
+    """Open (and so migrate) the store at ``url``, run ``check`` on it, close it."""
+    store = await open_store(url)
+    try:
+        await check(store)
+    finally:
+        await store.close()
