@@ -9,7 +9,7 @@ from pathlib import Path
 
 from syncd.sandbox import Faults, WalkMeSandbox
 from tests.support.harness import cli_env, segment_requests, segments_named, status_rows
-from tests.support.ids import make_ids, write_ids
+from tests.support.ids import file_mapping, make_ids
 from tests.support.logs import parse_log_lines, run_endings
 from tests.support.processes import DaemonProcess
 from tests.support.waiting import wait_until
@@ -32,8 +32,7 @@ def test_sigkill_mid_first_sync_resends_at_most_one_batch(
 ) -> None:
     source = make_ids(200_000)
     batch = 10_000
-    path = write_ids(tmp_path / "crash.txt", source)
-    mapping = {"name": "Crash", "source": {"type": "file", "path": str(path)}}
+    mapping = file_mapping(tmp_path, "Crash", source)
     env = cli_env(live_sandbox.url, tmp_path, [mapping], schedule="1h", batch_size=batch)
     live_sandbox.faults = Faults(delay=0.2)
 
@@ -66,8 +65,7 @@ def test_sigkill_right_after_create_adopts_instead_of_duplicating(
 ) -> None:
     source = make_ids(30_000)
     batch = 10_000
-    path = write_ids(tmp_path / "ambiguous.txt", source)
-    mapping = {"name": "Ambiguous", "source": {"type": "file", "path": str(path)}}
+    mapping = file_mapping(tmp_path, "Ambiguous", source)
     env = cli_env(live_sandbox.url, tmp_path, [mapping], schedule="1h", batch_size=batch)
     live_sandbox.faults = Faults(delay=1.0)
 

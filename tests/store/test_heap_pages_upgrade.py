@@ -14,7 +14,7 @@ import asyncpg
 
 from syncd.state import StateStore
 from syncd.state.base import HeapPage, HeapSegment
-from tests.support.old_stores import check_opened, write_schema_1_postgres, write_schema_1_sqlite
+from tests.support.stores import check_opened, write_schema_1_postgres, write_schema_1_sqlite
 
 TASK = "afe74af0-496e-11ec-81d3-0242ac130003"
 SEGMENT = 1338065

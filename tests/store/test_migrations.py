@@ -13,7 +13,7 @@ from syncd.state import StateStore
 from syncd.state import postgres as postgres_store
 from syncd.state import sqlite as sqlite_store
 from tests.store.conftest import GUID, SYSTEM
-from tests.support.old_stores import check_opened, write_schema_1_postgres, write_schema_1_sqlite
+from tests.support.stores import check_opened, write_schema_1_postgres, write_schema_1_sqlite
 
 
 async def _kept_and_heartbeats(store: StateStore) -> None:

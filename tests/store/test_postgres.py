@@ -25,6 +25,7 @@ from tests.support.postgres import (
     postgres_url,
     url_for_database,
 )
+from tests.support.stores import opened_together
 
 pytestmark = pytest.mark.postgres
 
@@ -151,19 +152,12 @@ async def test_a_newer_schema_is_refused(pg_url: str) -> None:
 
 
 async def test_replicas_opening_together_both_succeed(pg_url: str) -> None:
-    stores = await asyncio.gather(open_store(pg_url), open_store(pg_url), return_exceptions=True)
-    opened = [store for store in stores if not isinstance(store, BaseException)]
-    try:
-        assert len(opened) == 2, f"an open failed: {stores}"
-        first, second = opened
+    async with opened_together(pg_url) as (first, second):
         await first.begin_run("vip", "r1", SYSTEM, None)
         await second.ping()
         state = await second.get("vip")
         assert state is not None
         assert state.name == "vip"
-    finally:
-        for store in opened:
-            await store.close()
     assert await schema_versions(pg_url) == ALL_VERSIONS
     assert await tables(pg_url) == TABLES
 

@@ -16,7 +16,7 @@ from syncd.app import open_runtime
 from syncd.engine import Outcome
 from syncd.sandbox import SANDBOX_SYSTEM_GUID, RequestRecord, WalkMeSandbox
 from syncd.settings import Settings
-from tests.support.ids import write_ids
+from tests.support.ids import file_mapping, write_ids
 from tests.support.processes import run_cli
 from tests.support.settings import sandbox_settings, syncd_env
 
@@ -100,8 +100,7 @@ class Harness:
 
     def mapping(self, name: str, ids: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
         """A file-source mapping; writes ``ids`` to the segment's source file."""
-        path = self.source(name, ids)
-        return {"name": name, "source": {"type": "file", "path": str(path)}, **extra}
+        return file_mapping(self.folder, name, ids, **extra)
 
     def settings(self, mappings: Sequence[dict[str, Any]], **overrides: Any) -> Settings:
         values: dict[str, Any] = {

@@ -1,9 +1,12 @@
-"""State stores as the previous syncd (schema 1) wrote them, for upgrade tests."""
+"""State stores for the store tests: as the previous syncd (schema 1) wrote them,
+and opened by two replicas at once."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,17 @@ async def check_opened(url: str, check: Callable[[StateStore], Awaitable[None]])
         await check(store)
     finally:
         await store.close()
+
+
+@contextlib.asynccontextmanager
+async def opened_together(url: str) -> AsyncIterator[tuple[StateStore, StateStore]]:
+    """Two stores on ``url`` opened at the same moment, as replicas starting together
+    do; both must open. Closed on leaving."""
+    opened = await asyncio.gather(open_store(url), open_store(url), return_exceptions=True)
+    stores = [one for one in opened if not isinstance(one, BaseException)]
+    try:
+        assert len(stores) == 2, f"an open failed: {opened}"
+        yield stores[0], stores[1]
+    finally:
+        for one in stores:
+            await one.close()
