@@ -189,6 +189,12 @@ async def nothing_stored(receiver: Receiver) -> None:
     assert receiver.completed == []
 
 
+async def assert_refused(receiver: Receiver, answer: Answer, status: int) -> None:
+    """``answer`` is a refusal with ``status``, and the receiver stored nothing."""
+    assert answer.status == status, answer.body
+    await nothing_stored(receiver)
+
+
 async def start_receiver(
     tmp_path: Path,
     *,
