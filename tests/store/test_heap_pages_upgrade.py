@@ -14,7 +14,7 @@ import asyncpg
 
 from syncd.state import StateStore
 from syncd.state.base import HeapPage, HeapSegment
-from tests.support.stores import check_opened, write_schema_1_postgres, write_schema_1_sqlite
+from tests.support.stores import with_store, write_schema_1_postgres, write_schema_1_sqlite
 
 TASK = "afe74af0-496e-11ec-81d3-0242ac130003"
 SEGMENT = 1338065
@@ -52,7 +52,7 @@ async def test_sqlite_upgrade_keeps_heap_page_receipts(tmp_path: Path) -> None:
         )
 
     write_schema_1_sqlite(path, fill)
-    await check_opened(f"sqlite:///{path}", _check_upgraded)
+    await with_store(f"sqlite:///{path}", _check_upgraded)
 
 
 async def test_postgres_upgrade_keeps_heap_page_receipts(pg_url: str) -> None:
@@ -68,4 +68,4 @@ async def test_postgres_upgrade_keeps_heap_page_receipts(pg_url: str) -> None:
         await conn.execute("INSERT INTO heap_pages VALUES ($1, 1, $2, 2, now())", TASK, SEGMENT)
 
     await write_schema_1_postgres(pg_url, fill)
-    await check_opened(pg_url, _check_upgraded)
+    await with_store(pg_url, _check_upgraded)

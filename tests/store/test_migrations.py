@@ -13,7 +13,7 @@ from syncd.state import StateStore
 from syncd.state import postgres as postgres_store
 from syncd.state import sqlite as sqlite_store
 from tests.store.conftest import GUID, SYSTEM
-from tests.support.stores import check_opened, write_schema_1_postgres, write_schema_1_sqlite
+from tests.support.stores import with_store, write_schema_1_postgres, write_schema_1_sqlite
 
 
 async def _kept_and_heartbeats(store: StateStore) -> None:
@@ -36,7 +36,7 @@ async def test_a_schema_1_sqlite_file_is_migrated_keeping_its_segments(tmp_path:
         conn.executemany("INSERT INTO members VALUES ('vip', ?)", [("a",), ("b",)])
 
     write_schema_1_sqlite(path, fill)
-    await check_opened(f"sqlite:///{path}", _kept_and_heartbeats)
+    await with_store(f"sqlite:///{path}", _kept_and_heartbeats)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
@@ -55,7 +55,7 @@ async def test_a_schema_1_postgres_database_is_migrated_keeping_its_segments(pg_
         await conn.execute("INSERT INTO members VALUES ('vip', 'a'), ('vip', 'b')")
 
     await write_schema_1_postgres(pg_url, fill)
-    await check_opened(pg_url, _kept_and_heartbeats)
+    await with_store(pg_url, _kept_and_heartbeats)
     conn = await asyncpg.connect(pg_url)
     try:
         versions = [row[0] for row in await conn.fetch("SELECT version FROM syncd_schema")]

@@ -43,11 +43,11 @@ async def write_schema_1_postgres(
         await conn.close()
 
 
-async def check_opened(url: str, check: Callable[[StateStore], Awaitable[None]]) -> None:
-    """Open (and so migrate) the store at ``url``, run ``check`` on it, close it."""
+async def with_store(url: str, action: Callable[[StateStore], Awaitable[object]]) -> None:
+    """Open (and so migrate) the store at ``url``, run ``action`` on it, close it."""
     store = await open_store(url)
     try:
-        await check(store)
+        await action(store)
     finally:
         await store.close()
 
