@@ -48,9 +48,7 @@ async def test_adopts_existing_segment_by_name(harness: Harness) -> None:
 
     # Adopted and rebuilt: from now on plain updates.
     changed = [*source[10:], "late@example.com"]
-    harness.source("Existing", changed)
-    sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_changed(settings, "Existing", changed)
     assert outcome.result == "synced", outcome.error
     assert [r.action for r in segment_requests(sandbox)] == ["remove", "add"]
     assert sandbox.members(guid) == set(changed)

@@ -123,6 +123,12 @@ class Harness:
         assert len(outcomes) == 1
         return outcomes[0]
 
+    async def sync_changed(self, settings: Settings, name: str, ids: Iterable[str]) -> Outcome:
+        """Write ``ids`` as segment ``name``'s source, forget the requests so far, sync once."""
+        self.source(name, ids)
+        self.sandbox.clear_requests()
+        return await self.sync_one(settings)
+
     def guid(self, name: str) -> str:
         record = self.sandbox.find(name=name)
         assert record is not None, f"no segment {name!r} in the sandbox"
