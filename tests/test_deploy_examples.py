@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import yaml
 from syncd.metrics import REGISTRY
 from syncd.settings import ENV_PREFIX, Settings, parse_mappings
 from syncd.state.base import RunResult
+from tests.support.processes import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
@@ -466,15 +466,7 @@ def test_the_shipped_env_and_mappings_start_as_they_are(tmp_path: Path, mappings
     env["SYNCD_SEGMENTS_FILE"] = str(mounted / mappings)
     env["SYNCD_STATE_URL"] = f"sqlite:///{tmp_path / 'syncd.db'}"  # the image's /data volume
 
-    result = subprocess.run(
-        [sys.executable, "-m", "syncd", "sync", "--dry-run"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("sync", "--dry-run", env=env, cwd=tmp_path, timeout=60)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Trial users: create the WalkMe segment; source has 3 ids" in result.stdout

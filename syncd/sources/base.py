@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 CHUNK_SIZE = 10_000  # ids handed to the state store at a time: bounded memory per source
@@ -48,6 +49,17 @@ class Source(Protocol):
         that were diffed and delivered.
         """
         ...
+
+
+class NoFingerprint:
+    """For a source with no cheap way to tell that its membership is unchanged:
+    every run reads and diffs it in full."""
+
+    async def fingerprint(self) -> str | None:
+        return None
+
+    def read_fingerprint(self) -> str | None:
+        return None
 
 
 async def bounded(
@@ -110,6 +122,17 @@ async def in_thread(function: Callable[[], T]) -> T:
 
     threading.Thread(target=run, name="syncd-source-read", daemon=True).start()
     return await future
+
+
+async def chunks_in_thread(
+    chunks: Iterator[list[object]],
+) -> AsyncIterator[list[object]]:
+    """A blocking iterator of chunks, each ``next`` run through :func:`in_thread`."""
+    while True:
+        chunk = await in_thread(partial(next, chunks, None))
+        if chunk is None:
+            return
+        yield chunk
 
 
 def _settle_soon(

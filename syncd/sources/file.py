@@ -7,11 +7,10 @@ import hashlib
 import os
 import stat
 from collections.abc import AsyncIterator, Callable, Iterator
-from functools import partial
 from pathlib import Path
 
 from syncd.ids import ID_RULES_VERSION
-from syncd.sources.base import CHUNK_SIZE, SourceError, in_thread
+from syncd.sources.base import CHUNK_SIZE, SourceError, chunks_in_thread, in_thread
 
 MAX_LINE_BYTES = 1 << 20  # a longer "line" is binary junk, not a user id
 BLOCK_BYTES = 1 << 20
@@ -46,11 +45,7 @@ class FileSource:
     async def chunks(self) -> AsyncIterator[list[object]]:
         # File reads block; each chunk is read on a worker thread.
         self._read_fingerprint = None
-        reader = self._read_chunks()
-        while True:
-            chunk = await in_thread(partial(next, reader, None))
-            if chunk is None:
-                return
+        async for chunk in chunks_in_thread(self._read_chunks()):
             yield chunk
 
     def _read_chunks(self) -> Iterator[list[object]]:

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from syncd.sources.base import CHUNK_SIZE, SourceError
+from syncd.sources.base import CHUNK_SIZE, NoFingerprint, SourceError
 from syncd.state import StateStore
 
 
-class HeapWebhookSource:
+class HeapWebhookSource(NoFingerprint):
     def __init__(self, store: StateStore, heap_segment_id: int) -> None:
         self._store = store
         self.heap_segment_id = heap_segment_id
-
-    async def fingerprint(self) -> str | None:
-        return None  # no cheap way to tell that the membership is unchanged
-
-    def read_fingerprint(self) -> str | None:
-        return None
 
     def describe(self) -> str:
         return f"Heap webhook segment {self.heap_segment_id}"

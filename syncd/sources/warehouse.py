@@ -8,11 +8,10 @@ Snowflake goes through its official connector, an optional extra.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from functools import partial
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from syncd.sources.base import CHUNK_SIZE, SourceError, in_thread
+from syncd.sources.base import CHUNK_SIZE, NoFingerprint, SourceError, chunks_in_thread
 from syncd.urls import URL_HINT, describe_url, unambiguous_url
 
 CONNECT_TIMEOUT = 30.0
@@ -25,19 +24,13 @@ POSTGRES_ID_TYPES = frozenset(
 SNOWFLAKE_FIXED, SNOWFLAKE_TEXT = 0, 2  # snowflake.connector.constants.FIELD_TYPES
 
 
-class WarehouseSource:
+class WarehouseSource(NoFingerprint):
     def __init__(self, url: str, query: str) -> None:
         self._url = url
         self.query = query
 
     def __repr__(self) -> str:
         return f"<WarehouseSource {describe_url(self._url)}>"
-
-    async def fingerprint(self) -> str | None:
-        return None  # no cheap way to tell that the membership is unchanged
-
-    def read_fingerprint(self) -> str | None:
-        return None
 
     def describe(self) -> str:
         return f"warehouse {describe_url(self._url)}"
@@ -46,7 +39,7 @@ class WarehouseSource:
         if not unambiguous_url(self._url):
             return self._unparsable()
         if self._url.startswith("snowflake://"):
-            return self._snowflake_chunks()
+            return chunks_in_thread(self._snowflake_rows())
         return self._postgres_chunks()
 
     async def _unparsable(self) -> AsyncIterator[list[object]]:
@@ -90,14 +83,6 @@ class WarehouseSource:
             raise SourceError(f"warehouse query failed on {where}: {reason}") from None
         finally:
             await conn.close(timeout=5)
-
-    async def _snowflake_chunks(self) -> AsyncIterator[list[object]]:
-        rows = self._snowflake_rows()
-        while True:
-            chunk = await in_thread(partial(next, rows, None))
-            if chunk is None:
-                return
-            yield chunk
 
     def _snowflake_rows(self) -> Iterator[list[object]]:
         try:

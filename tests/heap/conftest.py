@@ -30,8 +30,7 @@ async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
     try:
         yield running
     finally:
-        await running.receiver.stop()
-        await running.store.close()
+        await running.stop()
 
 
 @pytest_asyncio.fixture

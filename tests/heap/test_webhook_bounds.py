@@ -29,11 +29,13 @@ from tests.support.heap import (
     WEBHOOK_PATH,
     WEBHOOK_SECRET,
     Receiver,
+    assert_refused,
     encode,
     heap_hash,
     heap_members,
     heap_state,
     new_task,
+    nothing_stored,
     now_ms,
     page,
     post_raw,
@@ -50,13 +52,7 @@ async def roomy(tmp_path: Path) -> AsyncIterator[Receiver]:
     try:
         yield running
     finally:
-        await running.receiver.stop()
-        await running.store.close()
-
-
-async def _nothing_stored(receiver: Receiver) -> None:
-    assert await heap_state(receiver.store) == {}
-    assert receiver.completed == []
+        await running.stop()
 
 
 # ------------------------------------------------------------------------ compressed bodies
@@ -76,8 +72,7 @@ async def test_compressed_body_is_415_and_never_inflated(
         header=heap_hash(WEBHOOK_SECRET, now_ms(), plain),
         headers={"Content-Encoding": encoding},
     )
-    assert answer.status == 415, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 415)
 
 
 async def test_gzip_bomb_is_refused_without_reading_it(
@@ -129,7 +124,7 @@ async def test_content_encoding_given_twice_is_415(receiver: Receiver) -> None:
         f"Heap-Hash: {heap_hash(WEBHOOK_SECRET, now_ms(), plain)}\n"
     )
     assert b" 415 " in await _raw_request(receiver, head, packed)
-    await _nothing_stored(receiver)
+    await nothing_stored(receiver)
 
 
 async def test_malformed_http_is_400_with_one_short_log_line(
@@ -177,8 +172,7 @@ async def test_slow_sender_is_cut_off_with_408(tmp_path: Path) -> None:
         assert status == 408
     finally:
         never.set()
-        await running.receiver.stop()
-        await running.store.close()
+        await running.stop()
 
 
 async def test_unverified_bytes_held_at_once_are_bounded_with_503(
@@ -198,7 +192,7 @@ async def test_unverified_bytes_held_at_once_are_bounded_with_503(
                 break
             await asyncio.sleep(0.05)
         assert answer.status == 503, answer.body
-        await _nothing_stored(receiver)
+        await nothing_stored(receiver)
     finally:
         release.set()
         assert await asyncio.gather(*stalled) == [401, 401]
@@ -215,8 +209,7 @@ async def test_deeply_nested_signed_body_is_400(
     payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
     body = encode(payload)[:-1] + b',"deep":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     answer = await post_signed(http, roomy.url, body)
-    assert answer.status == 400, answer.body
-    await _nothing_stored(roomy)
+    await assert_refused(roomy, answer, 400)
 
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
@@ -226,8 +219,7 @@ async def test_nan_and_infinity_ids_are_400_never_sent(
     body = encode(page(task=new_task(), number=1, total=1, add=["PLACEHOLDER"]))
     body = body.replace(b'"PLACEHOLDER"', constant.encode())
     answer = await post_signed(http, receiver.url, body)
-    assert answer.status == 400, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 400)
 
 
 def _with(path: str, value: Any) -> dict[str, Any]:
@@ -269,7 +261,7 @@ async def test_out_of_range_or_wrong_typed_fields_are_400(
     answer = await post_signed(http, roomy.url, json.dumps(_with(path, value)).encode())
     assert answer.status == 400, answer.body
     assert len(json.dumps(answer.body)) < 300, "the answer echoes what was sent"
-    await _nothing_stored(roomy)
+    await nothing_stored(roomy)
 
 
 async def test_largest_fields_in_range_are_stored_and_one_more_is_400(
@@ -374,8 +366,7 @@ async def pg_receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
     try:
         yield running
     finally:
-        await running.receiver.stop()
-        await running.store.close()
+        await running.stop()
         await drop_database(database)
 
 

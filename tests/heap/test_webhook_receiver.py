@@ -21,11 +21,13 @@ from tests.support.heap import (
     FREE_CUSTOMERS,
     WEBHOOK_SECRET,
     Receiver,
+    assert_refused,
     encode,
     heap_hash,
     heap_members,
     heap_state,
     new_task,
+    nothing_stored,
     now_ms,
     page,
     post_raw,
@@ -231,18 +233,12 @@ async def test_non_ascii_ids_are_stored_verbatim(
 # ------------------------------------------------------------------------ refused: 401
 
 
-async def _nothing_stored(receiver: Receiver) -> None:
-    assert await heap_state(receiver.store) == {}
-    assert receiver.completed == []
-
-
 async def test_wrong_secret_is_401_and_nothing_stored(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
     body = page(task=new_task(), number=1, total=1, add=["a@x.com"])
     answer = await post_signed(http, receiver.url, body, secret="not-the-secret")
-    assert answer.status == 401, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 401)
 
 
 async def test_body_changed_after_signing_is_401(
@@ -253,8 +249,7 @@ async def test_body_changed_after_signing_is_401(
     ts = now_ms()
     answer = await post_raw(http, receiver.url, tampered, header=heap_hash(WEBHOOK_SECRET, ts,
                                                                            signed))
-    assert answer.status == 401, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 401)
 
 
 async def test_signature_with_another_timestamp_is_401(
@@ -265,8 +260,7 @@ async def test_signature_with_another_timestamp_is_401(
     ts = now_ms()
     signature = heap_hash(WEBHOOK_SECRET, ts - 1000, body).split(",hmac:")[1]
     answer = await post_raw(http, receiver.url, body, header=f"ts:{ts},hmac:{signature}")
-    assert answer.status == 401, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 401)
 
 
 @pytest.mark.parametrize(
@@ -280,8 +274,7 @@ async def test_timestamp_outside_tolerance_is_401(
     """Tolerance is 60 s in this fixture; correctly signed but too old or too new."""
     body = page(task=new_task(), number=1, total=1, add=["a@x.com"])
     answer = await post_signed(http, receiver.url, body, ts_ms=now_ms() + offset_ms)
-    assert answer.status == 401, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 401)
 
 
 @pytest.mark.parametrize("offset_ms", [-30_000, 500], ids=["30s-old", "500ms-ahead"])
@@ -301,8 +294,7 @@ async def test_missing_heap_hash_header_is_400(
 ) -> None:
     body = encode(page(task=new_task(), number=1, total=1, add=["a@x.com"]))
     answer = await post_raw(http, receiver.url, body, header=None)
-    assert answer.status == 400, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 400)
 
 
 @pytest.mark.parametrize(
@@ -331,15 +323,13 @@ async def test_malformed_heap_hash_header_is_400(
     ts = now_ms()
     mac = heap_hash(WEBHOOK_SECRET, ts, body).split(",hmac:")[1]
     answer = await post_raw(http, receiver.url, body, header=header.format(ts=ts, mac=mac))
-    assert answer.status == 400, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 400)
 
 
 async def test_broken_json_is_400(receiver: Receiver, http: aiohttp.ClientSession) -> None:
     body = b'{"action_type":"segment.users.sync","data":{"segment":{"id":1'
     answer = await post_signed(http, receiver.url, body)
-    assert answer.status == 400, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 400)
 
 
 async def test_body_that_is_not_utf8_is_400(
@@ -349,8 +339,7 @@ async def test_body_that_is_not_utf8_is_400(
         b"a@x.com", b"a\xff@x.com"
     )
     answer = await post_signed(http, receiver.url, body)
-    assert answer.status == 400, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 400)
 
 
 @pytest.mark.parametrize("body", [b"[]", b"null"], ids=["array", "null"])
@@ -359,8 +348,7 @@ async def test_json_that_is_not_an_object_is_400(
 ) -> None:
     """Valid JSON but not a page: malformed, like broken JSON (parse_page has this check)."""
     answer = await post_signed(http, receiver.url, body)
-    assert answer.status == 400, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 400)
 
 
 def _without(path: str) -> dict[str, Any]:
@@ -413,8 +401,7 @@ async def test_missing_or_bad_fields_are_400(
     receiver: Receiver, http: aiohttp.ClientSession, payload: dict[str, Any]
 ) -> None:
     answer = await post_signed(http, receiver.url, payload)
-    assert answer.status == 400, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 400)
 
 
 # ------------------------------------------------------------------------ other actions
@@ -427,7 +414,7 @@ async def test_unknown_action_type_is_200_and_nothing_stored(
     body = page(task=new_task(), number=1, total=1, add=["a@x.com"], action=action)
     answer = await post_signed(http, receiver.url, body)
     assert answer.status == 200, answer.body
-    await _nothing_stored(receiver)
+    await nothing_stored(receiver)
 
 
 async def test_unknown_action_type_still_needs_a_good_signature(
@@ -441,23 +428,26 @@ async def test_unknown_action_type_still_needs_a_good_signature(
 # ------------------------------------------------------------------------ size and routes
 
 
+def _one_page_body(n_ids: int) -> bytes:
+    """A whole task in one page adding ``n_ids`` ids of 23 bytes each."""
+    ids = [f"user{i:06d}@example.com" for i in range(n_ids)]
+    return encode(page(task=new_task(), number=1, total=1, add=ids))
+
+
 async def test_oversize_body_is_413_and_nothing_stored(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
     """max_body is 64 KiB in the fixture; this page is about 100 KiB, correctly signed."""
-    ids = [f"user{i:06d}@example.com" for i in range(3150)]
-    body = encode(page(task=new_task(), number=1, total=1, add=ids))
+    body = _one_page_body(3150)
     assert 95 * 1024 < len(body) < 110 * 1024
     answer = await post_signed(http, receiver.url, body)
-    assert answer.status == 413, answer.body
-    await _nothing_stored(receiver)
+    await assert_refused(receiver, answer, 413)
 
 
 async def test_oversize_chunked_body_without_length_is_413(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
-    ids = [f"user{i:06d}@example.com" for i in range(3150)]
-    body = encode(page(task=new_task(), number=1, total=1, add=ids))
+    body = _one_page_body(3150)
 
     async def stream() -> AsyncIterator[bytes]:
         for start in range(0, len(body), 8192):
@@ -471,14 +461,13 @@ async def test_oversize_chunked_body_without_length_is_413(
     ) as response:
         assert "Content-Length" not in response.request_info.headers
         assert response.status == 413
-    await _nothing_stored(receiver)
+    await nothing_stored(receiver)
 
 
 async def test_body_just_under_the_limit_is_accepted(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
-    ids = [f"user{i:06d}@example.com" for i in range(1950)]
-    body = encode(page(task=new_task(), number=1, total=1, add=ids))
+    body = _one_page_body(1950)
     assert 60 * 1024 < len(body) < 64 * 1024
     answer = await post_signed(http, receiver.url, body)
     assert answer.status == 200, answer.body
@@ -505,7 +494,7 @@ async def test_other_paths_on_the_webhook_port_are_404(
         method, receiver.base + path, data=body, headers={"Heap-Hash": header}
     ) as response:
         assert response.status == 404
-    await _nothing_stored(receiver)
+    await nothing_stored(receiver)
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])

@@ -206,8 +206,7 @@ async def test_auto_mapped_segment_is_found_again_by_external_id_after_state_los
                          name="Seg")
         outcomes = await _sync(_settings(sandbox, fresh, None))
     finally:
-        await fresh.receiver.stop()
-        await fresh.store.close()
+        await fresh.stop()
     assert [o.result for o in outcomes.values()] == ["synced"], [
         o.error for o in outcomes.values()
     ]

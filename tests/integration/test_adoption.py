@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from syncd.sandbox import RequestRecord
+from syncd.settings import Settings
 from tests.support.harness import (
     SEGMENTS_PATH,
     Harness,
@@ -17,6 +19,20 @@ from tests.support.processes import run_cli_async
 STALE = ["stale1@example.com", "stale2@example.com", "user0000001@example.com"]
 
 
+async def _sync_rebuilding(harness: Harness, settings: Settings) -> list[RequestRecord]:
+    """Sync a source of three batches and check WalkMe was rebuilt: an override with
+    the first batch, then two adds. Returns the requests sent, for the test's own checks."""
+    outcome = await harness.sync_one(settings)
+    assert outcome.result == "synced", outcome.error
+    sent = segment_requests(harness.sandbox)
+    assert [(r.kind, r.action) for r in sent] == [
+        ("update", "override"),
+        ("update", "add"),
+        ("update", "add"),
+    ]
+    return sent
+
+
 async def test_adopts_existing_segment_by_name(harness: Harness) -> None:
     sandbox = harness.sandbox
     guid = await seed_segment(sandbox, "Existing", STALE)
@@ -24,14 +40,7 @@ async def test_adopts_existing_segment_by_name(harness: Harness) -> None:
     source = make_ids(2_500)
     settings = harness.settings([harness.mapping("Existing", source)], batch_size=1_000)
 
-    outcome = await harness.sync_one(settings)
-    assert outcome.result == "synced", outcome.error
-    sent = segment_requests(sandbox)
-    assert [(r.kind, r.action) for r in sent] == [
-        ("update", "override"),
-        ("update", "add"),
-        ("update", "add"),
-    ]
+    sent = await _sync_rebuilding(harness, settings)
     assert all(guid in r.path for r in sent)
     assert sandbox.count("create") == 0
     assert len(segments_named(sandbox, "Existing")) == 1
@@ -39,9 +48,7 @@ async def test_adopts_existing_segment_by_name(harness: Harness) -> None:
 
     # Adopted and rebuilt: from now on plain updates.
     changed = [*source[10:], "late@example.com"]
-    harness.source("Existing", changed)
-    sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_changed(settings, "Existing", changed)
     assert outcome.result == "synced", outcome.error
     assert [r.action for r in segment_requests(sandbox)] == ["remove", "add"]
     assert sandbox.members(guid) == set(changed)
@@ -124,14 +131,7 @@ async def test_reset_makes_the_next_run_override(harness: Harness) -> None:
     assert "Resettable" in out
 
     sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
-    assert outcome.result == "synced", outcome.error
-    sent = segment_requests(sandbox)
-    assert [(r.kind, r.action) for r in sent] == [
-        ("update", "override"),
-        ("update", "add"),
-        ("update", "add"),
-    ]
+    sent = await _sync_rebuilding(harness, settings)
     assert all(r.path.endswith(guid) for r in sent)
     assert sandbox.members(guid) == set(source)
 

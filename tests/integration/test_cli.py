@@ -25,7 +25,7 @@ from tests.support.harness import (
 from tests.support.ids import make_ids, write_ids
 from tests.support.logs import parse_log_lines, run_endings
 from tests.support.net import free_port
-from tests.support.processes import REPO_ROOT, base_env, run_cli, syncd_command
+from tests.support.processes import REPO_ROOT, base_env, run_cli
 from tests.support.waiting import wait_until
 
 
@@ -437,15 +437,7 @@ def test_read_only_commands_never_create_a_state_store(
     if state_url is not None:
         env["SYNCD_STATE_URL"] = state_url
     for argv in (["status"], ["history", "--segment", "X"], ["reset", "--segment", "X"]):
-        result = subprocess.run(
-            syncd_command(*argv),
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_cli(*argv, env=env, cwd=tmp_path, timeout=60)
         assert result.returncode == 2, (argv, result.stdout, result.stderr)
         line = result.stderr.strip()
         assert "\n" not in line

@@ -93,9 +93,7 @@ async def test_smaller_batch_size_splits_every_phase(harness: Harness) -> None:
     assert sandbox.members(guid) == set(source)
 
     changed = source[1_200:] + make_ids(2_500, prefix="more")
-    harness.source("Small batches", changed)
-    sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_changed(settings, "Small batches", changed)
     assert outcome.result == "synced", outcome.error
     sent = segment_requests(sandbox)
     assert [r.action for r in sent] == ["remove"] * 2 + ["add"] * 3
@@ -111,9 +109,7 @@ async def test_emptying_a_segment_sends_only_removes(harness: Harness) -> None:
     assert (await harness.sync_one(settings)).result == "synced"
     guid = harness.guid("Leaving")
 
-    harness.source("Leaving", [])
-    sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_changed(settings, "Leaving", [])
     assert outcome.result == "synced", outcome.error
     assert [(r.kind, r.action, r.n_ids) for r in segment_requests(sandbox)] == [
         ("update", "remove", 3)
@@ -127,9 +123,7 @@ async def test_emptied_source_is_held_by_default(harness: Harness) -> None:
     assert (await harness.sync_one(settings)).result == "synced"
     guid = harness.guid("Guarded")
 
-    harness.source("Guarded", [])
-    sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_changed(settings, "Guarded", [])
     assert outcome.result == "held", outcome.error
     assert segment_requests(sandbox) == []
     assert sandbox.members(guid) == set(make_ids(3))

@@ -9,12 +9,30 @@ from pathlib import Path
 
 from syncd.sandbox import Faults, WalkMeSandbox
 from tests.support.harness import cli_env, segment_requests, segments_named, status_rows
-from tests.support.ids import make_ids, write_ids
+from tests.support.ids import file_mapping, make_ids
 from tests.support.logs import parse_log_lines, run_endings
 from tests.support.processes import DaemonProcess
 from tests.support.waiting import wait_until
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
+
+BATCH = 10_000
+
+
+def start_slow_sync(
+    sandbox: WalkMeSandbox,
+    tmp_path: Path,
+    start: StartDaemon,
+    name: str,
+    source: list[str],
+    delay: float,
+) -> tuple[dict[str, str], DaemonProcess]:
+    """Start `syncd run` syncing ``source`` to segment ``name`` in batches of BATCH,
+    WalkMe answering each call ``delay`` s late: time to kill it mid-sync."""
+    mapping = file_mapping(tmp_path, name, source)
+    env = cli_env(sandbox.url, tmp_path, [mapping], schedule="1h", batch_size=BATCH)
+    sandbox.faults = Faults(delay=delay)
+    return env, start(env)
 
 
 def run_to_convergence(start: StartDaemon, env: dict[str, str]) -> DaemonProcess:
@@ -31,13 +49,7 @@ def test_sigkill_mid_first_sync_resends_at_most_one_batch(
     live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
 ) -> None:
     source = make_ids(200_000)
-    batch = 10_000
-    path = write_ids(tmp_path / "crash.txt", source)
-    mapping = {"name": "Crash", "source": {"type": "file", "path": str(path)}}
-    env = cli_env(live_sandbox.url, tmp_path, [mapping], schedule="1h", batch_size=batch)
-    live_sandbox.faults = Faults(delay=0.2)
-
-    first = daemons(env)
+    env, first = start_slow_sync(live_sandbox, tmp_path, daemons, "Crash", source, delay=0.2)
     wait_until(lambda: len(segment_requests(live_sandbox)) >= 5, 60, "five batches", step=0.01)
     first.kill()
     # A handler the kill left running still finishes; let it land before looking.
@@ -54,7 +66,7 @@ def test_sigkill_mid_first_sync_resends_at_most_one_batch(
 
     assert live_sandbox.members(record.guid) == set(source)
     assert len(segments_named(live_sandbox, "Crash")) == 1
-    minimum = math.ceil(len(source) / batch)
+    minimum = math.ceil(len(source) / BATCH)
     total = len(segment_requests(live_sandbox))
     assert total <= minimum + 1, f"{total} requests (before the kill: {sent_before})"
     assert live_sandbox.count("create") == 1
@@ -65,13 +77,7 @@ def test_sigkill_right_after_create_adopts_instead_of_duplicating(
     live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
 ) -> None:
     source = make_ids(30_000)
-    batch = 10_000
-    path = write_ids(tmp_path / "ambiguous.txt", source)
-    mapping = {"name": "Ambiguous", "source": {"type": "file", "path": str(path)}}
-    env = cli_env(live_sandbox.url, tmp_path, [mapping], schedule="1h", batch_size=batch)
-    live_sandbox.faults = Faults(delay=1.0)
-
-    first = daemons(env)
+    env, first = start_slow_sync(live_sandbox, tmp_path, daemons, "Ambiguous", source, delay=1.0)
     # The list answered, so the create is on its way: kill while WalkMe works on it.
     wait_until(lambda: live_sandbox.count("list") >= 1, 60, "the list call", step=0.01)
     time.sleep(0.3)
@@ -95,7 +101,7 @@ def test_sigkill_right_after_create_adopts_instead_of_duplicating(
         ("update", "add"),
     ]
     # With the lost create: one batch more than the minimum, not a second segment.
-    assert 1 + len(after) <= math.ceil(len(source) / batch) + 1
+    assert 1 + len(after) <= math.ceil(len(source) / BATCH) + 1
     row = status_rows(env)["Ambiguous"]
     assert row["segment_guid"] == record.guid
     assert row["members"] == len(source)

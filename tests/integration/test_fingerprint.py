@@ -9,9 +9,9 @@ import pytest
 import structlog
 
 from syncd.sources.file import FileSource
-from syncd.state import open_store
 from tests.support.harness import Harness, segment_requests
 from tests.support.ids import make_ids, write_ids
+from tests.support.stores import with_store
 
 
 async def test_unchanged_file_is_not_read_and_sends_nothing(harness: Harness) -> None:
@@ -38,11 +38,10 @@ async def test_a_run_that_did_not_finish_turns_the_shortcut_off(harness: Harness
     await harness.sync_one(settings)
     # A run starts (and dies before finishing, as under SIGKILL): WalkMe may have
     # changed, so the file's unchanged bytes no longer vouch for the snapshot.
-    store = await open_store(settings.state_url)
-    try:
-        await store.begin_run("Fp", "killed-run", settings.walkme_system_guid, None)
-    finally:
-        await store.close()
+    await with_store(
+        settings.state_url,
+        lambda store: store.begin_run("Fp", "killed-run", settings.walkme_system_guid, None),
+    )
     after = await harness.sync_one(settings)
     assert (after.result, after.unchanged) == ("synced", False)
     assert harness.sandbox.members(harness.guid("Fp")) == set(ids)
@@ -54,11 +53,7 @@ async def test_reset_and_a_held_run_are_never_skipped(harness: Harness) -> None:
     ids = make_ids(1_000)
     settings = harness.settings([harness.mapping("Fp", ids)])
     await harness.sync_one(settings)
-    store = await open_store(settings.state_url)
-    try:
-        await store.reset("Fp")
-    finally:
-        await store.close()
+    await with_store(settings.state_url, lambda store: store.reset("Fp"))
     rebuilt = await harness.sync_one(settings)
     assert (rebuilt.unchanged, rebuilt.added) == (False, 1_000)
     assert [r.action for r in segment_requests(harness.sandbox)][-1] == "override"

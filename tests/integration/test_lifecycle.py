@@ -18,7 +18,7 @@ import pytest
 from syncd.engine import IN_USE_INTERVALS
 from syncd.sandbox import Faults, WalkMeSandbox
 from tests.support.harness import cli_env, delete_segment, seed_segment
-from tests.support.ids import make_ids, write_ids
+from tests.support.ids import file_mapping, make_ids
 from tests.support.logs import parse_log_lines
 from tests.support.net import free_port
 from tests.support.processes import DaemonProcess, run_cli
@@ -36,11 +36,6 @@ def env_for(
 def wait_out_in_use_window() -> None:
     """Until a segment synced just now is no longer in use by its last run alone."""
     time.sleep(IN_USE_INTERVALS * 1.0 + 0.3)
-
-
-def mapping(folder: Path, name: str, ids: list[str], **extra: Any) -> dict[str, Any]:
-    path = write_ids(folder / f"{name.replace(' ', '_')}.txt", ids)
-    return {"name": name, "source": {"type": "file", "path": str(path)}, **extra}
 
 
 def status(env: dict[str, str]) -> dict[str, Any]:
@@ -65,8 +60,8 @@ def sync_ok(env: dict[str, str]) -> str:
 def test_orphan_is_logged_listed_and_pruned_only_with_yes(
     live_sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
-    keep = mapping(tmp_path, "Keep", make_ids(30, "k"))
-    drop = mapping(tmp_path, "Drop", make_ids(20, "d"))
+    keep = file_mapping(tmp_path, "Keep", make_ids(30, "k"))
+    drop = file_mapping(tmp_path, "Drop", make_ids(20, "d"))
     sync_ok(env_for(live_sandbox, tmp_path, [keep, drop]))
     assert names_in(live_sandbox) == {"Keep", "Drop"}
 
@@ -117,13 +112,13 @@ def test_adopted_orphan_survives_prune_until_include_adopted(
     live_sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     existing = asyncio.run(seed_segment(live_sandbox, "Adopted", ["old@x.com"]))
-    adopted = mapping(tmp_path, "Adopted", make_ids(10, "a"))
-    created = mapping(tmp_path, "Created", make_ids(10, "c"))
+    adopted = file_mapping(tmp_path, "Adopted", make_ids(10, "a"))
+    created = file_mapping(tmp_path, "Created", make_ids(10, "c"))
     sync_ok(env_for(live_sandbox, tmp_path, [adopted, created]))
     assert live_sandbox.find(name="Adopted") is not None
     assert live_sandbox.find(name="Adopted").guid == existing  # type: ignore[union-attr]
 
-    env = env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Other", ["o@x.com"])])
+    env = env_for(live_sandbox, tmp_path, [file_mapping(tmp_path, "Other", ["o@x.com"])])
     sync_ok(env)
     wait_out_in_use_window()
     pruned = run_cli("prune", "--yes", env=env)
@@ -140,7 +135,7 @@ def test_adopted_orphan_survives_prune_until_include_adopted(
 def test_delete_without_yes_changes_nothing_and_already_gone_exits_0(
     live_sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
-    one = mapping(tmp_path, "One", make_ids(5, "o"))
+    one = file_mapping(tmp_path, "One", make_ids(5, "o"))
     env = env_for(live_sandbox, tmp_path, [one])
     sync_ok(env)
     record = live_sandbox.find(name="One")
@@ -169,10 +164,11 @@ def test_renamed_mapping_keeping_external_id_is_recognised(
     live_sandbox: WalkMeSandbox, tmp_path: Path
 ) -> None:
     ids = make_ids(12, "r")
-    sync_ok(env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Old", ids, external_id="e-1")]))
+    old = file_mapping(tmp_path, "Old", ids, external_id="e-1")
+    sync_ok(env_for(live_sandbox, tmp_path, [old]))
     old_guid = live_sandbox.find(name="Old").guid  # type: ignore[union-attr]
 
-    env = env_for(live_sandbox, tmp_path, [mapping(tmp_path, "New", ids, external_id="e-1")])
+    env = env_for(live_sandbox, tmp_path, [file_mapping(tmp_path, "New", ids, external_id="e-1")])
     first = run_cli("sync", env=env)
     events = parse_log_lines(first.stderr)
     renamed = [e for e in events if e["event"] == "segment.renamed"]
@@ -200,13 +196,13 @@ def test_a_running_daemon_keeps_the_segments_it_maps_from_prune_and_delete(
 ) -> None:
     """SQLite, one host: a ``syncd prune`` on the daemon's state file sees the daemon
     as a live replica, long after the segment's last run stopped protecting it."""
-    live = mapping(tmp_path, "Live", make_ids(10, "l"))
+    live = file_mapping(tmp_path, "Live", make_ids(10, "l"))
     daemon = daemons(cli_env(live_sandbox.url, tmp_path, [live], schedule="1h"))
     daemon.wait_for("segment.synced")
     guid = live_sandbox.find(name="Live").guid  # type: ignore[union-attr]
     replica = f"{socket.gethostname()}:{daemon.process.pid}"
     # An operator whose configuration lacks "Live" (an old checkout, the next release).
-    env = env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Other", ["o@x.com"])])
+    env = env_for(live_sandbox, tmp_path, [file_mapping(tmp_path, "Other", ["o@x.com"])])
     wait_out_in_use_window()
 
     pruned = run_cli("prune", "--yes", env=env)
@@ -235,7 +231,7 @@ def test_a_cycle_outlasting_the_schedule_logs_cycle_overrun(
     live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
 ) -> None:
     live_sandbox.faults = Faults(delay=3.0)  # each WalkMe call: longer than the schedule
-    daemon = daemons(env_for(live_sandbox, tmp_path, [mapping(tmp_path, "Slow", ["s@x.com"])]))
+    daemon = daemons(env_for(live_sandbox, tmp_path, [file_mapping(tmp_path, "Slow", ["s@x.com"])]))
     daemon.wait_for("cycle.overrun", timeout=30)
     daemon.wait_for("cycle.finished", timeout=30)
     assert daemon.terminate() == 0
@@ -272,7 +268,7 @@ def test_admin_and_webhook_servers_listen_on_their_configured_host(
     env = env_for(
         live_sandbox,
         tmp_path,
-        [mapping(tmp_path, "Bound", ["b@x.com"])],
+        [file_mapping(tmp_path, "Bound", ["b@x.com"])],
         admin_host=host,
         admin_port=admin,
         webhook_host=host,
@@ -295,7 +291,7 @@ def test_an_admin_host_not_on_this_machine_fails_with_one_line(
 ) -> None:
     # 192.0.2.1 is TEST-NET-1 (documentation only): binding to it fails, nothing is sent.
     env = env_for(
-        live_sandbox, tmp_path, [mapping(tmp_path, "Far", ["f@x.com"])], admin_host="192.0.2.1"
+        live_sandbox, tmp_path, [file_mapping(tmp_path, "Far", ["f@x.com"])], admin_host="192.0.2.1"
     )
     result = run_cli("run", env=env, timeout=30)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr

@@ -31,9 +31,7 @@ async def test_create_without_guid_is_found_by_listing(
 
     # The GUID found by listing is remembered: the next change goes to the same segment.
     changed = [*source[1:], "new@example.com"]
-    harness.source("No GUID", changed)
-    sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_changed(settings, "No GUID", changed)
     assert outcome.result == "synced", outcome.error
     assert [r.action for r in segment_requests(sandbox)] == ["remove", "add"]
     assert sandbox.count("list") == 0
@@ -78,9 +76,7 @@ async def test_segment_deleted_in_walkme_is_recreated_with_full_membership(
 
     await delete_segment(sandbox, old_guid)
     changed = [*source[5:], "new1@example.com", "new2@example.com"]
-    harness.source("Deleted", changed)
-    sandbox.clear_requests()
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_changed(settings, "Deleted", changed)
     assert outcome.result == "synced", outcome.error
 
     assert sandbox.count("update", status=404) == 1

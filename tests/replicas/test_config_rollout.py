@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import pytest
 from syncd.engine import IN_USE_INTERVALS
 from syncd.sandbox import Faults
 from tests.support.net import free_port
+from tests.support.processes import run_cli
 from tests.support.replicas import Replica, recording_sandbox, replica_env
 from tests.support.waiting import wait_until
 
@@ -24,18 +23,6 @@ from tests.support.waiting import wait_until
 pytestmark = pytest.mark.xdist_group("replicas")
 
 SCHEDULE_S = 1
-
-
-def cli(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "syncd", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def events(replica: Replica, event: str) -> list[dict[str, Any]]:
@@ -100,11 +87,13 @@ def test_replicas_mapping_different_segments_never_orphan_or_delete_each_others(
                 assert events(replica, "segment.orphaned") == [], replica.tail()
 
             # Pruning with the old configuration keeps what the new replica maps.
-            pruned = cli(old.env, tmp_path, "prune", "--yes")
+            pruned = run_cli("prune", "--yes", env=old.env, cwd=tmp_path, timeout=60)
             assert pruned.returncode == 0, pruned.stdout + pruned.stderr
             assert "'OnlyNew'" in pruned.stdout
             assert f"mapped by live replica {host}:{new.pid}" in pruned.stdout
-            refused = cli(old.env, tmp_path, "delete", "--segment", "OnlyNew", "--yes")
+            refused = run_cli(
+                "delete", "--segment", "OnlyNew", "--yes", env=old.env, cwd=tmp_path, timeout=60
+            )
             assert refused.returncode == 1, refused.stdout + refused.stderr
             assert f"mapped by live replica {host}:{new.pid}" in refused.stdout
             assert "Traceback" not in refused.stdout + refused.stderr
@@ -122,7 +111,7 @@ def test_replicas_mapping_different_segments_never_orphan_or_delete_each_others(
                 "the old replica to report OnlyNew as an orphan",
             )
             assert [e["segment"] for e in events(old, "segment.orphaned")][:1] == ["OnlyNew"]
-            pruned = cli(old.env, tmp_path, "prune", "--yes")
+            pruned = run_cli("prune", "--yes", env=old.env, cwd=tmp_path, timeout=60)
             assert pruned.returncode == 0, pruned.stdout + pruned.stderr
             [deleted] = [line for line in pruned.stdout.splitlines() if "'OnlyNew'" in line]
             assert deleted.endswith(": deleted"), pruned.stdout

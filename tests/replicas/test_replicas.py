@@ -45,8 +45,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -58,6 +56,7 @@ import pytest
 
 from syncd.sandbox import Faults
 from tests.support.net import free_port
+from tests.support.processes import run_cli
 from tests.support.replicas import (
     CLIENT_SECRET,
     Applied,
@@ -533,15 +532,7 @@ def verdict(run: Run) -> list[str]:
 
 
 def _status_json(env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "syncd", "status", "--json"],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("status", "--json", env=env, cwd=cwd, timeout=60)
     assert done.returncode == 0, f"syncd status --json: {done.returncode}\n{done.stderr}"
     status: dict[str, Any] = json.loads(done.stdout)
     return status

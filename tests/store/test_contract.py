@@ -25,6 +25,7 @@ from syncd.state import SegmentState, StateError, StateStore, open_store
 from syncd.state.base import HeapPage, HeapSegment, LeaseLost, PendingBatch, RunResult
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
 from tests.support.postgres import drop_database
+from tests.support.stores import opened_together
 
 # Ids and names that trip up quoting, CSV, LIKE/format strings, JSON and collations.
 TRICKY_IDS = [
@@ -936,16 +937,9 @@ async def test_two_stores_opening_a_new_store_together(store_url: str) -> None:
     if store_url.startswith("sqlite:"):
         urls = [store_url.replace("s.db", f"new-{n}.db") for n in range(8)]
     for url in urls:
-        opened = await asyncio.gather(open_store(url), open_store(url), return_exceptions=True)
-        stores = [one for one in opened if not isinstance(one, BaseException)]
-        try:
-            assert len(stores) == 2, f"an open failed: {opened}"
-            first, second = stores
+        async with opened_together(url) as (first, second):
             await first.begin_run("vip", "r1", SYSTEM, None)
             assert [s.name for s in await second.all()] == ["vip"]
-        finally:
-            for one in stores:
-                await one.close()
 
 
 async def test_closed_store_raises_state_error(store: StateStore) -> None:

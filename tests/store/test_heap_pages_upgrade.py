@@ -12,10 +12,9 @@ from typing import Any
 
 import asyncpg
 
-from syncd.state import StateStore, open_store
-from syncd.state import postgres as postgres_store
-from syncd.state import sqlite as sqlite_store
+from syncd.state import StateStore
 from syncd.state.base import HeapPage, HeapSegment
+from tests.support.stores import with_store, write_schema_1_postgres, write_schema_1_sqlite
 
 TASK = "afe74af0-496e-11ec-81d3-0242ac130003"
 SEGMENT = 1338065
@@ -39,9 +38,8 @@ async def _check_upgraded(store: StateStore) -> None:
 
 async def test_sqlite_upgrade_keeps_heap_page_receipts(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
-    conn = sqlite3.connect(path)
-    try:
-        conn.executescript(sqlite_store._MIGRATIONS[0])
+
+    def fill(conn: sqlite3.Connection) -> None:
         conn.execute(
             "INSERT INTO heap_segments (heap_segment_id, name, mapping_name, members,"
             " updated_at) VALUES (?, 'Free', 'Free', 1, '2024-01-01T00:00:00+00:00')",
@@ -52,23 +50,13 @@ async def test_sqlite_upgrade_keeps_heap_page_receipts(tmp_path: Path) -> None:
             "INSERT INTO heap_pages VALUES (?, 1, ?, 2, '2099-01-01T00:00:00+00:00')",
             (TASK, SEGMENT),
         )
-        conn.execute("PRAGMA user_version = 1")
-        conn.commit()
-    finally:
-        conn.close()
-    store = await open_store(f"sqlite:///{path}")
-    try:
-        await _check_upgraded(store)
-    finally:
-        await store.close()
+
+    write_schema_1_sqlite(path, fill)
+    await with_store(f"sqlite:///{path}", _check_upgraded)
 
 
 async def test_postgres_upgrade_keeps_heap_page_receipts(pg_url: str) -> None:
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(postgres_store._MIGRATIONS[0])
-        await conn.execute("CREATE TABLE syncd_schema (version INTEGER NOT NULL)")
-        await conn.execute("INSERT INTO syncd_schema (version) VALUES (1)")
+    async def fill(conn: asyncpg.Connection[Any]) -> None:
         await conn.execute(
             "INSERT INTO heap_segments (heap_segment_id, name, mapping_name, members,"
             " updated_at) VALUES ($1, 'Free', 'Free', 1, now())",
@@ -78,10 +66,6 @@ async def test_postgres_upgrade_keeps_heap_page_receipts(pg_url: str) -> None:
             "INSERT INTO heap_members (heap_segment_id, id) VALUES ($1, 'a')", SEGMENT
         )
         await conn.execute("INSERT INTO heap_pages VALUES ($1, 1, $2, 2, now())", TASK, SEGMENT)
-    finally:
-        await conn.close()
-    store = await open_store(pg_url)
-    try:
-        await _check_upgraded(store)
-    finally:
-        await store.close()
+
+    await write_schema_1_postgres(pg_url, fill)
+    await with_store(pg_url, _check_upgraded)

@@ -9,10 +9,11 @@ from typing import Any
 
 import asyncpg
 
-from syncd.state import StateStore, open_store
+from syncd.state import StateStore
 from syncd.state import postgres as postgres_store
 from syncd.state import sqlite as sqlite_store
 from tests.store.conftest import GUID, SYSTEM
+from tests.support.stores import with_store, write_schema_1_postgres, write_schema_1_sqlite
 
 
 async def _kept_and_heartbeats(store: StateStore) -> None:
@@ -26,23 +27,16 @@ async def _kept_and_heartbeats(store: StateStore) -> None:
 
 async def test_a_schema_1_sqlite_file_is_migrated_keeping_its_segments(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)
-    try:
-        conn.executescript(sqlite_store._MIGRATIONS[0])
+
+    def fill(conn: sqlite3.Connection) -> None:
         conn.execute(
             "INSERT INTO segments (name, system_guid, segment_guid, members) VALUES (?, ?, ?, 2)",
             ("vip", SYSTEM, GUID),
         )
         conn.executemany("INSERT INTO members VALUES ('vip', ?)", [("a",), ("b",)])
-        conn.execute("PRAGMA user_version = 1")
-        conn.commit()
-    finally:
-        conn.close()
-    store = await open_store(f"sqlite:///{path}")
-    try:
-        await _kept_and_heartbeats(store)
-    finally:
-        await store.close()
+
+    write_schema_1_sqlite(path, fill)
+    await with_store(f"sqlite:///{path}", _kept_and_heartbeats)
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
@@ -51,11 +45,7 @@ async def test_a_schema_1_sqlite_file_is_migrated_keeping_its_segments(tmp_path:
 
 
 async def test_a_schema_1_postgres_database_is_migrated_keeping_its_segments(pg_url: str) -> None:
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(pg_url)
-    try:
-        await conn.execute(postgres_store._MIGRATIONS[0])
-        await conn.execute("CREATE TABLE syncd_schema (version INTEGER NOT NULL)")
-        await conn.execute("INSERT INTO syncd_schema (version) VALUES (1)")
+    async def fill(conn: asyncpg.Connection[Any]) -> None:
         await conn.execute(
             "INSERT INTO segments (name, system_guid, segment_guid, members)"
             " VALUES ('vip', $1, $2, 2)",
@@ -63,13 +53,9 @@ async def test_a_schema_1_postgres_database_is_migrated_keeping_its_segments(pg_
             GUID,
         )
         await conn.execute("INSERT INTO members VALUES ('vip', 'a'), ('vip', 'b')")
-    finally:
-        await conn.close()
-    store = await open_store(pg_url)
-    try:
-        await _kept_and_heartbeats(store)
-    finally:
-        await store.close()
+
+    await write_schema_1_postgres(pg_url, fill)
+    await with_store(pg_url, _kept_and_heartbeats)
     conn = await asyncpg.connect(pg_url)
     try:
         versions = [row[0] for row in await conn.fetch("SELECT version FROM syncd_schema")]

@@ -6,7 +6,9 @@ Each test gets an empty database of its own (``pg_url``); see conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +27,7 @@ from tests.support.postgres import (
     postgres_url,
     url_for_database,
 )
+from tests.support.stores import opened_together
 
 pytestmark = pytest.mark.postgres
 
@@ -89,15 +92,15 @@ async def require_postgres() -> None:
     await conn.close()
 
 
-async def open_pair(url: str) -> tuple[StateStore, StateStore]:
+@contextlib.asynccontextmanager
+async def open_pair(url: str) -> AsyncIterator[tuple[StateStore, StateStore]]:
     """Two replicas' stores on one database (the first one creates the schema)."""
-    first = await open_store(url)
-    try:
+    async with contextlib.AsyncExitStack() as stores:
+        first = await open_store(url)
+        stores.push_async_callback(first.close)
         second = await open_store(url)
-    except BaseException:
-        await first.close()
-        raise
-    return first, second
+        stores.push_async_callback(second.close)
+        yield first, second
 
 
 def heap_page(task: str, number: int, total: int, segment: int, add: list[str]) -> HeapPage:
@@ -151,19 +154,12 @@ async def test_a_newer_schema_is_refused(pg_url: str) -> None:
 
 
 async def test_replicas_opening_together_both_succeed(pg_url: str) -> None:
-    stores = await asyncio.gather(open_store(pg_url), open_store(pg_url), return_exceptions=True)
-    opened = [store for store in stores if not isinstance(store, BaseException)]
-    try:
-        assert len(opened) == 2, f"an open failed: {stores}"
-        first, second = opened
+    async with opened_together(pg_url) as (first, second):
         await first.begin_run("vip", "r1", SYSTEM, None)
         await second.ping()
         state = await second.get("vip")
         assert state is not None
         assert state.name == "vip"
-    finally:
-        for store in opened:
-            await store.close()
     assert await schema_versions(pg_url) == ALL_VERSIONS
     assert await tables(pg_url) == TABLES
 
@@ -235,8 +231,7 @@ async def test_connection_errors_never_show_the_password(case: str) -> None:
 
 
 async def test_last_pages_at_two_replicas_complete_the_task_once(pg_url: str) -> None:
-    first, second = await open_pair(pg_url)
-    try:
+    async with open_pair(pg_url) as (first, second):
         for task in range(6):  # a known segment: the last two of three pages race
             await first.store_heap_page(heap_page(f"t{task}", 1, 3, 1, [f"a{task}"]))
             receipts = await asyncio.gather(
@@ -255,14 +250,10 @@ async def test_last_pages_at_two_replicas_complete_the_task_once(pg_url: str) ->
             s.heap_segment_id: (s.members, s.complete_tasks) for s in await first.heap_segments()
         }
         assert counts == {1: (18, 6)} | {segment: (2, 1) for segment in range(10, 16)}
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_one_page_delivered_to_two_replicas_is_applied_once(pg_url: str) -> None:
-    first, second = await open_pair(pg_url)
-    try:
+    async with open_pair(pg_url) as (first, second):
         for task in range(6):
             same = heap_page(f"t{task}", 1, 1, 7, [f"u{task}", "shared"])
             receipts = await asyncio.gather(
@@ -272,14 +263,10 @@ async def test_one_page_delivered_to_two_replicas_is_applied_once(pg_url: str) -
             assert sum(r.task_complete for r in receipts) == 1, task
         [segment] = await first.heap_segments()
         assert (segment.members, segment.complete_tasks) == (7, 6)
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_one_replica_wins_a_lease(pg_url: str) -> None:
-    first, second = await open_pair(pg_url)
-    try:
+    async with open_pair(pg_url) as (first, second):
         for number in range(10):
             name = f"segment-{number}"
             won = await asyncio.gather(
@@ -299,9 +286,6 @@ async def test_one_replica_wins_a_lease(pg_url: str) -> None:
                 second.acquire_lease(name, "replica-b", 30),
             )
             assert sorted(won) == [False, True], name
-    finally:
-        await first.close()
-        await second.close()
 
 
 async def test_lists_are_in_code_point_order_whatever_the_database_collation() -> None:

@@ -16,7 +16,7 @@ from syncd.app import open_runtime
 from syncd.engine import Outcome
 from syncd.sandbox import SANDBOX_SYSTEM_GUID, RequestRecord, WalkMeSandbox
 from syncd.settings import Settings
-from tests.support.ids import write_ids
+from tests.support.ids import file_mapping, write_ids
 from tests.support.processes import run_cli
 from tests.support.settings import sandbox_settings, syncd_env
 
@@ -100,8 +100,7 @@ class Harness:
 
     def mapping(self, name: str, ids: Iterable[str] = (), **extra: Any) -> dict[str, Any]:
         """A file-source mapping; writes ``ids`` to the segment's source file."""
-        path = self.source(name, ids)
-        return {"name": name, "source": {"type": "file", "path": str(path)}, **extra}
+        return file_mapping(self.folder, name, ids, **extra)
 
     def settings(self, mappings: Sequence[dict[str, Any]], **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -123,6 +122,12 @@ class Harness:
         outcomes = await self.sync(settings)
         assert len(outcomes) == 1
         return outcomes[0]
+
+    async def sync_changed(self, settings: Settings, name: str, ids: Iterable[str]) -> Outcome:
+        """Write ``ids`` as segment ``name``'s source, forget the requests so far, sync once."""
+        self.source(name, ids)
+        self.sandbox.clear_requests()
+        return await self.sync_one(settings)
 
     def guid(self, name: str) -> str:
         record = self.sandbox.find(name=name)

@@ -142,9 +142,7 @@ async def heap_state(store: StateStore) -> dict[int, tuple[str, str, int, int, f
     """Everything the receiver may have changed: segments with their members."""
     result: dict[int, tuple[str, str, int, int, frozenset[str]]] = {}
     for segment in await store.heap_segments():
-        members: set[str] = set()
-        async for chunk in store.heap_members(segment.heap_segment_id, 1000):
-            members.update(chunk)
+        members = await heap_members(store, segment.heap_segment_id)
         result[segment.heap_segment_id] = (
             segment.name,
             segment.mapping_name,
@@ -179,6 +177,22 @@ class Receiver:
     @property
     def url(self) -> str:
         return self.base + WEBHOOK_PATH
+
+    async def stop(self) -> None:
+        await self.receiver.stop()
+        await self.store.close()
+
+
+async def nothing_stored(receiver: Receiver) -> None:
+    """The receiver changed no Heap segment and completed no task."""
+    assert await heap_state(receiver.store) == {}
+    assert receiver.completed == []
+
+
+async def assert_refused(receiver: Receiver, answer: Answer, status: int) -> None:
+    """``answer`` is a refusal with ``status``, and the receiver stored nothing."""
+    assert answer.status == status, answer.body
+    await nothing_stored(receiver)
 
 
 async def start_receiver(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 
 def make_ids(n: int, prefix: str = "user", start: int = 0) -> list[str]:
@@ -16,3 +17,9 @@ def write_ids(path: Path, ids: Iterable[str]) -> Path:
     partial.write_text("".join(f"{member}\n" for member in ids), encoding="utf-8")
     partial.replace(path)
     return path
+
+
+def file_mapping(folder: Path, name: str, ids: Iterable[str], **extra: Any) -> dict[str, Any]:
+    """A file-source mapping; writes ``ids`` to the segment's source file in ``folder``."""
+    path = write_ids(folder / f"{name.replace(' ', '_')}.txt", ids)
+    return {"name": name, "source": {"type": "file", "path": str(path)}, **extra}

@@ -31,12 +31,12 @@ def base_env() -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str], timeout: float = 90
+    *args: str, env: dict[str, str], timeout: float = 90, cwd: Path = REPO_ROOT
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         syncd_command(*args),
         env=env,
-        cwd=REPO_ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
