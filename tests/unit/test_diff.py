@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -298,7 +299,8 @@ async def test_ids_come_out_sorted_across_partitions(
     monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 5)
     new = [f"n{i:03}" for i in range(60)]
     old = [f"o{i:03}" for i in range(60)]
-    diff = await diff_of([new[::-1]], [old[::-1]], tmp_path)
+    # One id a chunk: every id joins the sample, so the bounds make a dozen ranges.
+    diff = await diff_of([[n] for n in new[::-1]], [[o] for o in old[::-1]], tmp_path)
     try:
         assert everything(diff, "add") == new
         assert everything(diff, "remove") == old
@@ -380,6 +382,23 @@ def test_stale_spills_of_dead_processes_are_removed(tmp_path: Path) -> None:
         (folder / "source").write_text("a\n", encoding="utf-8")
     assert syncd.diff.remove_stale_spills(tmp_path) == 2
     assert sorted(leftovers(tmp_path)) == sorted(kept)
+
+
+def test_stale_spill_removed_by_another_process_first_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes starting on one host may clean the same dead spill: the one that
+    finds it already gone carries on."""
+    folder = tmp_path / f"{syncd.diff.SPILL_PREFIX}{dead_pid()}-abc"
+    folder.mkdir()
+
+    def dead_and_cleaned_by_another(pid: int) -> bool:
+        shutil.rmtree(folder)
+        return False
+
+    monkeypatch.setattr(syncd.diff, "alive", dead_and_cleaned_by_another)
+    assert syncd.diff.remove_stale_spills(tmp_path) == 1
+    assert leftovers(tmp_path) == []
 
 
 def test_stale_spills_default_to_the_temporary_directory(
