@@ -264,10 +264,12 @@ def test_unacknowledged_answer_is_retried_naming_why(
 
 
 def test_acknowledged_answers() -> None:
-    """An empty body acknowledges an update; JSON objects and lists are handed back."""
+    """An empty body acknowledges an update; an update's JSON object and a list's
+    array, bare or wrapped, are handed back."""
     assert _acknowledged("update", answer(204, b"", "")) is None
     assert _acknowledged("update", answer(200, b'{"ok": 1}', "application/vnd+json")) == {"ok": 1}
     assert _acknowledged("list", answer(200, b'{"data": []}')) == {"data": []}
+    assert _acknowledged("list", answer(200, b"[]")) == []
 
 
 # -- _excerpt --------------------------------------------------------------------------
