@@ -269,6 +269,20 @@ def test_bounds_cut_the_sample_into_equal_ranges() -> None:
     assert syncd.diff._bounds([], 3) == []
 
 
+def test_split_puts_each_id_in_its_own_range(tmp_path: Path) -> None:
+    """Range files are [..b), [b..d), [d..): one file per range, each holding only its
+    ids, so no comparison holds more than one range in memory."""
+    spill = tmp_path / "source"
+    spill.write_text("e\na\nd\nc\nb\nf\n", encoding="utf-8")
+    ranges = syncd.diff._split(spill, ["b", "d"])
+    assert [syncd.diff._read_set(part) for part in ranges] == [
+        {"a"},
+        {"b", "c"},
+        {"d", "e", "f"},
+    ]
+    assert not spill.exists()
+
+
 async def test_a_side_of_exactly_one_partition_is_not_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
