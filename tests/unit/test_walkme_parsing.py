@@ -162,6 +162,12 @@ def test_retry_after_http_date_in_the_past() -> None:
     assert parse_retry_after("Tue, 04 Mar 2025 09:59:00 GMT", now=now) == 0.0
 
 
+def test_retry_after_http_date_without_a_zone_is_utc() -> None:
+    """A date in ``-0000`` (no zone given) is read as UTC, not refused or crashed on."""
+    now = datetime(2025, 1, 1, 0, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("Wed, 01 Jan 2025 00:00:30 -0000", now=now) == 30.0
+
+
 def test_retry_after_http_date_default_now() -> None:
     soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     wait = parse_retry_after(soon)
