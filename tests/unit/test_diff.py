@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -105,6 +109,15 @@ async def test_batches_cover_exactly_the_ids(tmp_path: Path, size: int) -> None:
             assert len(batches) == math.ceil(len(expected) / size)
         # Read twice, the same batches (the engine reads them once, a dry run again).
         assert list(diff.batches("add", size)) == list(diff.batches("add", size))
+    finally:
+        diff.close()
+
+
+async def test_counts_tell_adds_from_removes(tmp_path: Path) -> None:
+    """``count`` answers for the kind asked: three adds and one remove are not swapped."""
+    diff = await diff_of([["a", "b", "c", "keep"]], [["keep", "gone"]], tmp_path)
+    try:
+        assert (diff.count("add"), diff.count("remove")) == (3, 1)
     finally:
         diff.close()
 
@@ -238,6 +251,108 @@ async def test_partitions_decided_by_the_larger_side(
         diff.close()
 
 
+def test_partition_count_grows_with_the_larger_side() -> None:
+    """One range up to ``PARTITION_IDS`` ids, then one more per ``PARTITION_IDS``."""
+    size = syncd.diff.PARTITION_IDS
+    assert [syncd.diff.partitions_for(ids) for ids in (0, 1, size)] == [1, 1, 1]
+    assert syncd.diff.partitions_for(size + 1) == 2
+    assert syncd.diff.partitions_for(10 * size) == 10
+
+
+def test_bounds_cut_the_sample_into_equal_ranges() -> None:
+    """``parts - 1`` bounds at equal steps of the sorted sample; none for one part."""
+    sample = [f"id{i:02}" for i in range(12)]
+    shuffled = sample[::-1]
+    assert syncd.diff._bounds(list(shuffled), 4) == ["id03", "id06", "id09"]
+    assert syncd.diff._bounds(list(shuffled), 2) == ["id06"]
+    assert syncd.diff._bounds(list(shuffled), 1) == []
+    assert syncd.diff._bounds([], 3) == []
+
+
+def test_split_puts_each_id_in_its_own_range(tmp_path: Path) -> None:
+    """Range files are [..b), [b..d), [d..): one file per range, each holding only its
+    ids, so no comparison holds more than one range in memory."""
+    spill = tmp_path / "source"
+    spill.write_text("e\na\nd\nc\nb\nf\n", encoding="utf-8")
+    ranges = syncd.diff._split(spill, ["b", "d"])
+    assert [syncd.diff._read_set(part) for part in ranges] == [
+        {"a"},
+        {"b", "c"},
+        {"d", "e", "f"},
+    ]
+    assert not spill.exists()
+
+
+async def test_a_side_of_exactly_one_partition_is_not_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PARTITION_IDS`` ids on the larger side are compared as a single range."""
+    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 4)
+    parts: list[int] = []
+    split_file = syncd.diff._split
+
+    def counted(path: Path, bounds: list[str]) -> list[Path]:
+        paths = split_file(path, bounds)
+        parts.append(len(paths))
+        return paths
+
+    monkeypatch.setattr(syncd.diff, "_split", counted)
+    diff = await diff_of([["a", "b"], ["c", "d"]], [["d"]], tmp_path)
+    try:
+        assert parts == [1, 1]
+        assert sorted(everything(diff, "add")) == ["a", "b", "c"]
+    finally:
+        diff.close()
+
+
+async def test_ids_come_out_sorted_across_partitions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adds and removes are written range after range in order, so each file is sorted
+    as a whole (a first sync then appends to the snapshot's index)."""
+    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 5)
+    new = [f"n{i:03}" for i in range(60)]
+    old = [f"o{i:03}" for i in range(60)]
+    # One id a chunk: every id joins the sample, so the bounds make a dozen ranges.
+    diff = await diff_of([[n] for n in new[::-1]], [[o] for o in old[::-1]], tmp_path)
+    try:
+        assert everything(diff, "add") == new
+        assert everything(diff, "remove") == old
+    finally:
+        diff.close()
+
+
+async def test_ids_read_back_whole_across_read_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spill files are read a few bytes at a time: an id cut by a block boundary is
+    still one id, and the file is not read in one piece."""
+    monkeypatch.setattr(syncd.diff, "READ_BYTES", 7)
+    spill = tmp_path / "spill"
+    ids = ["alpha", "b", "日本語のid", "🎉🎉", "long-id-over-one-block"]
+    spill.write_text("\n".join(ids) + "\n", encoding="utf-8")
+    chunks_read = list(syncd.diff._read_chunks(spill))
+    assert [member for chunk in chunks_read for member in chunk if member] == ids
+    assert len(chunks_read) > 3
+    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 2)
+    diff = await diff_of([ids[:3], ids[3:]], [["b", "gone"]], tmp_path)
+    try:
+        assert sorted(everything(diff, "add")) == sorted(set(ids) - {"b"})
+        assert everything(diff, "remove") == ["gone"]
+    finally:
+        diff.close()
+
+
+async def test_work_directory_is_named_for_this_process(tmp_path: Path) -> None:
+    """The spill folder carries the prefix and this pid, so a later start can tell a
+    dead process's spill from a live one's and remove it."""
+    diff = await diff_of([["a"]], [["b"]], tmp_path)
+    try:
+        assert diff.workdir.name.startswith(f"{syncd.diff.SPILL_PREFIX}{os.getpid()}-")
+    finally:
+        diff.close()
+
+
 async def test_close_removes_the_work_directory(tmp_path: Path) -> None:
     diff = await diff_of([["a"]], [["b"]], tmp_path)
     assert diff.workdir.parent == tmp_path
@@ -255,6 +370,58 @@ async def test_a_failing_source_leaves_no_work_directory(tmp_path: Path) -> None
 
     with pytest.raises(RuntimeError, match="source broke"):
         await compute_diff(failing(), chunks(["x"]), Quarantined(), tmp_path)
+    assert leftovers(tmp_path) == []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_spills_of_dead_processes_are_removed(tmp_path: Path) -> None:
+    """Only folders of dead syncd processes go; this process's, a live process's,
+    malformed names and other folders stay, and the count says how many went."""
+    prefix = syncd.diff.SPILL_PREFIX
+    dead = [tmp_path / f"{prefix}{dead_pid()}-abc", tmp_path / f"{prefix}{dead_pid()}-def"]
+    kept = [
+        tmp_path / f"{prefix}{os.getpid()}-own",
+        tmp_path / f"{prefix}{os.getppid()}-parent",
+        tmp_path / f"{prefix}notapid-x",
+        tmp_path / "other-123-x",
+    ]
+    for folder in dead + kept:
+        folder.mkdir()
+        (folder / "source").write_text("a\n", encoding="utf-8")
+    assert syncd.diff.remove_stale_spills(tmp_path) == 2
+    assert sorted(leftovers(tmp_path)) == sorted(kept)
+
+
+def test_stale_spill_removed_by_another_process_first_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes starting on one host may clean the same dead spill: the one that
+    finds it already gone carries on."""
+    folder = tmp_path / f"{syncd.diff.SPILL_PREFIX}{dead_pid()}-abc"
+    folder.mkdir()
+
+    def dead_and_cleaned_by_another(pid: int) -> bool:
+        shutil.rmtree(folder)
+        return False
+
+    monkeypatch.setattr(syncd.diff, "alive", dead_and_cleaned_by_another)
+    assert syncd.diff.remove_stale_spills(tmp_path) == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_stale_spills_default_to_the_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a work directory, the system's temporary directory is cleaned."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    (tmp_path / f"{syncd.diff.SPILL_PREFIX}{dead_pid()}-abc").mkdir()
+    assert syncd.diff.remove_stale_spills() == 1
     assert leftovers(tmp_path) == []
 
 

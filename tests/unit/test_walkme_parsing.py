@@ -9,9 +9,15 @@ from typing import Any
 import pytest
 
 from syncd.walkme import (
+    BODY_SHOWN,
     RemoteSegment,
+    _acknowledged,
     _backoff,
+    _excerpt,
+    _reports_error,
+    _Response,
     _Retryable,
+    create_key,
     is_guid,
     normalize_guid,
     parse_retry_after,
@@ -156,6 +162,12 @@ def test_retry_after_http_date_in_the_past() -> None:
     assert parse_retry_after("Tue, 04 Mar 2025 09:59:00 GMT", now=now) == 0.0
 
 
+def test_retry_after_http_date_without_a_zone_is_utc() -> None:
+    """A date in ``-0000`` (no zone given) is read as UTC, not refused or crashed on."""
+    now = datetime(2025, 1, 1, 0, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("Wed, 01 Jan 2025 00:00:30 -0000", now=now) == 30.0
+
+
 def test_retry_after_http_date_default_now() -> None:
     soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     wait = parse_retry_after(soon)
@@ -189,3 +201,90 @@ def test_backoff_timeouts_retried() -> None:
 @pytest.mark.parametrize("exc", [ValueError("x"), RuntimeError("y"), KeyError("z"), TimeoutError()])
 def test_backoff_others_not_retried(exc: Exception) -> None:
     assert _backoff(exc) is False
+
+
+# -- create_key ------------------------------------------------------------------------
+
+
+def test_create_key_is_pinned_and_ignores_guid_case() -> None:
+    """The key of a segment never changes across versions or GUID spellings: a create
+    retried after an upgrade must meet WalkMe's uniqueness check, not make a twin."""
+    expected = "syncd-b331e7466282da8b5de4804c"
+    assert create_key(GUID, "vip") == expected
+    assert create_key(GUID.upper(), "vip") == expected
+
+
+# -- acknowledgements ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"success": False},
+        {"error": "quota"},
+        {"errors": ["bad id"]},
+        {"status": "error"},
+        {"status": "FAIL"},
+        {"status": "failed"},
+        {"status": "Failure"},
+    ],
+)
+def test_reports_error_in_a_2xx_body(payload: dict[str, Any]) -> None:
+    """Every way a body can say it failed is read as a failure, in any letter case."""
+    assert _reports_error(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{}, {"success": True}, {"errors": []}, {"error": None}, {"status": "ok"}, {"status": 500}],
+)
+def test_reports_no_error_in_a_plain_body(payload: dict[str, Any]) -> None:
+    """Empty error fields and other statuses are not failures."""
+    assert not _reports_error(payload)
+
+
+def answer(status: int, body: bytes, media_type: str = "application/json") -> _Response:
+    return _Response(status, body, None, media_type, None)
+
+
+@pytest.mark.parametrize(
+    ("kind", "response", "why"),
+    [
+        ("update", answer(302, b"{}"), "a status WalkMe does not acknowledge with"),
+        ("list", answer(200, b" "), "an empty body"),
+        ("update", answer(200, b"<html>", "text/html"), "Content-Type text/html"),
+        ("update", answer(200, b"{nope"), "a body that is not JSON"),
+        ("update", answer(200, b'{"errors": ["x"]}'), "JSON reporting an error"),
+        ("list", answer(200, b'{"other": []}'), "JSON that holds no list of segments"),
+        ("update", answer(200, b"[]"), "JSON that is not an object"),
+    ],
+)
+def test_unacknowledged_answer_is_retried_naming_why(
+    kind: str, response: _Response, why: str
+) -> None:
+    """A 2xx that is not WalkMe acknowledging is retried, and the message names the
+    call, the status and what was wrong with the answer."""
+    with pytest.raises(_Retryable) as caught:
+        _acknowledged(kind, response)
+    assert str(caught.value).startswith(f"{kind} answered HTTP {response.status} with {why},")
+
+
+def test_acknowledged_answers() -> None:
+    """An empty body acknowledges an update; an update's JSON object and a list's
+    array, bare or wrapped, are handed back."""
+    assert _acknowledged("update", answer(204, b"", "")) is None
+    assert _acknowledged("update", answer(200, b'{"ok": 1}', "application/vnd+json")) == {"ok": 1}
+    assert _acknowledged("list", answer(200, b'{"data": []}')) == {"data": []}
+    assert _acknowledged("list", answer(200, b"[]")) == []
+
+
+# -- _excerpt --------------------------------------------------------------------------
+
+
+def test_excerpt_keeps_a_short_body_and_cuts_a_long_one() -> None:
+    """Up to ``BODY_SHOWN`` characters are shown as they are; longer bodies are cut
+    there and marked; bytes that are not UTF-8 are replaced, never an error."""
+    assert _excerpt(b"x" * BODY_SHOWN) == "x" * BODY_SHOWN
+    assert _excerpt(b"y" * (BODY_SHOWN + 1)) == "y" * BODY_SHOWN + "..."
+    assert _excerpt(b"ok \xff\xfe") == "ok \ufffd\ufffd"
+    assert _excerpt("é日".encode()) == "é日"
