@@ -118,9 +118,11 @@ class SegmentRun:
         )
         # What was asked for after this instant is not in what this run reads.
         self.control.read_started = await store.clock()
-        if await self._unchanged(source, begun):
+        replayed = await self._replay_pending(begun)
+        # The shortcut only when nothing was pending: a replay changed the snapshot.
+        if replayed is None and await self._unchanged(source, begun):
             return
-        state: SegmentState | None = await self._replay_pending(begun)
+        state: SegmentState | None = replayed or begun
         for attempt in (1, 2):
             mode = first_batch_mode(state, mapping)
             diff = await self._diff(source, state, mode)
@@ -171,16 +173,18 @@ class SegmentRun:
         outcome.result = "synced"
         return True
 
-    async def _replay_pending(self, state: SegmentState) -> SegmentState:
+    async def _replay_pending(self, state: SegmentState) -> SegmentState | None:
         """A batch whose answer was lost may or may not be in WalkMe; sending it again
         (add, remove and override are idempotent) makes the snapshot exact again, so
-        the diff that follows is right even for ids that changed since."""
+        the diff that follows is right even for ids that changed since. Returns the
+        state after the replay, or None when nothing was pending."""
         name = self._mapping.name
         pending = await self._store.pending_batch(name)
         if pending is None:
-            return state
+            return None
         if first_batch_mode(state, self._mapping) != "update":
-            await self._store.clear_pending(name)  # the run rebuilds it anyway
+            # The run rebuilds the segment anyway.
+            await self._store.clear_pending(name, self.control.holder)
             return state
         log.info("segment.replaying", action=pending.action, ids=len(pending.ids))
         delivery = self._delivery(state.segment_guid)

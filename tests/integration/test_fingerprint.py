@@ -49,6 +49,25 @@ async def test_a_run_that_did_not_finish_turns_the_shortcut_off(harness: Harness
     assert (await harness.sync_one(settings)).unchanged is True
 
 
+async def test_a_pending_batch_is_replayed_even_when_the_file_is_unchanged(
+    harness: Harness,
+) -> None:
+    """The shortcut never skips a pending batch: a batch remembered as sent whose
+    answer was lost is replayed first, whatever the source's fingerprint says."""
+    ids = make_ids(500)
+    settings = harness.settings([harness.mapping("Fp", ids)])
+    await harness.sync_one(settings)
+    # Remembered as sent (its answer lost) while the fingerprint still vouches.
+    await with_store(settings.state_url, lambda store: store.begin_batch("Fp", "add", ["late"]))
+    harness.sandbox.clear_requests()
+    after = await harness.sync_one(settings)
+    assert after.unchanged is False
+    first, *_ = segment_requests(harness.sandbox)
+    assert (first.action, first.n_ids) == ("add", 1)
+    # The replayed id is not in the file: the diff that follows takes it out again.
+    assert harness.sandbox.members(harness.guid("Fp")) == set(ids)
+
+
 async def test_reset_and_a_held_run_are_never_skipped(harness: Harness) -> None:
     ids = make_ids(1_000)
     settings = harness.settings([harness.mapping("Fp", ids)])
@@ -129,6 +148,9 @@ async def test_a_file_truncated_while_it_is_read_fails_the_run_and_sends_nothing
     harness.source("Fp", reversed(ids))
     again = await harness.sync_one(settings)
     assert (again.result, again.unchanged, again.added, again.removed) == (
-        "synced", False, 0, 0,
+        "synced",
+        False,
+        0,
+        0,
     )
     assert harness.sandbox.members(harness.guid("Fp")) == set(ids)
