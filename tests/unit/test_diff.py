@@ -22,6 +22,20 @@ from syncd.diff import Diff, Kind, Quarantined, compute_diff
 from syncd.ids import MAX_ID_LENGTH, SkippedIds, clean_ids
 
 
+def count_splits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many ranges each split of a spill file made, in order."""
+    parts: list[int] = []
+    split_file = syncd.diff._split
+
+    def counted(path: Path, bounds: list[str]) -> list[Path]:
+        paths = split_file(path, bounds)
+        parts.append(len(paths))
+        return paths
+
+    monkeypatch.setattr(syncd.diff, "_split", counted)
+    return parts
+
+
 async def chunks(*parts: Iterable[str]) -> AsyncIterator[list[str]]:
     for part in parts:
         yield list(part)
@@ -212,15 +226,7 @@ async def test_many_partitions_give_the_same_diff(
     snapshot = [old[i : i + 17] for i in range(0, len(old), 17)]
 
     whole = await diff_of(source, snapshot, tmp_path, held)
-    parts: list[int] = []
-    split_file = syncd.diff._split
-
-    def counted(path: Path, bounds: list[str]) -> list[Path]:
-        paths = split_file(path, bounds)
-        parts.append(len(paths))
-        return paths
-
-    monkeypatch.setattr(syncd.diff, "_split", counted)
+    parts = count_splits(monkeypatch)
     monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 7)
     split = await diff_of(source, snapshot, tmp_path, held)
     assert len(parts) == 2
@@ -288,15 +294,7 @@ async def test_a_side_of_exactly_one_partition_is_not_split(
 ) -> None:
     """``PARTITION_IDS`` ids on the larger side are compared as a single range."""
     monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 4)
-    parts: list[int] = []
-    split_file = syncd.diff._split
-
-    def counted(path: Path, bounds: list[str]) -> list[Path]:
-        paths = split_file(path, bounds)
-        parts.append(len(paths))
-        return paths
-
-    monkeypatch.setattr(syncd.diff, "_split", counted)
+    parts = count_splits(monkeypatch)
     diff = await diff_of([["a", "b"], ["c", "d"]], [["d"]], tmp_path)
     try:
         assert parts == [1, 1]
