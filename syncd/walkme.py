@@ -296,8 +296,11 @@ def _not_walkme(kind: str, answer: _Response, why: str) -> _Retryable:
 
 def _reports_error(payload: dict[str, Any]) -> bool:
     status = payload.get("status")
+    success = payload.get("success")
     return (
-        payload.get("success") is False
+        success is False
+        # Some gateways spell the flag as text.
+        or (isinstance(success, str) and success.strip().lower() == "false")
         or bool(payload.get("error"))
         or bool(payload.get("errors"))
         or (isinstance(status, str) and status.lower() in ("error", "fail", "failed", "failure"))

@@ -221,6 +221,8 @@ def test_create_key_is_pinned_and_ignores_guid_case() -> None:
     "payload",
     [
         {"success": False},
+        {"success": "false"},
+        {"success": " FALSE "},
         {"error": "quota"},
         {"errors": ["bad id"]},
         {"status": "error"},
