@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from dataclasses import dataclass
 
 import structlog
@@ -26,7 +25,6 @@ class Lease:
     name: str
     holder: str  # host:pid:nonce-run_id (``dead_here`` reads host and pid)
     run_id: str  # the run holding it now (a rerun keeps the tenure)
-    renewed_at: float  # monotonic time the store last confirmed it
     lost: bool = False
     released: bool = False
 
@@ -43,7 +41,7 @@ class LeaseKeeper:
         """The segment's lease for a new tenure, or None while another holds it. A
         trigger that finds it taken leaves a due mark first, so the holder runs the
         segment again before releasing: the run asked for here is never lost."""
-        lease = Lease(name, f"{self._holder}-{run_id}", run_id, time.monotonic())
+        lease = Lease(name, f"{self._holder}-{run_id}", run_id)
         if await self._acquire(lease):
             return lease
         await self._store.mark_due(name)
@@ -79,7 +77,6 @@ class LeaseKeeper:
             if not renewed:
                 self._lose(lease)
                 return
-            lease.renewed_at = time.monotonic()
 
     def proof(self, lease: Lease) -> BeforeAttempt:
         """Before each send (and each retry of one): the lease is still this run's,
@@ -89,7 +86,6 @@ class LeaseKeeper:
             if not lease.lost and await self._store.renew_lease(
                 lease.name, lease.holder, self._ttl
             ):
-                lease.renewed_at = time.monotonic()
                 return
             self._lose(lease)
             raise LeaseLost(lease.name)
