@@ -1,12 +1,21 @@
 """The diff: a source's ids against the snapshot, streamed, in bounded memory.
 
-Both sides are spilled to a private work directory, split into ranges of ids of
-about ``PARTITION_IDS`` each (range bounds come from a sample of both sides), and
-compared one range at a time with Python sets. Memory therefore depends on the
-partition size, not on the segment's: a 10,000,000-member segment is 40 ranges.
-Every per-id step (splitting, sorting, set operations) runs inside CPython's C
-code; Python loops only over chunks. The adds and removes are written to files
-and read back in batches, so the engine never holds more than one batch of them.
+Both sides are spilled to a private work directory as they are read, one id per
+line, and each id is given a 128-bit key: two 64-bit Polars hashes of it, with
+seeds drawn from ``secrets`` for this diff alone. The comparison is on the keys,
+in Polars' compiled code (one ``is_in`` each way), so no Python object is made per
+id for it; only the ids that differ are read back from the spill files, by
+position. A side of up to ``KEYED_IN_MEMORY`` ids is keyed as it is read (16 bytes
+per id); a larger one is split by hash into partitions of about
+``PARTITION_IDS`` ids, compared one at a time, so memory depends on the partition
+size, not on the segment's. The adds and removes are written to files and read
+back in batches, so the engine never holds more than one batch of them.
+
+Why keys may stand for ids: two different ids get one key only if both hashes
+collide, with seeds no one saw before the read and no one sees after it: about
+n² / 2^129 for n ids if the two hashes are independent (below 10^-24 for 10^7
+ids), and an attacker choosing ids cannot aim at seeds that never leave the
+process.
 
 Quarantined ids (WalkMe refused them) are left out of the plan until their
 membership changes; the diff reports which of them changed, so the store can
@@ -16,22 +25,29 @@ release them.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import math
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
+from syncd.ids import IdText
+from syncd.idtext import column, text_of
 from syncd.processes import alive
 
-PARTITION_IDS = 250_000  # ~50 MB of Python strings and sets while one partition is compared
-READ_BYTES = 1 << 20  # spill files are read back a block at a time
+if TYPE_CHECKING:
+    # Imported where a diff is computed: a run whose source is unchanged never
+    # pays for loading Polars.
+    import polars as pl
+
+KEYED_IN_MEMORY = 2_000_000  # ids per side keyed whole: 32 MB of keys, both sides
+PARTITION_IDS = 1_000_000  # ids per partition of a larger side
+READ_BYTES = 1 << 22  # spill files are read back a block at a time
 SPILL_PREFIX = "syncd-diff-"  # + pid: spills of dead processes can be found and removed
-SAMPLE_EVERY = 128  # every n-th id of each side joins the sample that sets range bounds
 
 Kind = Literal["add", "remove"]
 
@@ -91,119 +107,208 @@ def remove_stale_spills(work_dir: Path | None = None) -> int:
 
 
 def partitions_for(ids: int) -> int:
-    return max(1, math.ceil(ids / PARTITION_IDS))
+    """Partitions for a side of this many ids: one while it can be keyed whole."""
+    return 1 if ids <= KEYED_IN_MEMORY else math.ceil(ids / PARTITION_IDS)
 
 
-def _write(handle: TextIO, ids: list[str]) -> None:
-    if ids:
-        handle.write("\n".join(ids) + "\n")
+class _Keyer:
+    """128-bit keys for ids, and a partition for each: seeds for one diff only."""
+
+    def __init__(self) -> None:
+        self._high, self._low, self._part = (secrets.randbits(63) for _ in range(3))
+
+    def keys(self, ids: pl.Series) -> pl.Series:
+        import polars as pl
+
+        shift = pl.Series([1 << 64], dtype=pl.UInt128)
+        high = ids.hash(self._high).cast(pl.UInt128) * shift
+        return high + ids.hash(self._low).cast(pl.UInt128)
+
+    def partitions(self, ids: pl.Series, parts: int) -> pl.Series:
+        return ids.hash(self._part) % parts
 
 
-def _read_set(path: Path) -> set[str]:
-    ids = set(path.read_text(encoding="utf-8").split("\n"))
-    ids.discard("")
-    return ids
+@dataclass
+class _Side:
+    """One side spilled to ``path``, line i being id i; its keys while it is small."""
+
+    path: Path
+    count: int = 0
+    keys: list[pl.Series] | None = field(default_factory=list)
 
 
-def _read_chunks(path: Path) -> Iterator[list[str]]:
-    """Ids from a spill file, a block at a time (splitting stays in C)."""
+def _write(handle: TextIO, ids: pl.Series) -> None:
+    if len(ids):
+        handle.write(text_of(ids) + "\n")
+
+
+def _read_blocks(path: Path) -> Iterator[pl.Series]:
+    """A spill file's ids in order, a block at a time."""
     with path.open(encoding="utf-8", newline="\n") as handle:
         rest = ""
         while block := handle.read(READ_BYTES):
-            lines = (rest + block).split("\n")
-            rest = lines.pop()
-            yield lines
+            text = rest + block
+            end = text.rfind("\n")
+            rest = text[end + 1 :]
+            if end > 0:
+                yield column(text[:end])
         if rest:
-            yield [rest]
+            yield column(rest)
 
 
 async def compute_diff(
-    source: AsyncIterator[list[str]],
-    snapshot: AsyncIterator[list[str]],
+    source: AsyncIterator[IdText],
+    snapshot: AsyncIterator[IdText],
     quarantined: Quarantined,
     work_dir: Path | None = None,
 ) -> Diff:
     """Compare the (cleaned) source ids with the snapshot; the caller closes the Diff."""
     diff = Diff(Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=work_dir)))
     try:
-        sample: list[str] = []
-        source_ids = await _spill(source, diff.workdir / "source", sample)
-        snapshot_ids = await _spill(snapshot, diff.workdir / "snapshot", sample)
-        bounds = _bounds(sample, partitions_for(max(source_ids, snapshot_ids)))
-        await asyncio.to_thread(_compare, diff, bounds, quarantined)
+        keyer = _Keyer()
+        source_side = await _spill(source, diff.workdir / "source", keyer)
+        snapshot_side = await _spill(snapshot, diff.workdir / "snapshot", keyer)
+        await asyncio.to_thread(_compare, diff, source_side, snapshot_side, quarantined, keyer)
     except BaseException:
         diff.close()
         raise
     return diff
 
 
-async def _spill(chunks: AsyncIterator[list[str]], path: Path, sample: list[str]) -> int:
-    count = 0
+async def _spill(chunks: AsyncIterator[IdText], path: Path, keyer: _Keyer) -> _Side:
+    side = _Side(path)
     with path.open("w", encoding="utf-8", newline="\n") as handle:
         async for chunk in chunks:
-            _write(handle, chunk)
-            sample += chunk[::SAMPLE_EVERY]
-            count += len(chunk)
-    return count
+            if not chunk:
+                continue
+            handle.write(chunk + "\n")
+            ids = column(chunk)
+            side.count += len(ids)
+            if side.keys is not None:
+                if side.count > KEYED_IN_MEMORY:
+                    side.keys = None  # partitioned later, from the spill file
+                else:
+                    side.keys.append(keyer.keys(ids))
+    return side
 
 
-def _bounds(sample: list[str], parts: int) -> list[str]:
-    """``parts - 1`` ids that cut the sample into equal ranges."""
-    if parts <= 1 or not sample:
-        return []
-    sample.sort()
-    return sorted({sample[len(sample) * part // parts] for part in range(1, parts)})
-
-
-def _split(path: Path, bounds: list[str]) -> list[Path]:
-    """Cut a spill file into ranges: [..bounds[0]), [bounds[0]..bounds[1]), ..."""
-    if not bounds:
-        return [path]
-    paths = [path.with_suffix(f".{part}") for part in range(len(bounds) + 1)]
-    handles = [part.open("w", encoding="utf-8", newline="\n") for part in paths]
-    try:
-        for chunk in _read_chunks(path):
-            chunk.sort()
-            start = 0
-            for handle, bound in zip(handles, bounds, strict=False):
-                end = bisect.bisect_left(chunk, bound, start)
-                _write(handle, chunk[start:end])
-                start = end
-            _write(handles[-1], chunk[start:])
-    finally:
-        for handle in handles:
-            handle.close()
-    path.unlink()
-    return paths
-
-
-def _compare(diff: Diff, bounds: list[str], quarantined: Quarantined) -> None:
-    """Range by range: removes = snapshot - source, adds = source - snapshot."""
-    sources = _split(diff.workdir / "source", bounds)
-    snapshots = _split(diff.workdir / "snapshot", bounds)
-    kept_add: set[str] = set()  # quarantined adds still wanted: stay quarantined
-    returned: set[str] = set()  # quarantined removes back in the source: released
+def _compare(
+    diff: Diff, source: _Side, snapshot: _Side, quarantined: Quarantined, keyer: _Keyer
+) -> None:
+    """Partition by partition: removes = snapshot - source, adds = source - snapshot."""
+    parts = partitions_for(max(source.count, snapshot.count))
+    if parts == 1:
+        pairs: Iterator[tuple[_Keyed, _Keyed]] = iter(
+            [(_Keyed.of(source, keyer), _Keyed.of(snapshot, keyer))]
+        )
+    else:
+        pairs = zip(
+            _partition(source.path, parts, keyer), _partition(snapshot.path, parts, keyer),
+            strict=True,
+        )
+    quarantine = _QuarantineKeys(quarantined, keyer)
     with (
         diff.path("add").open("w", encoding="utf-8", newline="\n") as adds,
         diff.path("remove").open("w", encoding="utf-8", newline="\n") as removes,
     ):
-        for source_path, snapshot_path in zip(sources, snapshots, strict=True):
-            wanted = _read_set(source_path)
-            source_path.unlink()
-            diff.distinct += len(wanted)
-            kept_add |= quarantined.add & wanted
-            returned |= quarantined.remove & wanted
-            held = _read_set(snapshot_path)
-            snapshot_path.unlink()
-            gone = held - wanted - quarantined.remove
-            _write(removes, sorted(gone))
-            diff.removes += len(gone)
-            wanted -= held
-            del held
-            wanted -= quarantined.add
-            # Sorted: ranges come in order, so a first sync appends to the snapshot's index.
-            _write(adds, sorted(wanted))
-            diff.adds += len(wanted)
-    diff.released = Quarantined(
-        add=frozenset(quarantined.add - kept_add), remove=frozenset(returned)
-    )
+        for wanted, held in pairs:
+            first = wanted.keys.is_first_distinct()
+            diff.distinct += int(first.sum())
+            quarantine.seen_in_source(wanted.keys)
+            added = first & ~wanted.keys.is_in(held.keys.implode())
+            added &= ~wanted.keys.is_in(quarantine.add.implode())
+            gone = ~held.keys.is_in(wanted.keys.implode())
+            gone &= ~held.keys.is_in(quarantine.remove.implode())
+            # Sorted: a first sync then appends to the snapshot's index.
+            diff.adds += _select(wanted, added, adds)
+            diff.removes += _select(held, gone, removes)
+            del wanted, held
+    diff.released = quarantine.released()
+
+
+@dataclass
+class _Keyed:
+    """A side (or one partition of it): its keys, and where its ids are."""
+
+    keys: pl.Series
+    path: Path | None = None  # the spill file, line i being the id of keys[i]
+    ids: pl.Series | None = None  # or the ids themselves
+
+    @classmethod
+    def of(cls, side: _Side, keyer: _Keyer) -> _Keyed:
+        import polars as pl
+
+        assert side.keys is not None
+        # Not rechunked: the chunks are not copied into one more array.
+        keys = pl.concat(side.keys, rechunk=False) if side.keys else keyer.keys(column(""))
+        return cls(keys, path=side.path)
+
+    def selected(self, mask: pl.Series) -> Iterator[pl.Series]:
+        """The ids where ``mask`` holds, a block of the spill file at a time."""
+        if self.ids is not None:
+            yield self.ids.filter(mask)
+            return
+        assert self.path is not None
+        start = 0
+        for block in _read_blocks(self.path):
+            yield block.filter(mask.slice(start, len(block)))
+            start += len(block)
+
+
+def _select(side: _Keyed, mask: pl.Series, out: TextIO) -> int:
+    """Write the ids where ``mask`` holds, sorted; how many."""
+    import polars as pl
+
+    count = int(mask.sum())
+    if count:
+        _write(out, pl.concat(list(side.selected(mask))).sort())
+    return count
+
+
+def _partition(path: Path, parts: int, keyer: _Keyer) -> Iterator[_Keyed]:
+    """Split a spill file by hash (one id's copies all land in one partition), then
+    yield each partition's ids and keys in turn."""
+    import polars as pl
+
+    paths = [path.with_suffix(f".{part}") for part in range(parts)]
+    handles = [part.open("w", encoding="utf-8", newline="\n") for part in paths]
+    try:
+        for block in _read_blocks(path):
+            placed = block.to_frame("id").with_columns(part=keyer.partitions(block, parts))
+            for (part,), rows in placed.partition_by("part", as_dict=True).items():
+                _write(handles[int(part)], rows["id"])
+    finally:
+        for handle in handles:
+            handle.close()
+    path.unlink()
+    for part_path in paths:
+        series = list(_read_blocks(part_path))
+        part_path.unlink()
+        joined = pl.concat(series) if series else column("")
+        yield _Keyed(keyer.keys(joined), ids=joined)
+
+
+class _QuarantineKeys:
+    """The quarantined ids' keys, and which of them the source still wants."""
+
+    def __init__(self, quarantined: Quarantined, keyer: _Keyer) -> None:
+        self._ids = {
+            kind: column("\n".join(sorted(ids)))
+            for kind, ids in (("add", quarantined.add), ("remove", quarantined.remove))
+        }
+        self.add = keyer.keys(self._ids["add"])
+        self.remove = keyer.keys(self._ids["remove"])
+        self._wanted = {"add": self.add.is_in([]), "remove": self.remove.is_in([])}
+
+    def seen_in_source(self, source_keys: pl.Series) -> None:
+        for kind, keys in (("add", self.add), ("remove", self.remove)):
+            if len(keys):
+                self._wanted[kind] |= keys.is_in(source_keys.implode())
+
+    def released(self) -> Quarantined:
+        """Quarantined adds the source no longer wants, quarantined removes it wants
+        again: their membership changed, so they are tried again."""
+        return Quarantined(
+            add=frozenset(self._ids["add"].filter(~self._wanted["add"]).to_list()),
+            remove=frozenset(self._ids["remove"].filter(self._wanted["remove"]).to_list()),
+        )

@@ -13,6 +13,24 @@ EXAMPLES_KEPT = 5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # The same, less the newline: used on a whole chunk joined by newlines.
 _CONTROL_IN_CHUNK = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
+# Whitespace (but a newline) at the start or end of a line of such a chunk.
+_EDGE_SPACE = re.compile(r"(?m)^[^\S\n]|[^\S\n]$")
+_EMPTY_LINES = re.compile(r"\n\n+")
+
+
+class IdText(str):
+    """Ids one per line, none empty, no newline at the end: how a chunk of ids travels
+    from a source or the store to the diff without one Python object per id (ids
+    never hold a newline: the id rules)."""
+
+    __slots__ = ()
+
+    def ids(self) -> list[str]:
+        return self.split("\n") if self else []
+
+    @classmethod
+    def of(cls, ids: list[str]) -> IdText:
+        return cls("\n".join(ids))
 
 
 class NotAnId(ValueError):
@@ -67,6 +85,32 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
         else:
             kept.append(text)
     return kept
+
+
+def clean_text(text: str, skipped: SkippedIds) -> IdText:
+    """The id rules applied to raw values given one per line (a file's lines, a
+    page of a table), checked block-wide so that in the common case no Python
+    object is made per id; any block needing more goes through :func:`clean_ids`."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")  # strip would take the CR of CRLF lines anyway
+    if "\n\n" in text or text.startswith("\n") or text.endswith("\n"):
+        text = _EMPTY_LINES.sub("\n", text).strip("\n")
+    if not text:
+        return IdText()
+    if _CONTROL_IN_CHUNK.search(text) is None and not _edge_space(text):
+        from syncd.idtext import longest_line
+
+        if longest_line(text) <= MAX_ID_LENGTH:
+            return IdText(text)
+    return IdText.of(clean_ids(text.split("\n"), skipped))
+
+
+def _edge_space(text: str) -> bool:
+    """Whether a line of ``text`` (free of control characters) starts or ends with
+    whitespace."""
+    if text.isascii():  # the one ASCII whitespace left is the space
+        return text[0] == " " or text[-1] == " " or " \n" in text or "\n " in text
+    return _EDGE_SPACE.search(text) is not None
 
 
 def _text(value: object) -> str:

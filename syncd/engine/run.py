@@ -26,7 +26,7 @@ from syncd.engine.guard import Hold, hold_for
 from syncd.engine.outcome import Outcome, Plan
 from syncd.engine.report import report
 from syncd.engine.resolve import Mode, SegmentResolver, first_batch_mode
-from syncd.ids import NotAnId, SkippedIds, clean_ids
+from syncd.ids import IdText, NotAnId, SkippedIds, clean_ids, clean_text
 from syncd.logs import scrub
 from syncd.settings import SegmentMapping, Settings
 from syncd.sources import Source, SourceError, build_source
@@ -200,14 +200,17 @@ class SegmentRun:
         outcome = self.outcome
         outcome.skipped = SkippedIds()
 
-        async def cleaned() -> AsyncIterator[list[str]]:
+        async def cleaned() -> AsyncIterator[IdText]:
             limit_s = self._settings.source_timeout
             async for chunk in bounded_chunks(source, limit_s, self.control.check):
+                if isinstance(chunk, str):
+                    yield clean_text(chunk, outcome.skipped)
+                    continue
                 try:
                     ids = clean_ids(chunk, outcome.skipped)
                 except NotAnId as exc:
                     raise SourceError(f"{source.describe()}: {exc}") from None
-                yield ids
+                yield IdText.of(ids)
 
         if mode == "update" and state is not None:
             snapshot = self._store.snapshot(self._mapping.name, SNAPSHOT_CHUNK)
@@ -284,6 +287,6 @@ class SegmentRun:
             return None
 
 
-async def _nothing() -> AsyncIterator[list[str]]:
+async def _nothing() -> AsyncIterator[IdText]:
     return
     yield  # an empty async generator

@@ -20,10 +20,15 @@ class SourceError(Exception):
     """The source could not be read; the message tells the user what to fix."""
 
 
+# A chunk of raw values (strings, integers or None), or text holding one raw value
+# per line (a file's lines, a page of a table), which the id rules check block-wide.
+Chunk = list[object] | str
+
+
 class Source(Protocol):
     """Yields the full current membership of one segment, in chunks of raw values.
 
-    Values are strings, integers or None; the engine applies the id rules.
+    The engine applies the id rules.
     A source raises :class:`SourceError` when it cannot give the whole set:
     a partial set must never reach the diff, or members would be removed.
     """
@@ -32,7 +37,7 @@ class Source(Protocol):
         """Where the ids come from, for logs (never containing a secret)."""
         ...
 
-    def chunks(self) -> AsyncIterator[list[object]]:
+    def chunks(self) -> AsyncIterator[Chunk]:
         """The membership, chunk by chunk."""
         ...
 
@@ -91,7 +96,7 @@ async def bounded(
 
 async def bounded_chunks(
     source: Source, limit_s: float, check: Callable[[], None]
-) -> AsyncIterator[list[object]]:
+) -> AsyncIterator[Chunk]:
     """``source.chunks()``, each chunk awaited through :func:`bounded`."""
     chunks = aiter(source.chunks())
     while True:
@@ -124,9 +129,7 @@ async def in_thread(function: Callable[[], T]) -> T:
     return await future
 
 
-async def chunks_in_thread(
-    chunks: Iterator[list[object]],
-) -> AsyncIterator[list[object]]:
+async def chunks_in_thread(chunks: Iterator[Chunk]) -> AsyncIterator[Chunk]:
     """A blocking iterator of chunks, each ``next`` run through :func:`in_thread`."""
     while True:
         chunk = await in_thread(partial(next, chunks, None))

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from syncd.ids import ID_RULES_VERSION
-from syncd.sources.base import CHUNK_SIZE, SourceError, chunks_in_thread, in_thread
+from syncd.sources.base import CHUNK_SIZE, Chunk, SourceError, chunks_in_thread, in_thread
 
 MAX_LINE_BYTES = 1 << 20  # a longer "line" is binary junk, not a user id
 BLOCK_BYTES = 1 << 20
@@ -42,13 +42,13 @@ class FileSource:
     def read_fingerprint(self) -> str | None:
         return self._read_fingerprint
 
-    async def chunks(self) -> AsyncIterator[list[object]]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         # File reads block; each chunk is read on a worker thread.
         self._read_fingerprint = None
         async for chunk in chunks_in_thread(self._read_chunks()):
             yield chunk
 
-    def _read_chunks(self) -> Iterator[list[object]]:
+    def _read_chunks(self) -> Iterator[Chunk]:
         with _OneRead(self.path, self.column) as handle:
             if self.column is None:
                 yield from self._plain_chunks(handle)
@@ -57,8 +57,9 @@ class FileSource:
             # Checked before the end is reported: a file that changed fails the run.
             self._read_fingerprint = handle.finish()
 
-    def _plain_chunks(self, handle: _OneRead) -> Iterator[list[object]]:
-        """One id per line, read in blocks: splitting and decoding stay in C."""
+    def _plain_chunks(self, handle: _OneRead) -> Iterator[Chunk]:
+        """One id per line, read in blocks and handed on as text: decoding stays in
+        C and the id rules check each block whole."""
         pending = b""
         lines_before = 0
         while True:
@@ -68,15 +69,18 @@ class FileSource:
             data = pending + block
             end = data.rfind(b"\n") + 1
             complete, pending = data[:end], data[end:]
-            if len(pending) > MAX_LINE_BYTES:
-                raise self._too_long(lines_before + complete.count(b"\n") + 1)
+            # Every line but the first lies within one block, no longer than it.
+            first_line = data.find(b"\n")
+            if first_line > MAX_LINE_BYTES or len(pending) > MAX_LINE_BYTES:
+                line = 1 if first_line > MAX_LINE_BYTES else complete.count(b"\n") + 1
+                raise self._too_long(lines_before + line)
             if complete:
-                yield from _slices(self._decode_lines(complete, lines_before))
+                yield self._decode(complete, lines_before)
                 lines_before += complete.count(b"\n")
         if pending:
-            yield from _slices(self._decode_lines(pending, lines_before))
+            yield self._decode(pending, lines_before)
 
-    def _decode_lines(self, data: bytes, lines_before: int) -> list[object]:
+    def _decode(self, data: bytes, lines_before: int) -> str:
         if b"\x00" in data:
             line = lines_before + data[: data.index(b"\x00")].count(b"\n") + 1
             raise SourceError(f"{self.path} line {line}: contains NUL bytes (binary file?)")
@@ -85,15 +89,7 @@ class FileSource:
         except UnicodeDecodeError as exc:
             line = lines_before + data[: exc.start].count(b"\n") + 1
             raise SourceError(f"{self.path} line {line}: not valid UTF-8") from None
-        if lines_before == 0:
-            text = text.removeprefix("\ufeff")
-        lines = text.split("\n")
-        if lines and not lines[-1]:
-            lines.pop()
-        if max(map(len, lines), default=0) > MAX_LINE_BYTES:
-            index = next(i for i, line in enumerate(lines) if len(line) > MAX_LINE_BYTES)
-            raise self._too_long(lines_before + index + 1)
-        return list(lines)
+        return text.removeprefix("\ufeff") if lines_before == 0 else text
 
     def _too_long(self, line: int) -> SourceError:
         return SourceError(
@@ -140,12 +136,7 @@ class FileSource:
             raise SourceError(f"{self.path}: malformed CSV: {exc}") from None
 
 
-def _slices(values: list[object]) -> Iterator[list[object]]:
-    for start in range(0, len(values), CHUNK_SIZE):
-        yield values[start : start + CHUNK_SIZE]
-
-
-def _slices_of(values: Iterator[str]) -> Iterator[list[object]]:
+def _slices_of(values: Iterator[str]) -> Iterator[Chunk]:
     chunk: list[object] = []
     for value in values:
         chunk.append(value)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from syncd.sources.base import CHUNK_SIZE, NoFingerprint, SourceError
+from syncd.sources.base import Chunk, NoFingerprint, SourceError
 from syncd.state import StateStore
+
+PAGE_IDS = 50_000  # ids read from the store a page at a time
 
 
 class HeapWebhookSource(NoFingerprint):
@@ -20,7 +22,7 @@ class HeapWebhookSource(NoFingerprint):
     def describe(self) -> str:
         return f"Heap webhook segment {self.heap_segment_id}"
 
-    async def chunks(self) -> AsyncIterator[list[object]]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         segments = {s.heap_segment_id: s for s in await self._store.heap_segments()}
         known = segments.get(self.heap_segment_id)
         if known is None or known.complete_tasks == 0:
@@ -29,5 +31,5 @@ class HeapWebhookSource(NoFingerprint):
                 f"no complete sync from Heap yet for segment {self.heap_segment_id};"
                 " check that it is toggled to sync in Heap and that Heap reaches the webhook"
             )
-        async for chunk in self._store.heap_members(self.heap_segment_id, CHUNK_SIZE):
-            yield list(chunk)
+        async for chunk in self._store.heap_members(self.heap_segment_id, PAGE_IDS):
+            yield chunk

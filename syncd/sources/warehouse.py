@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from syncd.sources.base import CHUNK_SIZE, NoFingerprint, SourceError, chunks_in_thread
+from syncd.sources.base import CHUNK_SIZE, Chunk, NoFingerprint, SourceError, chunks_in_thread
 from syncd.urls import URL_HINT, describe_url, unambiguous_url
 
 CONNECT_TIMEOUT = 30.0
@@ -35,7 +35,7 @@ class WarehouseSource(NoFingerprint):
     def describe(self) -> str:
         return f"warehouse {describe_url(self._url)}"
 
-    def chunks(self) -> AsyncIterator[list[object]]:
+    def chunks(self) -> AsyncIterator[Chunk]:
         if not unambiguous_url(self._url):
             return self._unparsable()
         if self._url.startswith("snowflake://"):

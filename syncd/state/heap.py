@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from syncd.ids import IdText
 from syncd.state.base import HeapPage, HeapSegment, PageReceipt
 from syncd.state.sql import Query, Script, SqlStore
 
@@ -89,6 +90,6 @@ class HeapInbox(SqlStore):
 
         return await self._read(script())
 
-    def heap_members(self, heap_segment_id: int, size: int) -> AsyncIterator[list[str]]:
-        """The desired membership Heap pushed, in chunks (in id order)."""
+    def heap_members(self, heap_segment_id: int, size: int) -> AsyncIterator[IdText]:
+        """The desired membership Heap pushed, ``size`` at a time."""
         return self._id_pages("heap_members", "heap_segment_id", heap_segment_id, size)

@@ -9,7 +9,6 @@ starting together do not race.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from functools import lru_cache
 from typing import Any, ClassVar, TypeVar
 
@@ -39,6 +38,7 @@ DIALECT = Dialect(
     text_order=' COLLATE "C"',  # code point order, whatever the database's collation
     in_ids="{column} = ANY(?::text[])",
     each_id="unnest(?::text[])",
+    joined_ids="string_agg(id, E'\\n')",
     encode_ids=list,
     encode_pending=list,
     decode_pending=list,
@@ -152,9 +152,6 @@ class PostgresStore(StateStore):
             " FOR SHARE",
             (name, holder),
         )
-
-    def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
-        return self._id_pages("members", "segment", name, size)
 
     # -- leases ----------------------------------------------------------------------
 

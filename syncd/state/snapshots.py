@@ -3,11 +3,11 @@ and the ids WalkMe rejected (the quarantine)."""
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from collections.abc import AsyncIterator
 from typing import Literal
 
 from syncd.diff import Quarantined
+from syncd.ids import IdText
 from syncd.state.base import Action, Origin, PendingBatch, SegmentState
 from syncd.state.schema import SEGMENT_COLUMNS, segment_state
 from syncd.state.sql import Query, Script, SqlStore
@@ -42,9 +42,9 @@ class SnapshotStore(SqlStore):
     async def all(self) -> list[SegmentState]:
         return await self._read(self._segments(""))
 
-    @abstractmethod
-    def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
-        """The ids WalkMe acknowledged for this segment, in chunks (in id order)."""
+    def snapshot(self, name: str, size: int) -> AsyncIterator[IdText]:
+        """The ids WalkMe acknowledged for this segment, ``size`` at a time."""
+        return self._id_pages("members", "segment", name, size)
 
     async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
         """Point at an existing WalkMe segment whose members are unknown: rebuild it."""

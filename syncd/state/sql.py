@@ -18,6 +18,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
+from syncd.ids import IdText
 from syncd.state.base import LeaseLost
 
 _T = TypeVar("_T")
@@ -61,6 +62,7 @@ class Dialect:
     text_order: str  # after a text column in ORDER BY: by code point, as Python sorts
     in_ids: str  # "{column} is in the id list given as one parameter"
     each_id: str  # FROM-less select list of each id in the one parameter
+    joined_ids: str  # aggregate: the ids of a query, one per line
     encode_ids: Callable[[list[str]], object]  # an id list as that parameter
     encode_pending: Callable[[list[str]], object]  # pending.ids
     decode_pending: Callable[[Any], list[str]]
@@ -101,23 +103,26 @@ class SqlStore(ABC):
 
     async def _id_pages(
         self, table: str, key: str, value: object, size: int
-    ) -> AsyncIterator[list[str]]:
-        """A table's ids for one key, in id order, ``size`` at a time (keyset paging:
-        each page is its own short query, so nothing is held between pages)."""
+    ) -> AsyncIterator[IdText]:
+        """A table's ids for one key, ``size`` at a time, each page one text joined in
+        the database (no Python object per id). Keyset paging in id order: each page
+        is its own short query, so nothing is held between pages."""
 
-        def page(after: str) -> Script[list[str]]:
-            rows = (
+        def page(after: str) -> Script[tuple[IdText, str | None]]:
+            row = (
                 yield Query(
-                    f"SELECT id FROM {table} WHERE {key} = ? AND id > ? ORDER BY id LIMIT ?",
+                    f"SELECT {self.dialect.joined_ids}, max(id) FROM (SELECT id FROM {table}"
+                    f" WHERE {key} = ? AND id > ? ORDER BY id LIMIT ?) page",
                     (value, after, size),
                 )
-            ).rows
-            return [row["id"] for row in rows]
+            ).rows[0]
+            return IdText(row[0] or ""), row[1]
 
-        after = ""
-        while chunk := await self._read(page(after)):
-            yield chunk
-            after = chunk[-1]
+        after: str | None = ""
+        while after is not None:
+            chunk, after = await self._read(page(after))
+            if chunk:
+                yield chunk
 
     def _fence(self, name: str, holder: str | None) -> Script[None]:
         """Raise LeaseLost unless ``holder`` (when given) holds the segment's lease."""

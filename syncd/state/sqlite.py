@@ -14,7 +14,7 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -49,6 +49,7 @@ DIALECT = Dialect(
     text_order="",  # BINARY: code point order already
     in_ids="{column} IN (SELECT value FROM json_each(?))",
     each_id="value FROM json_each(?) WHERE true",  # WHERE: ON CONFLICT follows
+    joined_ids="group_concat(id, char(10))",
     encode_ids=json.dumps,
     # Ids never hold a newline (id rules): one joined string is cheaper than JSON.
     encode_pending="\n".join,
@@ -268,22 +269,6 @@ class SqliteStore(StateStore):
         self._executor.shutdown(wait=True)
 
     # -- what only SQLite does: the snapshot read, leases ----------------------------
-
-    async def snapshot(self, name: str, size: int) -> AsyncIterator[list[str]]:
-        def read(after: str) -> tuple[list[str], str | None]:
-            # One newline-joined string per chunk: ids never hold a newline (id rules).
-            ids, last = self._conn.execute(
-                "SELECT group_concat(id, char(10)), max(id) FROM (SELECT id FROM members"
-                " WHERE segment = ? AND id > ? ORDER BY id LIMIT ?)",
-                (name, after, size),
-            ).fetchone()
-            return (ids.split("\n") if ids else []), last
-
-        after: str | None = ""
-        while after is not None:
-            chunk, after = await self._call(read, after)
-            if chunk:
-                yield chunk
 
     async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
         def write() -> bool:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import structlog
 
+from syncd.sources.base import Chunk
 from syncd.sources.file import FileSource
 from tests.support.harness import Harness, segment_requests
 from tests.support.ids import make_ids, write_ids
@@ -126,7 +127,7 @@ async def test_a_file_truncated_while_it_is_read_fails_the_run_and_sends_nothing
 
     chunks = FileSource.chunks
 
-    async def chunks_while_truncated(self: FileSource) -> AsyncIterator[list[object]]:
+    async def chunks_while_truncated(self: FileSource) -> AsyncIterator[Chunk]:
         first = True
         async for chunk in chunks(self):
             yield chunk

@@ -160,7 +160,7 @@ async def opened(harness: Harness) -> StateStore:
 async def snapshot_of(harness: Harness, name: str) -> set[str]:
     store = await opened(harness)
     try:
-        return {member async for chunk in store.snapshot(name, 10_000) for member in chunk}
+        return {member async for chunk in store.snapshot(name, 10_000) for member in chunk.ids()}
     finally:
         await store.close()
 

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from syncd.diff import Quarantined
-from syncd.ids import SkippedIds
+from syncd.ids import IdText, SkippedIds
 from syncd.state import SegmentState, StateError, StateStore, open_store
 from syncd.state.base import HeapPage, HeapSegment, LeaseLost, PendingBatch, RunResult
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
@@ -54,8 +54,11 @@ TRICKY_IDS = [
 TRICKY_NAME = "Seg 'quoted', \"double\" 100% é 日本"
 
 
-async def collect(chunks: AsyncIterator[list[str]]) -> list[list[str]]:
-    return [chunk async for chunk in chunks]
+async def collect(chunks: AsyncIterator[IdText]) -> list[list[str]]:
+    """Each page of ids, as a list (none empty: an empty page is a bug)."""
+    pages = [chunk async for chunk in chunks]
+    assert all(pages)
+    return [page.ids() for page in pages]
 
 
 async def members(store: StateStore, name: str) -> list[str]:
@@ -759,7 +762,7 @@ async def test_batch_writes_need_the_holders_unexpired_lease(store: StateStore) 
         await store.record_batch("vip", "r1", "add", ["late"], GUID, "replica-a")
     # Nothing the refused writes carried reached the store.
     assert await store.pending_batch("vip") is None
-    assert sorted([m async for chunk in store.snapshot("vip", 10) for m in chunk]) == [
+    assert sorted([m async for chunk in store.snapshot("vip", 10) for m in chunk.ids()]) == [
         "a",
         "b",
         "c",

@@ -20,7 +20,7 @@ async def _kept_and_heartbeats(store: StateStore) -> None:
     state = await store.get("vip")
     assert state is not None
     assert (state.segment_guid, state.members) == (GUID, 2)
-    assert [m async for chunk in store.snapshot("vip", 10) for m in chunk] == ["a", "b"]
+    assert [m async for chunk in store.snapshot("vip", 10) for m in chunk.ids()] == ["a", "b"]
     await store.heartbeat("host:1:abc", ["vip"], 30)
     assert [r.mappings for r in await store.live_replicas()] == [["vip"]]
 

@@ -126,7 +126,7 @@ async def test_schema_is_created_on_an_empty_database(pg_url: str) -> None:
         state = await again.get("vip")
         assert state is not None
         assert state.members == 2
-        assert [m async for chunk in again.snapshot("vip", 10) for m in chunk] == ["a", "b"]
+        assert [m async for chunk in again.snapshot("vip", 10) for m in chunk.ids()] == ["a", "b"]
     finally:
         await again.close()
     assert await tables(pg_url) == TABLES

@@ -156,7 +156,7 @@ async def heap_state(store: StateStore) -> dict[int, tuple[str, str, int, int, f
 async def heap_members(store: StateStore, heap_segment_id: int) -> set[str]:
     members: set[str] = set()
     async for chunk in store.heap_members(heap_segment_id, 1000):
-        members.update(chunk)
+        members.update(chunk.ids())
     return members
 
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -19,26 +19,12 @@ from hypothesis import strategies as st
 
 import syncd.diff
 from syncd.diff import Diff, Kind, Quarantined, compute_diff
-from syncd.ids import MAX_ID_LENGTH, SkippedIds, clean_ids
+from syncd.ids import MAX_ID_LENGTH, IdText, SkippedIds, clean_ids
 
 
-def count_splits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many ranges each split of a spill file made, in order."""
-    parts: list[int] = []
-    split_file = syncd.diff._split
-
-    def counted(path: Path, bounds: list[str]) -> list[Path]:
-        paths = split_file(path, bounds)
-        parts.append(len(paths))
-        return paths
-
-    monkeypatch.setattr(syncd.diff, "_split", counted)
-    return parts
-
-
-async def chunks(*parts: Iterable[str]) -> AsyncIterator[list[str]]:
+async def chunks(*parts: Iterable[str]) -> AsyncIterator[IdText]:
     for part in parts:
-        yield list(part)
+        yield IdText.of(list(part))
 
 
 async def diff_of(
@@ -210,8 +196,26 @@ async def test_quarantine_of_both_kinds_together(tmp_path: Path) -> None:
 
 
 # -- partitions and the work directory ------------------------------------------------------
-# (Partition bounds come from a sample of both sides; the tests make PARTITION_IDS
-# tiny so that even a handful of ids is cut into many ranges.)
+# (A side larger than KEYED_IN_MEMORY is split by hash into partitions of about
+# PARTITION_IDS; the tests make both tiny so a handful of ids makes many partitions.)
+
+
+def partition_tiny(monkeypatch: pytest.MonkeyPatch, keyed: int, partition: int) -> None:
+    monkeypatch.setattr(syncd.diff, "KEYED_IN_MEMORY", keyed)
+    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", partition)
+
+
+def count_partitions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many partitions each split of a spill file made, in order."""
+    parts: list[int] = []
+    split_file = syncd.diff._partition
+
+    def counted(path: Path, count: int, keyer: syncd.diff._Keyer) -> Iterator[syncd.diff._Keyed]:
+        parts.append(count)
+        return split_file(path, count, keyer)
+
+    monkeypatch.setattr(syncd.diff, "_partition", counted)
+    return parts
 
 
 async def test_many_partitions_give_the_same_diff(
@@ -226,15 +230,17 @@ async def test_many_partitions_give_the_same_diff(
     snapshot = [old[i : i + 17] for i in range(0, len(old), 17)]
 
     whole = await diff_of(source, snapshot, tmp_path, held)
-    parts = count_splits(monkeypatch)
-    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 7)
+    parts = count_partitions(monkeypatch)
+    partition_tiny(monkeypatch, keyed=20, partition=7)
     split = await diff_of(source, snapshot, tmp_path, held)
     assert len(parts) == 2
-    assert min(parts) > 10  # both sides were cut into many ranges
+    assert min(parts) > 10  # both sides were cut into many partitions
     try:
         assert summary(split) == summary(whole)
         assert summary(whole)[0] == set(new) - set(old) - {"user-5"}
         assert summary(whole)[1] == set(old) - set(new) - {"user-200"}
+        assert split.distinct == whole.distinct == len(set(new))
+        assert split.released == whole.released
         for size in (1, 5, 1000):
             batches = list(split.batches("add", size))
             assert all(len(batch) <= size for batch in batches)
@@ -247,10 +253,12 @@ async def test_many_partitions_give_the_same_diff(
 async def test_partitions_decided_by_the_larger_side(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 3)
+    partition_tiny(monkeypatch, keyed=10, partition=3)
+    parts = count_partitions(monkeypatch)
     old = [f"o{i}" for i in range(40)]
     diff = await diff_of([["o1", "new"]], [old[:20], old[20:]], tmp_path)
     try:
+        assert parts == [14, 14]
         assert sorted(everything(diff, "add")) == ["new"]
         assert sorted(everything(diff, "remove")) == sorted(set(old) - {"o1"})
     finally:
@@ -258,60 +266,52 @@ async def test_partitions_decided_by_the_larger_side(
 
 
 def test_partition_count_grows_with_the_larger_side() -> None:
-    """One range up to ``PARTITION_IDS`` ids, then one more per ``PARTITION_IDS``."""
-    size = syncd.diff.PARTITION_IDS
-    assert [syncd.diff.partitions_for(ids) for ids in (0, 1, size)] == [1, 1, 1]
-    assert syncd.diff.partitions_for(size + 1) == 2
-    assert syncd.diff.partitions_for(10 * size) == 10
+    """One partition while a side can be keyed whole, then one per ``PARTITION_IDS``."""
+    keyed, size = syncd.diff.KEYED_IN_MEMORY, syncd.diff.PARTITION_IDS
+    assert [syncd.diff.partitions_for(ids) for ids in (0, 1, keyed)] == [1, 1, 1]
+    assert syncd.diff.partitions_for(keyed + 1) == math.ceil((keyed + 1) / size)
+    assert syncd.diff.partitions_for(10 * keyed) == 10 * keyed // size
 
 
-def test_bounds_cut_the_sample_into_equal_ranges() -> None:
-    """``parts - 1`` bounds at equal steps of the sorted sample; none for one part."""
-    sample = [f"id{i:02}" for i in range(12)]
-    shuffled = sample[::-1]
-    assert syncd.diff._bounds(list(shuffled), 4) == ["id03", "id06", "id09"]
-    assert syncd.diff._bounds(list(shuffled), 2) == ["id06"]
-    assert syncd.diff._bounds(list(shuffled), 1) == []
-    assert syncd.diff._bounds([], 3) == []
-
-
-def test_split_puts_each_id_in_its_own_range(tmp_path: Path) -> None:
-    """Range files are [..b), [b..d), [d..): one file per range, each holding only its
-    ids, so no comparison holds more than one range in memory."""
+def test_partitioning_keeps_every_copy_of_an_id_in_one_partition(tmp_path: Path) -> None:
+    """Each id lands in exactly one partition file, with all its copies, so a partition
+    is compared alone; the spill file and the partition files are removed."""
     spill = tmp_path / "source"
-    spill.write_text("e\na\nd\nc\nb\nf\n", encoding="utf-8")
-    ranges = syncd.diff._split(spill, ["b", "d"])
-    assert [syncd.diff._read_set(part) for part in ranges] == [
-        {"a"},
-        {"b", "c"},
-        {"d", "e", "f"},
+    ids = [f"id{i}" for i in range(200)]
+    spill.write_text("\n".join(ids + ids[:50]) + "\n", encoding="utf-8")
+    partitions = [
+        part.ids.to_list()
+        for part in syncd.diff._partition(spill, 5, syncd.diff._Keyer())
+        if part.ids is not None
     ]
-    assert not spill.exists()
+    assert len(partitions) == 5
+    assert all(partitions)  # 200 ids over 5 partitions: none is empty
+    assert sorted(member for part in partitions for member in part) == sorted(ids + ids[:50])
+    for member in ids[:50]:
+        assert sum(part.count(member) for part in partitions) == 2
+        assert sum(member in part for part in partitions) == 1
+    assert leftovers(tmp_path) == []
 
 
-async def test_a_side_of_exactly_one_partition_is_not_split(
+async def test_a_side_that_can_be_keyed_whole_is_not_partitioned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``PARTITION_IDS`` ids on the larger side are compared as a single range."""
-    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 4)
-    parts = count_splits(monkeypatch)
+    """``KEYED_IN_MEMORY`` ids on the larger side are compared as one partition."""
+    partition_tiny(monkeypatch, keyed=4, partition=1)
+    parts = count_partitions(monkeypatch)
     diff = await diff_of([["a", "b"], ["c", "d"]], [["d"]], tmp_path)
     try:
-        assert parts == [1, 1]
+        assert parts == []
         assert sorted(everything(diff, "add")) == ["a", "b", "c"]
     finally:
         diff.close()
 
 
-async def test_ids_come_out_sorted_across_partitions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Adds and removes are written range after range in order, so each file is sorted
-    as a whole (a first sync then appends to the snapshot's index)."""
-    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 5)
+async def test_ids_come_out_sorted(tmp_path: Path) -> None:
+    """Adds and removes are written sorted (a first sync then appends to the snapshot's
+    index), whatever order the source gave them in."""
     new = [f"n{i:03}" for i in range(60)]
     old = [f"o{i:03}" for i in range(60)]
-    # One id a chunk: every id joins the sample, so the bounds make a dozen ranges.
     diff = await diff_of([[n] for n in new[::-1]], [[o] for o in old[::-1]], tmp_path)
     try:
         assert everything(diff, "add") == new
@@ -329,10 +329,10 @@ async def test_ids_read_back_whole_across_read_blocks(
     spill = tmp_path / "spill"
     ids = ["alpha", "b", "日本語のid", "🎉🎉", "long-id-over-one-block"]
     spill.write_text("\n".join(ids) + "\n", encoding="utf-8")
-    chunks_read = list(syncd.diff._read_chunks(spill))
-    assert [member for chunk in chunks_read for member in chunk if member] == ids
-    assert len(chunks_read) > 3
-    monkeypatch.setattr(syncd.diff, "PARTITION_IDS", 2)
+    blocks = [block.to_list() for block in syncd.diff._read_blocks(spill)]
+    assert [member for block in blocks for member in block] == ids
+    assert len(blocks) > 3
+    partition_tiny(monkeypatch, keyed=2, partition=2)
     diff = await diff_of([ids[:3], ids[3:]], [["b", "gone"]], tmp_path)
     try:
         assert sorted(everything(diff, "add")) == sorted(set(ids) - {"b"})
@@ -362,8 +362,8 @@ async def test_close_removes_the_work_directory(tmp_path: Path) -> None:
 
 
 async def test_a_failing_source_leaves_no_work_directory(tmp_path: Path) -> None:
-    async def failing() -> AsyncIterator[list[str]]:
-        yield ["a", "b"]
+    async def failing() -> AsyncIterator[IdText]:
+        yield IdText.of(["a", "b"])
         raise RuntimeError("source broke")
 
     with pytest.raises(RuntimeError, match="source broke"):
@@ -447,6 +447,7 @@ async def apply(
     with (
         tempfile.TemporaryDirectory() as folder,
         mock.patch.object(syncd.diff, "PARTITION_IDS", partition),
+        mock.patch.object(syncd.diff, "KEYED_IN_MEMORY", partition),
     ):
         diff = await compute_diff(chunks(*source), chunks(sorted(old)), quarantined, Path(folder))
         try:

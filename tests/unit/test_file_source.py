@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import stat
 import time
@@ -12,20 +13,27 @@ from pathlib import Path
 
 import pytest
 
-from syncd.ids import SkippedIds, clean_ids
-from syncd.sources.base import CHUNK_SIZE, SourceError
-from syncd.sources.file import MAX_LINE_BYTES, FileSource
+from syncd.ids import SkippedIds, clean_ids, clean_text
+from syncd.sources.base import CHUNK_SIZE, Chunk, SourceError
+from syncd.sources.file import BLOCK_BYTES, MAX_LINE_BYTES, FileSource
 
 
-async def read(path: Path, column: str | None = None) -> list[list[object]]:
+async def read(path: Path, column: str | None = None) -> list[Chunk]:
     return [chunk async for chunk in FileSource(path, column).chunks()]
+
+
+def cleaned(chunk: Chunk, skipped: SkippedIds) -> list[str]:
+    """A chunk through the id rules, as the engine applies them."""
+    if isinstance(chunk, str):
+        return clean_text(chunk, skipped).ids()
+    return clean_ids(chunk, skipped)
 
 
 async def read_ids(path: Path, column: str | None = None) -> list[str]:
     skipped = SkippedIds()
     ids: list[str] = []
     for chunk in await read(path, column):
-        ids += clean_ids(chunk, skipped)
+        ids += cleaned(chunk, skipped)
     assert skipped.count == 0, skipped.examples
     return ids
 
@@ -154,19 +162,17 @@ async def test_directory_is_an_error(tmp_path: Path) -> None:
         await read(tmp_path)
 
 
-async def test_chunks_of_more_than_10000_lines(tmp_path: Path) -> None:
-    total = 2 * CHUNK_SIZE + 1234
+async def test_a_plain_file_comes_in_blocks_of_whole_lines(tmp_path: Path) -> None:
+    """Text blocks of about BLOCK_BYTES, each ending with a whole line, so no id is
+    cut and no block holds the whole file."""
+    total = 200_000
     path = write(tmp_path, "".join(f"user{i}@x.com\n" for i in range(total)).encode())
     chunks = await read(path)
-    assert CHUNK_SIZE == 10_000
-    assert [len(chunk) for chunk in chunks] == [CHUNK_SIZE, CHUNK_SIZE, 1234]
+    assert len(chunks) == math.ceil(path.stat().st_size / BLOCK_BYTES)
+    assert all(isinstance(chunk, str) and chunk.endswith("\n") for chunk in chunks)
+    assert all(len(chunk) <= BLOCK_BYTES + 32 for chunk in chunks)
     ids = await read_ids(path)
     assert ids == [f"user{i}@x.com" for i in range(total)]
-
-
-async def test_chunks_exact_multiple(tmp_path: Path) -> None:
-    path = write(tmp_path, "".join(f"u{i}\n" for i in range(CHUNK_SIZE)).encode())
-    assert [len(chunk) for chunk in await read(path)] == [CHUNK_SIZE]
 
 
 async def test_csv_chunks(tmp_path: Path) -> None:
@@ -251,7 +257,7 @@ async def test_a_file_changed_while_it_is_read_fails_the_read(
     source = FileSource(path, column)
     chunks = aiter(source.chunks())
     first = await anext(chunks)
-    assert len(first) == CHUNK_SIZE
+    assert len(cleaned(first, SkippedIds())) < BIG_IDS  # changed in mid-read
     change(path)
     with pytest.raises(SourceError, match="changed while being read") as info:
         async for _ in chunks:
@@ -271,9 +277,10 @@ async def test_a_file_renamed_over_while_it_is_read_is_read_whole_as_it_was_open
     opened = await FileSource(path, column).fingerprint()
     source = FileSource(path, column)
     chunks = aiter(source.chunks())
-    count = len(await anext(chunks))
+    skipped = SkippedIds()
+    count = len(cleaned(await anext(chunks), skipped))
     _replace_by_rename(path)
-    count += sum([len(chunk) async for chunk in chunks])
+    count += sum([len(cleaned(chunk, skipped)) async for chunk in chunks])
     assert count == BIG_IDS
     assert source.read_fingerprint() == opened
     assert await FileSource(path, column).fingerprint() != opened
@@ -293,4 +300,5 @@ async def test_the_read_fingerprint_is_the_digest_of_the_bytes_read(tmp_path: Pa
 
 
 async def read_ids_of(source: FileSource) -> list[str]:
-    return [str(value) for chunk in [c async for c in source.chunks()] for value in chunk]
+    skipped = SkippedIds()
+    return [member async for chunk in source.chunks() for member in cleaned(chunk, skipped)]

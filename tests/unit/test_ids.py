@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from syncd.ids import EXAMPLES_KEPT, MAX_ID_LENGTH, NotAnId, SkippedIds, clean_ids
+from syncd.ids import EXAMPLES_KEPT, MAX_ID_LENGTH, NotAnId, SkippedIds, clean_ids, clean_text
 
 
 def clean(values: Sequence[object]) -> tuple[list[str], SkippedIds]:
@@ -96,3 +98,38 @@ def test_control_characters_skipped(value: str) -> None:
 def test_a_value_neither_text_nor_integer_is_refused_not_sent_as_its_repr(value: object) -> None:
     with pytest.raises(NotAnId, match=f"a value of type {type(value).__name__} is neither"):
         clean(["a@x.com", value])
+
+
+# -- clean_text: the same rules on a block of lines, checked block-wide ----------------------
+
+LINE = st.text(
+    st.sampled_from(["a", "é", "日", " ", "\t", "\r", "\x00", "\x1f", "\x85", "\xa0", "\u2003"]),
+    max_size=4,
+) | st.text(st.sampled_from("xy "), min_size=98, max_size=103)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(LINE, max_size=12), crlf=st.booleans())
+def test_clean_text_applies_the_rules_exactly_as_clean_ids(lines: list[str], crlf: bool) -> None:
+    """Whatever a block holds (spaces at the edges, control characters, over-long or
+    empty lines, CRLF endings), its ids and its skipped count are those of its lines
+    through clean_ids: the block-wide shortcut never changes the result."""
+    text = ("\r\n" if crlf else "\n").join(lines)
+    by_line, line_skips = clean(text.split("\n"))
+    skipped = SkippedIds()
+    assert clean_text(text, skipped).ids() == by_line
+    assert skipped.count == line_skips.count
+
+
+def test_clean_text_keeps_a_clean_block_as_it_is_without_splitting_it() -> None:
+    """The common case: a block that needs nothing is passed on unchanged (the same
+    text, not a rebuilt one), only empty lines and CRLF endings taken out."""
+    block = "a@x.com\nb@x.com\n" + "c" * MAX_ID_LENGTH
+    skipped = SkippedIds()
+    assert clean_text(block, skipped) == block
+    assert clean_text("\n\na@x.com\r\n\r\nb@x.com\n", skipped) == "a@x.com\nb@x.com"
+    assert clean_text("", skipped) == clean_text("\n\n", skipped) == ""
+    assert skipped.count == 0
+    long_block = block + "\n" + "d" * (MAX_ID_LENGTH + 1)
+    assert clean_text(long_block, skipped).ids() == block.split("\n")
+    assert skipped.count == 1
