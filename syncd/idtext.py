@@ -6,10 +6,16 @@ Polars is imported on first use: a run whose source is unchanged never loads it.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import polars as pl
+
+# Polars' allocator (jemalloc, prefixed) keeps freed pages for 10 s by default: the
+# short-lived columns of each block would then add up in the RSS of a long diff.
+# Read once, when Polars is first imported; a value set by the operator wins.
+os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")
 
 
 def column(text: str) -> pl.Series:
