@@ -23,6 +23,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time
@@ -227,6 +228,7 @@ class FakeSnowflake:
     @contextlib.contextmanager
     def running(self) -> Iterator[FakeSnowflake]:
         """Serve on 127.0.0.1:``port`` from a daemon thread until the block ends."""
+        logging.getLogger("fakesnow.server").setLevel(logging.WARNING)  # a line per login
         config = uvicorn.Config(self.app(), host="127.0.0.1", port=self.port, log_level="warning")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, name="fake-snowflake", daemon=True)
