@@ -4,6 +4,7 @@ variable (or the mapping and field) and what is accepted, and no traceback."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -454,3 +455,14 @@ def test_a_good_snowflake_key_passes_the_start_up_checks(
     captured = capsys.readouterr()
     assert "configuration error" not in captured.err
     assert PASSPHRASE not in captured.out + captured.err
+
+
+def test_snowflake_without_its_driver_is_one_line_exit_2(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found at start, rather than as every run's failure."""
+    env.setitem(sys.modules, "snowflake.connector", None)  # what an import then fails on
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_WAREHOUSE_URL", SNOWFLAKE)
+    line = run_config_error(["check"], capsys)
+    assert line.endswith("snowflake:// needs the Snowflake driver: pip install 'syncd[snowflake]'")
