@@ -34,6 +34,7 @@ from syncd.settings import (
     load_settings,
     printable,
 )
+from syncd.snowflake_url import parse_snowflake_url
 from syncd.state import SegmentState, StateError, open_store
 from syncd.state.sqlite import sqlite_path
 from syncd.walkme import WalkMeError
@@ -105,6 +106,13 @@ def _redact_secrets(settings: Settings) -> None:
         if password:
             redact(password)
             redact(unquote(password))
+    if warehouse.startswith("snowflake://"):
+        try:
+            hidden = parse_snowflake_url(warehouse).secrets()  # a key's passphrase too
+        except ValueError:
+            hidden = []  # a key file changed since start: its run fails, saying so
+        for secret in hidden:
+            redact(secret)
 
 
 # -- run ---------------------------------------------------------------------------

@@ -119,5 +119,5 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(numeric_level)
     # Third-party chatter that users cannot act on.
-    for noisy in ("apscheduler", "aiohttp.access"):
+    for noisy in ("apscheduler", "aiohttp.access", "snowflake.connector"):
         logging.getLogger(noisy).setLevel(max(numeric_level, logging.WARNING))

@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from syncd.schedule import Schedule
+from syncd.snowflake_url import DRIVER_HINT, driver_installed, parse_snowflake_url
 from syncd.urls import URL_HINT, unambiguous_url
 from syncd.urls import describe_url as describe_url  # where callers above still find it
 
@@ -413,6 +414,10 @@ class Settings(BaseSettings):
                 )
             if not unambiguous_url(value.get_secret_value()):
                 raise ValueError(UNPARSABLE_URL)
+            if scheme == "snowflake":
+                parse_snowflake_url(value.get_secret_value())
+                if not driver_installed():
+                    raise ValueError(DRIVER_HINT)
         return value
 
     @model_validator(mode="after")

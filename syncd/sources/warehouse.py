@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
+from syncd.snowflake_url import DRIVER_HINT, parse_snowflake_url
 from syncd.sources.base import CHUNK_SIZE, Chunk, NoFingerprint, SourceError, chunks_in_thread
 from syncd.urls import URL_HINT, describe_url, unambiguous_url
 
@@ -86,49 +87,33 @@ class WarehouseSource(NoFingerprint):
 
     def _snowflake_rows(self) -> Iterator[list[object]]:
         try:
-            import snowflake.connector  # type: ignore[import-not-found]
+            import snowflake.connector
         except ImportError:
-            raise SourceError(
-                "snowflake:// needs the Snowflake driver: pip install 'syncd[snowflake]'"
-            ) from None
+            raise SourceError(DRIVER_HINT) from None
         where = describe_url(self._url)
+        hidden: list[str] = []
         try:
-            conn = snowflake.connector.connect(**_snowflake_params(self._url))
+            url = parse_snowflake_url(self._url)  # checked at start; files may change since
+            hidden = url.secrets()
+            conn = snowflake.connector.connect(**url.connect_args(CONNECT_TIMEOUT))
         except Exception as exc:
-            reason = _reason(exc, self._url)
+            reason = _reason(exc, self._url, hidden)
             raise SourceError(f"cannot connect to Snowflake {where}: {reason}") from None
         try:
             cursor = conn.cursor()
             cursor.execute(self.query)
             _check_column(_snowflake_columns(cursor.description))
+            # The connector downloads Snowflake's result chunks as they are needed
+            # (a few ahead); fetchmany hands them on without collecting the whole set.
             while rows := cursor.fetchmany(CHUNK_SIZE):
                 yield [row[0] for row in rows]
         except SourceError:
             raise
         except Exception as exc:
-            reason = _reason(exc, self._url)
+            reason = _reason(exc, self._url, hidden)
             raise SourceError(f"Snowflake query failed on {where}: {reason}") from None
         finally:
             conn.close()
-
-
-def _snowflake_params(url: str) -> dict[str, Any]:
-    """snowflake://user:password@account/database/schema?warehouse=W&role=R"""
-    parts = urlsplit(url)
-    path = [unquote(p) for p in parts.path.split("/") if p]
-    params: dict[str, Any] = {
-        "account": parts.hostname,
-        "user": unquote(parts.username or ""),
-        "password": unquote(parts.password or ""),
-    }
-    if path:
-        params["database"] = path[0]
-    if len(path) > 1:
-        params["schema"] = path[1]
-    for pair in filter(None, parts.query.split("&")):
-        key, _, value = pair.partition("=")
-        params[key] = unquote(value)
-    return params
 
 
 def _check_column(columns: Sequence[tuple[str, str]]) -> None:
@@ -161,11 +146,12 @@ def _snowflake_columns(description: Sequence[Any]) -> list[tuple[str, str]]:
     return columns
 
 
-def _reason(exc: BaseException, url: str) -> str:
-    """The driver's message, short, with the URL's password blanked out wherever it
-    appears (drivers name hosts and SQL; this keeps the password out by construction)."""
+def _reason(exc: BaseException, url: str, hidden: Sequence[str] = ()) -> str:
+    """The driver's message, short, with the URL's password (and ``hidden``: a key's
+    passphrase) blanked out wherever it appears (drivers name hosts and SQL; this
+    keeps the secrets out by construction)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    for secret in _passwords(url):
+    for secret in sorted({*_passwords(url), *hidden}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text[:300]
 

@@ -4,11 +4,15 @@ variable (or the mapping and field) and what is accepted, and no traceback."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
+from syncd.cli import main
+from tests.support.snowflake import new_rsa_key, pkcs8_pem
 from tests.unit.conftest import FILE_MAPPING
 from tests.unit.test_cli import run_config_error
 
@@ -286,3 +290,179 @@ def test_admin_and_webhook_on_one_port_is_one_line_exit_2(
     line = run_config_error(["check"], capsys)
     assert "SYNCD_ADMIN_PORT" in line
     assert "SYNCD_WEBHOOK_PORT" in line
+
+
+# ------------------------------------------------------------ Snowflake URLs and keys
+
+SNOWFLAKE_PASSWORD = "Sn0w-pw-4b3c2d1e"  # distinctive: never in any line printed
+SNOWFLAKE = f"snowflake://reader:{SNOWFLAKE_PASSWORD}@heapco/HEAP/MAIN_PRODUCTION"
+KEYLESS = "snowflake://reader@heapco/HEAP/MAIN_PRODUCTION"
+PASSPHRASE = "pass-phrase-0d9c8b7a"
+
+# (URL, words the one line must hold)
+BAD_SNOWFLAKE_URLS: list[tuple[str, tuple[str, ...]]] = [
+    (f"{SNOWFLAKE}?warehous=W", ("unknown parameter 'warehous'", "accepted: warehouse")),
+    (f"{SNOWFLAKE}?warehouse=W&warehouse=V", ("warehouse is given twice",)),
+    (f"{SNOWFLAKE}?role=", ("role is empty",)),
+    (f"{SNOWFLAKE}?warehouse", ("name=value",)),
+    (f"{SNOWFLAKE}?port=0&host=127.0.0.1", ("port= is a number",)),
+    (f"{SNOWFLAKE}?port=http", ("port= is a number",)),
+    (f"{SNOWFLAKE}?protocol=ftp", ("protocol= is https",)),
+    (f"{SNOWFLAKE}?protocol=http", ("protocol=http only with host=127.0.0.1",)),
+    (f"{SNOWFLAKE}?protocol=http&host=db.example.com", ("unencrypted",)),
+    (f"{SNOWFLAKE}?host=a%20b", ("host=",)),
+    (f"snowflake://reader:{SNOWFLAKE_PASSWORD}@heapco:443/HEAP", ("?port=N",)),
+    (f"snowflake://reader:{SNOWFLAKE_PASSWORD}@heapco/HEAP/MAIN/EXTRA", ("/database/schema",)),
+    (f"snowflake://:{SNOWFLAKE_PASSWORD}@heapco/HEAP", ("names no user",)),
+    (f"snowflake://reader:{SNOWFLAKE_PASSWORD}@/HEAP", ("names no account",)),
+    (KEYLESS, ("needs a password", "private_key_file")),
+    (f"{SNOWFLAKE}?private_key_file=/k.p8", ("not both",)),
+    (f"{KEYLESS}?private_key_passphrase_file=/p", ("private_key_passphrase_file is for",)),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "words"), BAD_SNOWFLAKE_URLS, ids=[words[0] for _, words in BAD_SNOWFLAKE_URLS]
+)
+def test_bad_snowflake_url_is_one_line_exit_2(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, words: tuple[str, ...]
+) -> None:
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_WAREHOUSE_URL", url)
+    line = run_config_error(["check"], capsys)
+    assert line.startswith("syncd: configuration error: SYNCD_WAREHOUSE_URL: "), line
+    for word in words:
+        assert word in line
+    assert SNOWFLAKE_PASSWORD not in line
+
+
+def _key_file(folder: Path, passphrase: str | None = None) -> Path:
+    path = folder / "rsa_key.p8"
+    path.write_bytes(pkcs8_pem(new_rsa_key(), passphrase))
+    return path
+
+
+def _passphrase_file(folder: Path, text: str = PASSPHRASE) -> Path:
+    path = folder / "passphrase"
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def _missing_key(folder: Path) -> tuple[Path, Path | None]:
+    return folder / "no_such_key.p8", None
+
+
+def _key_is_a_directory(folder: Path) -> tuple[Path, Path | None]:
+    return folder, None
+
+
+def _key_below_a_file(folder: Path) -> tuple[Path, Path | None]:
+    return _key_file(folder) / "key.p8", None  # ENOTDIR: unreadable even for root
+
+
+def _not_a_key(folder: Path) -> tuple[Path, Path | None]:
+    path = folder / "cert.pem"
+    path.write_text("-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n", encoding="utf-8")
+    return path, None
+
+
+def _public_key_only(folder: Path) -> tuple[Path, Path | None]:
+    path = folder / "rsa_key.pub"
+    path.write_bytes(
+        new_rsa_key()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return path, None
+
+
+def _empty_key(folder: Path) -> tuple[Path, Path | None]:
+    path = folder / "empty.p8"
+    path.write_text("\n", encoding="utf-8")
+    return path, None
+
+
+def _encrypted_without_passphrase(folder: Path) -> tuple[Path, Path | None]:
+    return _key_file(folder, PASSPHRASE), None
+
+
+def _wrong_passphrase(folder: Path) -> tuple[Path, Path | None]:
+    return _key_file(folder, PASSPHRASE), _passphrase_file(folder, "not-the-passphrase")
+
+
+def _passphrase_for_a_plain_key(folder: Path) -> tuple[Path, Path | None]:
+    return _key_file(folder), _passphrase_file(folder)
+
+
+def _missing_passphrase_file(folder: Path) -> tuple[Path, Path | None]:
+    return _key_file(folder, PASSPHRASE), folder / "no_such_passphrase"
+
+
+KeyMaker = Callable[[Path], tuple[Path, Path | None]]
+BAD_KEYS: list[tuple[KeyMaker, tuple[str, ...]]] = [
+    (_missing_key, ("cannot read private_key_file", "No such file")),
+    (_key_is_a_directory, ("is a directory",)),
+    (_key_below_a_file, ("cannot read private_key_file", "Not a directory")),
+    (_not_a_key, ("holds no private key",)),
+    (_public_key_only, ("holds no private key",)),
+    (_empty_key, ("is empty",)),
+    (_encrypted_without_passphrase, ("is encrypted", "private_key_passphrase_file=")),
+    (_wrong_passphrase, ("cannot be decrypted with the passphrase in",)),
+    (_passphrase_for_a_plain_key, ("is not encrypted",)),
+    (_missing_passphrase_file, ("cannot read private_key_passphrase_file",)),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "words"), BAD_KEYS, ids=[make.__name__[1:] for make, _ in BAD_KEYS]
+)
+def test_bad_snowflake_private_key_is_one_line_exit_2(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    make: KeyMaker,
+    words: tuple[str, ...],
+) -> None:
+    """Found at start, named with its path, and never a byte of the key printed."""
+    key, passphrase = make(tmp_path)
+    url = f"{KEYLESS}?private_key_file={key}"
+    if passphrase is not None:
+        url += f"&private_key_passphrase_file={passphrase}"
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_WAREHOUSE_URL", url)
+    line = run_config_error(["check"], capsys)
+    assert line.startswith("syncd: configuration error: SYNCD_WAREHOUSE_URL: "), line
+    for word in words:
+        assert word in line
+    assert PASSPHRASE not in line
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            for key_line in path.read_text(encoding="utf-8").splitlines():
+                if len(key_line) > 16 and not key_line.startswith("-----"):
+                    assert key_line not in line
+
+
+def test_a_good_snowflake_key_passes_the_start_up_checks(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The other side of the checks above: a readable key (with its passphrase) is
+    accepted, so `check` goes on to WalkMe (unreachable here: exit 1, not 2)."""
+    key, passphrase = _key_file(tmp_path, PASSPHRASE), _passphrase_file(tmp_path)
+    url = f"{KEYLESS}?private_key_file={key}&private_key_passphrase_file={passphrase}"
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_WAREHOUSE_URL", url + "&warehouse=W&role=R")
+    assert main(["check"]) == 1
+    captured = capsys.readouterr()
+    assert "configuration error" not in captured.err
+    assert PASSPHRASE not in captured.out + captured.err
+
+
+def test_snowflake_without_its_driver_is_one_line_exit_2(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found at start, rather than as every run's failure."""
+    env.setitem(sys.modules, "snowflake.connector", None)  # what an import then fails on
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_WAREHOUSE_URL", SNOWFLAKE)
+    line = run_config_error(["check"], capsys)
+    assert line.endswith("snowflake:// needs the Snowflake driver: pip install 'syncd[snowflake]'")
