@@ -62,7 +62,6 @@ SECRET_FIELDS = frozenset(
 )
 
 
-
 def _guid(value: str) -> str:
     if not re.match(GUID_PATTERN, value):
         raise ValueError(
