@@ -203,8 +203,7 @@ def _compare(
         )
     else:
         pairs = zip(
-            _partition(source.path, parts, keyer),
-            _partition(snapshot.path, parts, keyer),
+            _partition(source.path, parts, keyer), _partition(snapshot.path, parts, keyer),
             strict=True,
         )
     quarantine = _QuarantineKeys(quarantined, keyer)

@@ -62,6 +62,7 @@ SECRET_FIELDS = frozenset(
 )
 
 
+
 def _guid(value: str) -> str:
     if not re.match(GUID_PATTERN, value):
         raise ValueError(

@@ -474,7 +474,9 @@ async def _start_runs_together(store_url: str) -> None:
         await pg.close()
 
 
-async def test_history_ties_put_the_run_begun_last_first(store_url: str, store: StateStore) -> None:
+async def test_history_ties_put_the_run_begun_last_first(
+    store_url: str, store: StateStore
+) -> None:
     for number in range(5):
         await store.begin_run("vip", f"r{number}", SYSTEM, None)
     await _start_runs_together(store_url)
