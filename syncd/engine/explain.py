@@ -229,7 +229,8 @@ def next_action(
         # A new or rebuilt segment gets the whole source, whatever the snapshot says.
         how = "creates the WalkMe segment" if mode == "create" else "rebuilds the segment"
         if wanted:
-            return "add", f"the next run {how} (override, then add) with it"
+            batches = "" if mode == "create" else " (override, then add)"
+            return "add", f"the next run {how}{batches} with it"
         return "nothing", f"the next run {how} without it: it is not in the source"
     replay = ""
     if pending is not None and (in_pending or pending.action in ("create", "override")):

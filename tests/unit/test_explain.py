@@ -52,6 +52,8 @@ def test_next_run(
         error=None,
     )
     assert found == expected, why
+    if mode == "create" and wanted:
+        assert why == "the next run creates the WalkMe segment with it"
     if batch is not None and ("it" in batch.ids or batch.action == "override"):
         assert f"pending {batch.action} batch" in why  # the replay is told
 
