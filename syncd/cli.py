@@ -1,4 +1,5 @@
-"""The ``syncd`` command line: run, sync, check, status, reset, demo.
+"""The ``syncd`` command line: run, sync, check, status, history, explain, reset,
+delete, prune, demo.
 
 Interactive commands print their output on stdout and their log lines on
 stderr; ``syncd run`` logs on stdout, as a container is expected to.
@@ -21,9 +22,10 @@ import structlog
 
 from syncd import __version__
 from syncd.app import Runtime, open_runtime
-from syncd.engine import Engine, Outcome, Plan, SegmentInUse
+from syncd.engine import BrokenMapping, Engine, Outcome, Plan, SegmentInUse
+from syncd.engine.explain import explain
 from syncd.logs import configure_logging, redact, redact_credentials, scrub
-from syncd.reports import force_command, print_history, print_status
+from syncd.reports import force_command, print_explanations, print_history, print_status
 from syncd.reports import out as _out
 from syncd.settings import (
     ENV_PREFIX,
@@ -135,13 +137,7 @@ async def cmd_sync(args: argparse.Namespace) -> int:
         raise ConfigError("--force needs --segment NAME: it applies one held plan on purpose")
     async with open_runtime(settings, mappings) as runtime:
         _stop_on_signals(runtime.engine)
-        known = (await runtime.engine.mapping_set()).names
-        for name in args.segment or []:
-            if name not in known:
-                raise ConfigError(
-                    f"--segment {name!r}: no such segment in the configuration"
-                    f" (configured: {', '.join(printable(n) for n in sorted(known))})"
-                )
+        _check_segments(args.segment, (await runtime.engine.mapping_set()).names)
         outcomes = await runtime.engine.sync_all(
             args.segment, dry_run=args.dry_run, force=args.force
         )
@@ -157,6 +153,16 @@ async def cmd_sync(args: argparse.Namespace) -> int:
             return EXIT_WOULD_HOLD  # only a dry run plans without sending
         return EXIT_OK
     return EXIT_FAILED
+
+
+def _check_segments(names: list[str] | None, known: set[str]) -> None:
+    """Each ``--segment NAME`` given must be a configured segment."""
+    for name in names or []:
+        if name not in known:
+            raise ConfigError(
+                f"--segment {name!r}: no such segment in the configuration"
+                f" (configured: {', '.join(printable(n) for n in sorted(known))})"
+            )
 
 
 def _stop_on_signals(engine: Engine) -> None:
@@ -241,6 +247,29 @@ async def cmd_check(_: argparse.Namespace) -> int:
 async def cmd_status(args: argparse.Namespace) -> int:
     settings, mappings = _configured_locally()
     await print_status(settings, mappings, as_json=args.json)
+    return EXIT_OK
+
+
+# -- explain -----------------------------------------------------------------------
+
+
+async def cmd_explain(args: argparse.Namespace) -> int:
+    member = args.id.strip()  # as the id rules leave a source value
+    if not member:
+        raise ConfigError("--id: empty; give the user id to explain")
+    settings, mappings = _configured_locally()
+    if mappings is None:
+        raise ConfigError(
+            f"explain reads each segment's source: set {ENV_PREFIX}SEGMENTS or"
+            f" {ENV_PREFIX}SEGMENTS_FILE as `syncd run` has them"
+        )
+    async with open_runtime(settings, mappings) as runtime:
+        found = await runtime.engine.mapping_set()
+        _check_segments(args.segment, found.names)
+        every: dict[str, SegmentMapping | BrokenMapping] = {**found.usable, **found.broken}
+        chosen = [every[name] for name in dict.fromkeys(args.segment or every)]
+        explained = await explain(settings, runtime.store, runtime.client, chosen, member)
+    print_explanations(member, explained, as_json=args.json)
     return EXIT_OK
 
 
@@ -365,6 +394,8 @@ _EXIT_STATUSES = {
     "check": "0 all fine, 1 something failed, 2 bad configuration",
     "status": "0, 1 the state store failed, 2 bad configuration or no state store",
     "history": "0, 1 the state store failed, 2 bad configuration or no state store",
+    "explain": "0 (also when a source cannot be read: the answer says so), 1 the state store"
+    " failed, 2 bad configuration, unknown segment, empty id or no state store",
     "reset": "0, 2 bad configuration, unknown segment or no state store",
     "delete": "0, 1 WalkMe refused or the segment is in use, 2 bad configuration",
     "prune": "0, 1 a delete failed, 2 bad configuration",
@@ -413,6 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     history.add_argument("--segment", required=True, metavar="NAME")
     history.add_argument("--limit", type=int, default=20, metavar="N")
     history.add_argument("--json", action="store_true", help="machine-readable output")
+    explain_cmd = add(
+        "explain",
+        cmd_explain,
+        "why an id is (not) in each segment, and what the next run would do with it"
+        " (reads the sources as a dry run, sends and writes nothing)",
+    )
+    explain_cmd.add_argument("--id", required=True, metavar="ID", help="the user id")
+    explain_cmd.add_argument(
+        "--segment", action="append", metavar="NAME", help="only this segment (repeatable)"
+    )
+    explain_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     reset = add("reset", cmd_reset, "forget a segment's snapshot; the next run rebuilds it")
     reset.add_argument("--segment", required=True, metavar="NAME")
     delete = add("delete", cmd_delete, "delete a segment in WalkMe and forget it")

@@ -75,16 +75,24 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
     for value in values:
         if value is None:
             continue
-        text = _text(value).strip()
+        text = value_text(value).strip()
         if not text:
             continue
-        if len(text) > MAX_ID_LENGTH:
-            skipped.add(text, f"longer than {MAX_ID_LENGTH} characters ({len(text)})")
-        elif _CONTROL.search(text):
-            skipped.add(text, "contains a control character")
-        else:
+        reason = skip_reason(text)
+        if reason is None:
             kept.append(text)
+        else:
+            skipped.add(text, reason)
     return kept
+
+
+def skip_reason(text: str) -> str | None:
+    """Why the id rules skip this stripped, non-empty id; None: it may be sent."""
+    if len(text) > MAX_ID_LENGTH:
+        return f"longer than {MAX_ID_LENGTH} characters ({len(text)})"
+    if _CONTROL.search(text):
+        return "contains a control character"
+    return None
 
 
 def clean_text(text: str, skipped: SkippedIds) -> IdText:
@@ -113,7 +121,8 @@ def _edge_space(text: str) -> bool:
     return _EDGE_SPACE.search(text) is not None
 
 
-def _text(value: object) -> str:
+def value_text(value: object) -> str:
+    """A source value as the text it holds (NotAnId: neither text nor an integer)."""
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):

@@ -1,4 +1,5 @@
-"""What ``syncd status`` and ``syncd history`` print: tables for people, JSON for scripts.
+"""What ``syncd status``, ``syncd history`` and ``syncd explain`` print: tables for
+people, JSON for scripts.
 
 Only reads the state store. Every line goes through :func:`out`, which scrubs
 secrets: the texts shown were stored by other processes.
@@ -12,6 +13,7 @@ import shlex
 from typing import Any
 
 from syncd.engine import all_mappings
+from syncd.engine.explain import Explanation
 from syncd.logs import scrub
 from syncd.settings import SegmentMapping, Settings, printable
 from syncd.state import SegmentState, open_store
@@ -147,3 +149,94 @@ def print_history(segment: str, runs: list[RunRecord], *, as_json: bool = False)
         )
         if run.error:
             out(f"    {printable(run.error)}")
+
+
+def _explanation_row(found: Explanation) -> dict[str, Any]:
+    delivered = found.delivered
+    return {
+        "segment": found.segment,
+        "id_rules": found.id_rules,
+        "source": {
+            "describe": found.source,
+            "error": found.error,
+            "in_source": found.in_source,
+            "values_found": found.found_in_source,
+            "originals": found.originals,
+        },
+        "snapshot": {
+            "delivered": delivered is not None,
+            "run_id": delivered.run_id if delivered else None,
+            "run_started_at": (
+                delivered.run_started_at.isoformat()
+                if delivered and delivered.run_started_at
+                else None
+            ),
+        },
+        "quarantine": [
+            {
+                "action": entry.action,
+                "walkme_answer": entry.reason,
+                "since": entry.since.isoformat() if entry.since else None,
+            }
+            for entry in found.quarantine
+        ],
+        "pending": found.pending,
+        "plan": {"mode": found.mode, "held": found.held},
+        "last_result": found.last_result,
+        "next_run": {"action": found.next_run, "why": found.why},
+    }
+
+
+def print_explanations(member: str, found: list[Explanation], *, as_json: bool = False) -> None:
+    """What ``syncd explain`` prints: one block per segment."""
+    if as_json:
+        rows = [_explanation_row(each) for each in found]
+        out(json.dumps({"id": member, "segments": rows}, indent=2))
+        return
+    for each in found:
+        out(f"{printable(each.segment)}: id {printable(member)!r}")
+        for label, text in _explanation_lines(each):
+            out(f"  {label:11} {printable(text)}")
+
+
+def _explanation_lines(found: Explanation) -> list[tuple[str, str]]:
+    lines: list[tuple[str, str]] = []
+    if found.error is not None:
+        lines.append(("source", f"cannot be read: {found.error}"))
+    elif found.in_source:
+        lines.append(("source", f"in {found.source} ({_originals(found)})"))
+    elif found.found_in_source:
+        lines.append(("source", f"in {found.source} but skipped by the id rules: {found.id_rules}"))
+    else:
+        lines.append(("source", f"not in {found.source}"))
+    if found.id_rules is not None and not found.found_in_source:
+        lines.append(("id rules", f"would skip it: {found.id_rules}"))
+    delivered = found.delivered
+    if delivered is None:
+        lines.append(("snapshot", "not delivered"))
+    elif delivered.run_id is None:
+        lines.append(("snapshot", "delivered (before this version recorded by which run)"))
+    elif delivered.run_started_at is None:
+        lines.append(("snapshot", f"delivered by run {delivered.run_id} (its record pruned)"))
+    else:
+        started = delivered.run_started_at.isoformat()
+        lines.append(("snapshot", f"delivered by run {delivered.run_id}, started {started}"))
+    for entry in found.quarantine:
+        since = entry.since.isoformat() if entry.since else "-"
+        lines.append(
+            ("quarantine", f"{entry.action} rejected by WalkMe since {since}: {entry.reason}")
+        )
+    if found.pending is not None:
+        lines.append(("pending", f"in the {found.pending} batch whose answer was lost"))
+    if found.last_result == "held":
+        lines.append(
+            ("last run", f"held by the removal guard; {force_command(found.segment)} applies it")
+        )
+    lines.append(("next run", f"{found.next_run}: {found.why}"))
+    return lines
+
+
+def _originals(found: Explanation) -> str:
+    shown = ", ".join(repr(original) for original in found.originals)
+    more = f"; {found.found_in_source} values in all" if found.found_in_source > 1 else ""
+    return f"as {shown}{more}"

@@ -91,8 +91,12 @@ class SegmentRun:
             log.exception("segment.internal_error")
             outcome.error = f"internal error: {type(exc).__name__}: {exc}"
 
+    def _source(self) -> Source:
+        """The mapping's source, built afresh for each run (``explain`` watches it)."""
+        return build_source(self._mapping.source, self._settings, self._store)
+
     async def _plan(self) -> None:
-        source = build_source(self._mapping.source, self._settings, self._store)
+        source = self._source()
         state = await self._store.get(self._mapping.name)
         mode = first_batch_mode(state, self._mapping)
         diff = await self._diff(source, state, mode)
@@ -112,7 +116,7 @@ class SegmentRun:
 
     async def _sync(self, force: bool) -> None:
         mapping, outcome, store = self._mapping, self.outcome, self._store
-        source = build_source(mapping.source, self._settings, store)
+        source = self._source()
         begun = await store.begin_run(
             mapping.name, outcome.run_id, self._system, mapping.external_id
         )

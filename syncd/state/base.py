@@ -54,6 +54,24 @@ class SegmentState:
 
 
 @dataclass(frozen=True)
+class Delivered:
+    """A member of the snapshot: the run that delivered it (None: before syncd
+    recorded it) and when that run started (None: its record was pruned)."""
+
+    run_id: str | None
+    run_started_at: datetime | None
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """An id WalkMe rejected for one action, with its answer."""
+
+    action: Literal["add", "remove"]
+    reason: str
+    since: datetime | None
+
+
+@dataclass(frozen=True)
 class PendingBatch:
     """A batch sent to WalkMe whose answer was never recorded: it may or may not
     have been applied, so the next run sends it again before diffing."""

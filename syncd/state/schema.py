@@ -17,7 +17,7 @@ from syncd.state.base import RunRecord, SegmentState
 if TYPE_CHECKING:
     from syncd.state.sql import Dialect, Row
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The schema's {TYPE} names, as (SQLite, PostgreSQL) spell them.
 _TYPES = {
@@ -185,6 +185,10 @@ ALTER TABLE heap_pages ADD PRIMARY KEY (heap_segment_id, sync_task_id, page_numb
         sqlite="",
         postgresql="ALTER TABLE runs ADD COLUMN seq BIGINT GENERATED ALWAYS AS IDENTITY;",
     ),
+    # The run that delivered each member, for `syncd explain` (NULL: delivered before
+    # this version). The run id, not runs.seq: SQLite's seq is the rowid, which a
+    # pruned history can hand out again, and a member outlives its run's record.
+    Migration("ALTER TABLE members ADD COLUMN delivered_by TEXT;"),
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

@@ -8,7 +8,14 @@ from typing import Literal
 
 from syncd.diff import Quarantined
 from syncd.ids import IdText
-from syncd.state.base import Action, Origin, PendingBatch, SegmentState
+from syncd.state.base import (
+    Action,
+    Delivered,
+    Origin,
+    PendingBatch,
+    QuarantineEntry,
+    SegmentState,
+)
 from syncd.state.schema import SEGMENT_COLUMNS, segment_state
 from syncd.state.sql import Query, Script, SqlStore
 
@@ -45,6 +52,27 @@ class SnapshotStore(SqlStore):
     def snapshot(self, name: str, size: int) -> AsyncIterator[IdText]:
         """The ids WalkMe acknowledged for this segment, ``size`` at a time."""
         return self._id_pages("members", "segment", name, size)
+
+    async def delivered(self, name: str, member: str) -> Delivered | None:
+        """Whether ``member`` is in the segment's snapshot, and which run delivered it
+        (None: not a member)."""
+
+        def script() -> Script[Delivered | None]:
+            rows = (
+                yield Query(
+                    "SELECT m.delivered_by, r.started_at FROM members m"
+                    " LEFT JOIN runs r ON r.run_id = m.delivered_by"
+                    " WHERE m.segment = ? AND m.id = ?",
+                    (name, member),
+                )
+            ).rows
+            if not rows:
+                return None
+            return Delivered(
+                rows[0]["delivered_by"], self.dialect.time_value(rows[0]["started_at"])
+            )
+
+        return await self._read(script())
 
     async def adopt(self, name: str, segment_guid: str, origin: Origin) -> None:
         """Point at an existing WalkMe segment whose members are unknown: rebuild it."""
@@ -101,11 +129,12 @@ class SnapshotStore(SqlStore):
                         " origin = coalesce(origin, 'created') WHERE name = ?",
                         (segment_guid, name),
                     )
+                # An id already a member keeps the run that first delivered it.
                 changed = (
                     yield Query(
-                        f"INSERT INTO members (segment, id) SELECT ?, {dialect.each_id}"
-                        " ON CONFLICT DO NOTHING",
-                        (name, encoded),
+                        "INSERT INTO members (segment, delivered_by, id)"
+                        f" SELECT ?, ?, {dialect.each_id} ON CONFLICT DO NOTHING",
+                        (name, run_id, encoded),
                     )
                 ).count
             yield Query("UPDATE segments SET members = members + ? WHERE name = ?", (changed, name))
@@ -276,5 +305,23 @@ class Quarantine(SqlStore):
                 )
             ).rows
             return [(row["id"], row["action"], row["reason"]) for row in rows]
+
+        return await self._read(script())
+
+    async def quarantine_of(self, name: str, member: str) -> list[QuarantineEntry]:
+        """Why WalkMe rejected this id, per action (empty: it is not quarantined)."""
+
+        def script() -> Script[list[QuarantineEntry]]:
+            rows = (
+                yield Query(
+                    "SELECT action, reason, since FROM quarantine WHERE segment = ? AND id = ?"
+                    " ORDER BY action",
+                    (name, member),
+                )
+            ).rows
+            return [
+                QuarantineEntry(row["action"], row["reason"], self.dialect.time_value(row["since"]))
+                for row in rows
+            ]
 
         return await self._read(script())

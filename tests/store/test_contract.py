@@ -22,7 +22,7 @@ import pytest
 from syncd.diff import Quarantined
 from syncd.ids import IdText, SkippedIds
 from syncd.state import SegmentState, StateError, StateStore, open_store
-from syncd.state.base import HeapPage, HeapSegment, LeaseLost, PendingBatch, RunResult
+from syncd.state.base import Delivered, HeapPage, HeapSegment, LeaseLost, PendingBatch, RunResult
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
 from tests.support.postgres import drop_database
 from tests.support.stores import opened_together
@@ -262,6 +262,34 @@ async def test_snapshot_of_unknown_or_empty_segment(store: StateStore) -> None:
     assert await collect(store.snapshot("nobody", 10)) == []
     await store.begin_run("vip", "r1", SYSTEM, None)
     assert await collect(store.snapshot("vip", 10)) == []
+
+
+async def test_delivered_names_the_run_that_first_delivered_each_member(
+    store: StateStore,
+) -> None:
+    await seed(store, "vip", ["a", "b"], run_id="r1")
+    await store.begin_run("vip", "r2", SYSTEM, None)
+    await store.record_batch("vip", "r2", "add", ["b", "c"])  # b: already delivered by r1
+    [second, first] = await store.history("vip", 10)
+    assert first.started_at is not None
+    assert await store.delivered("vip", "a") == Delivered("r1", first.started_at)
+    assert await store.delivered("vip", "b") == Delivered("r1", first.started_at)
+    assert await store.delivered("vip", "c") == Delivered("r2", second.started_at)
+    assert await store.delivered("vip", "zzz") is None
+    assert await store.delivered("nobody", "a") is None
+    await store.record_batch("vip", "r2", "remove", ["a"])
+    assert await store.delivered("vip", "a") is None
+    # An override delivers every id again: the rebuild is the run they date from.
+    await store.begin_run("vip", "r3", SYSTEM, None)
+    await store.record_batch("vip", "r3", "override", ["b"])
+    [third, *_] = await store.history("vip", 10)
+    assert await store.delivered("vip", "b") == Delivered("r3", third.started_at)
+    # The run's record pruned: the run id stays, its time is gone.
+    await store.finish_run("vip", "r1", "synced", None, SkippedIds(), 1, 0)
+    await store.finish_run("vip", "r2", "synced", None, SkippedIds(), 1, 0)
+    await store.finish_run("vip", "r3", "synced", None, SkippedIds(), 1, 0)
+    await store.prune_history(datetime.now(UTC) + timedelta(minutes=5))
+    assert await store.delivered("vip", "b") == Delivered("r3", None)
 
 
 # -- adopt, forget_guid, reset, forget -----------------------------------------------------
@@ -569,6 +597,24 @@ async def test_quarantine_round_trip(store: StateStore) -> None:
     assert await store.quarantined("nobody") == Quarantined()
     # The snapshot is not touched by any of this.
     assert sorted(await members(store, "vip")) == ["r1", "r2"]
+
+
+async def test_quarantine_of_one_id(store: StateStore) -> None:
+    await seed(store, "vip", ["r1"])
+    await store.quarantine("vip", "remove", [("r1", "400 cannot remove")])
+    await store.quarantine("vip", "add", [("r1", "400 cannot add"), ("a2", "400 other")])
+    await store.quarantine("other", "add", [("r1", "400 elsewhere")])
+    entries = await store.quarantine_of("vip", "r1")
+    assert [(e.action, e.reason) for e in entries] == [
+        ("add", "400 cannot add"),
+        ("remove", "400 cannot remove"),
+    ]
+    assert all(
+        e.since is not None and abs(datetime.now(UTC) - e.since) < timedelta(minutes=1)
+        for e in entries
+    )
+    assert await store.quarantine_of("vip", "a3") == []
+    assert await store.quarantine_of("nobody", "r1") == []
 
 
 async def test_quarantine_examples_newest_first(store: StateStore) -> None:

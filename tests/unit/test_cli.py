@@ -88,7 +88,15 @@ def test_unknown_segment(env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[
 
 
 @pytest.mark.parametrize(
-    "argv", [["run"], ["check"], ["status"], ["reset", "--segment", "vip"], ["sync", "--dry-run"]]
+    "argv",
+    [
+        ["run"],
+        ["check"],
+        ["status"],
+        ["reset", "--segment", "vip"],
+        ["sync", "--dry-run"],
+        ["explain", "--id", "a"],
+    ],
 )
 def test_every_command_checks_configuration(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]
@@ -217,13 +225,23 @@ def test_status_and_history_start_without_walkme_settings(
     assert "no runs recorded for 'vip'" in capsys.readouterr().out
 
 
+def test_explain_needs_the_mappings(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = clean_env / "state.db"
+    asyncio.run(_create_store(f"sqlite:///{state}"))
+    monkeypatch.setenv("SYNCD_STATE_URL", f"sqlite:///{state}")
+    assert "SYNCD_SEGMENTS" in run_config_error(["explain", "--id", "a"], capsys)
+
+
 async def _create_store(url: str) -> None:
     store = await open_store(url)
     await store.close()
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "sync", "check", "status", "history", "reset", "delete", "prune", "demo"]
+    "command",
+    ["run", "sync", "check", "status", "history", "explain", "reset", "delete", "prune", "demo"],
 )
 def test_every_command_help_lists_its_exit_statuses(
     capsys: pytest.CaptureFixture[str], command: str
