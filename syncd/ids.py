@@ -54,12 +54,7 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
         ):
             return stripped
     kept: list[str] = []
-    for value in values:
-        if value is None:
-            continue
-        text = _text(value).strip()
-        if not text:
-            continue
+    for text in source_texts(values):
         if len(text) > MAX_ID_LENGTH:
             skipped.add(text, f"longer than {MAX_ID_LENGTH} characters ({len(text)})")
         elif _CONTROL.search(text):
@@ -67,6 +62,15 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
         else:
             kept.append(text)
     return kept
+
+
+def source_texts(values: list[object]) -> list[str]:
+    """A chunk of source values as trimmed text, NULLs and empty values dropped (what
+    an id transform starts from); a value that is no id raises :class:`NotAnId`."""
+    if set(map(type, values)) <= {str}:
+        return list(filter(None, map(str.strip, values)))  # type: ignore[arg-type]
+    texts = (_text(value).strip() for value in values if value is not None)
+    return list(filter(None, texts))
 
 
 def _text(value: object) -> str:

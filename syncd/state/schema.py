@@ -17,7 +17,7 @@ from syncd.state.base import RunRecord, SegmentState
 if TYPE_CHECKING:
     from syncd.state.sql import Dialect, Row
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The schema's {TYPE} names, as (SQLite, PostgreSQL) spell them.
 _TYPES = {
@@ -184,6 +184,15 @@ ALTER TABLE heap_pages ADD PRIMARY KEY (heap_segment_id, sync_task_id, page_numb
     Migration(
         sqlite="",
         postgresql="ALTER TABLE runs ADD COLUMN seq BIGINT GENERATED ALWAYS AS IDENTITY;",
+    ),
+    # Id transforms: ids that became one, and the steps of the last synced run (to
+    # tell a transform change); each replica's next scheduled run per segment.
+    Migration(
+        """
+ALTER TABLE segments ADD COLUMN collapsed {BIGINT} NOT NULL DEFAULT 0;
+ALTER TABLE segments ADD COLUMN id_transform TEXT;
+ALTER TABLE replicas ADD COLUMN next_runs TEXT NOT NULL DEFAULT '{{}}';
+"""
     ),
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
