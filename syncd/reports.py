@@ -137,7 +137,7 @@ def _print_table(rows: list[StatusRow]) -> None:
         if row.get("skipped_examples"):
             out(f"    skipped ids: {printable('; '.join(row['skipped_examples']))}")
         if row.get("collapsed"):
-            out(f"    collapsed: {row['collapsed']} ids sent as one with another")
+            out(f"    collapsed: {row['collapsed']} (ids equal to another after the transform)")
         if row.get("quarantined"):
             shown = ", ".join(repr(q["id"]) for q in row.get("quarantined_examples", []))
             out(f"    quarantined (rejected by WalkMe): {row['quarantined']}: {shown}")
