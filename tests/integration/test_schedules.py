@@ -3,6 +3,7 @@ shows each one's next run and `/readyz` judges staleness by each one's interval.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from syncd.sandbox import WalkMeSandbox
+from syncd.state import StateStore
 from tests.support.harness import cli_env, status_rows
 from tests.support.ids import file_mapping, make_ids
 from tests.support.logs import parse_log_lines, run_endings
 from tests.support.net import fetch_text, free_port
-from tests.support.processes import DaemonProcess
+from tests.support.processes import DaemonProcess, run_cli
+from tests.support.stores import with_store
 from tests.support.waiting import wait_until
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
@@ -98,3 +101,23 @@ def test_each_segment_runs_on_its_own_schedule(
     assert started_line["schedules"] == ["1h", "1s", NIGHTLY]
     # No daemon: nothing will run them, so status shows no next run.
     assert all(row["next_run"] is None for row in status_rows(env).values())
+
+
+def test_status_shows_the_earliest_next_run_of_the_live_replicas(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    """Replicas run on their own clocks: a segment runs next when the first does."""
+    env = cli_env(live_sandbox.url, tmp_path, [file_mapping(tmp_path, "Shared", ["a@x.io"])])
+    soon, later = 2_000_000_000.0, 2_000_000_600.0
+
+    async def heartbeats(store: StateStore) -> None:
+        await store.heartbeat("host-a:1:aaa", ["Shared"], 60, {"Shared": later})
+        await store.heartbeat("host-b:2:bbb", ["Shared"], 60, {"Shared": soon})
+
+    asyncio.run(with_store(env["SYNCD_STATE_URL"], heartbeats))
+    expected = datetime.fromtimestamp(soon, UTC).isoformat(timespec="seconds")
+    assert status_rows(env)["Shared"]["next_run"] == expected
+    table = run_cli("status", env=env)
+    assert table.returncode == 0, table.stderr
+    [row] = [line for line in table.stdout.splitlines() if line.startswith("Shared")]
+    assert expected in row.split()

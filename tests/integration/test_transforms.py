@@ -80,6 +80,9 @@ def test_transformed_ids_are_sent_once_counted_and_shown_by_a_dry_run(
     assert reasons[0] == r"""'crm-x3': does not match the transform's regex '(?:crm-)?(\\d+)'"""
     assert "longer than 100 characters (101)" in reasons[1]
     assert not named(events, "segment.transform_changed")  # new segments: nothing changed
+    # Unchanged bytes, unchanged steps: nothing read, the counts are the last run's.
+    line = ending(sync(env), "Emails")
+    assert (line["unchanged"], line["collapsed"]) == (True, 1)
 
 
 def test_a_changed_transform_sends_the_difference_within_the_removal_guard(

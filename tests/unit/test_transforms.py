@@ -45,6 +45,9 @@ def test_an_id_the_regex_does_not_match_whole_is_skipped_and_counted() -> None:
     assert skipped.count == 3
     assert skipped.examples[0].startswith("'admin-2': does not match the transform's regex")
     assert r"'user-(\\d+)'" in skipped.examples[0]
+    # The same where every id holds a match somewhere: still only whole ones count.
+    after, skipped = transformed([r"regex:user-(\d+)"], ["xuser-4", "user-5", "user-6x"])
+    assert (after, skipped.count) == (["5"], 2)
 
 
 def test_an_id_left_blank_is_skipped_under_its_old_value() -> None:
