@@ -396,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    add("run", cmd_run, "run the daemon: sync at start, then on SYNCD_SCHEDULE (logs on stdout)")
+    add(
+        "run",
+        cmd_run,
+        "run the daemon: sync at start, then each segment on its schedule (a mapping's"
+        " own, else SYNCD_SCHEDULE; logs on stdout)",
+    )
     sync = add("sync", cmd_sync, "sync once now and exit")
     sync.add_argument("--segment", action="append", metavar="NAME", help="only this segment")
     sync.add_argument(
