@@ -199,10 +199,20 @@ def _print_plan(outcome: Outcome, batch: int) -> None:
         "update": "update the WalkMe segment",
     }[plan.mode]
     _out(f"{segment}: {how}; source has {plan.staged} ids")
+    if outcome.transform_examples:
+        _out(f"  transform  e.g. {printable(', '.join(outcome.transform_examples))}")
+    if outcome.previous_transform is not None:
+        _out(
+            f"  transform changed since the last sync (was {outcome.previous_transform}):"
+            " the plan is the difference"
+        )
     _out(f"  add    {plan.adds:>10}  {_examples(plan.add_examples, plan.adds)}")
     _out(f"  remove {plan.removes:>10}  {_examples(plan.remove_examples, plan.removes)}")
     if outcome.skipped.count:
         _out(f"  skip   {outcome.skipped.count:>10}  {'; '.join(outcome.skipped.examples)}")
+    if outcome.collapsed:
+        collapsed = outcome.collapsed
+        _out(f"  collapsed {collapsed:>7}  sent once: equal to another id after the transform")
     _out(f"  requests {_requests_needed(plan, batch)} (batches of at most {batch})")
     if plan.held is not None:
         _out(f"  HELD by the removal guard: {plan.held.reason}")
@@ -221,7 +231,8 @@ def _examples(examples: list[str], total: int) -> str:
 
 async def cmd_check(_: argparse.Namespace) -> int:
     settings, mappings = _configured()
-    _out(f"ok    configuration: {len(mappings)} segment(s), schedule {settings.schedule}")
+    schedules = ", ".join(schedule.text for schedule in settings.schedules(mappings))
+    _out(f"ok    configuration: {len(mappings)} segment(s), schedule {schedules}")
     try:
         async with open_runtime(settings, mappings, fail_fast=True) as runtime:
             _out(f"ok    state store: {describe_url(settings.state_url)}")
@@ -424,7 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    add("run", cmd_run, "run the daemon: sync at start, then on SYNCD_SCHEDULE (logs on stdout)")
+    add(
+        "run",
+        cmd_run,
+        "run the daemon: sync at start, then each segment on its schedule (a mapping's"
+        " own, else SYNCD_SCHEDULE; logs on stdout)",
+    )
     sync = add("sync", cmd_sync, "sync once now and exit")
     sync.add_argument("--segment", action="append", metavar="NAME", help="only this segment")
     sync.add_argument(

@@ -72,12 +72,7 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
         ):
             return stripped
     kept: list[str] = []
-    for value in values:
-        if value is None:
-            continue
-        text = value_text(value).strip()
-        if not text:
-            continue
+    for text in source_texts(values):
         reason = skip_reason(text)
         if reason is None:
             kept.append(text)
@@ -119,6 +114,15 @@ def _edge_space(text: str) -> bool:
     if text.isascii():  # the one ASCII whitespace left is the space
         return text[0] == " " or text[-1] == " " or " \n" in text or "\n " in text
     return _EDGE_SPACE.search(text) is not None
+
+
+def source_texts(values: list[object]) -> list[str]:
+    """A chunk of source values as trimmed text, NULLs and empty values dropped (what
+    an id transform starts from); a value that is no id raises :class:`NotAnId`."""
+    if set(map(type, values)) <= {str}:
+        return list(filter(None, map(str.strip, values)))  # type: ignore[arg-type]
+    texts = (value_text(value).strip() for value in values if value is not None)
+    return list(filter(None, texts))
 
 
 def value_text(value: object) -> str:

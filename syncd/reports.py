@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+from datetime import UTC, datetime
 from typing import Any
 
 from syncd.engine import all_mappings
@@ -17,7 +18,7 @@ from syncd.engine.explain import Explanation
 from syncd.logs import scrub
 from syncd.settings import SegmentMapping, Settings, printable
 from syncd.state import SegmentState, open_store
-from syncd.state.base import RunRecord
+from syncd.state.base import ReplicaPresence, RunRecord
 
 StatusRow = dict[str, Any]
 
@@ -46,6 +47,7 @@ def _status_row(state: SegmentState, configured: bool) -> StatusRow:
         "last_error": state.last_error,
         "skipped": state.skipped,
         "skipped_examples": state.skipped_examples,
+        "collapsed": state.collapsed,
         "orphaned_at": state.orphaned_at.isoformat() if state.orphaned_at else None,
         "quarantined": state.quarantined,
     }
@@ -63,6 +65,7 @@ async def print_status(
     try:
         found = await all_mappings(settings, mappings or [], store)
         states = {state.name: state for state in await store.all()}
+        next_runs = _next_runs(await store.live_replicas())
         quarantine = {
             name: await store.quarantine_examples(name, 5)
             for name, s in states.items()
@@ -81,6 +84,10 @@ async def print_status(
         for name in shown
     ]
     for row in rows:
+        name = row["segment"]
+        if name in found.usable:
+            row["schedule"] = settings.schedule_for(found.usable[name]).text
+        row["next_run"] = next_runs.get(name)
         if row["segment"] in found.broken:
             row["last_result"] = "invalid"
             row["last_error"] = found.broken[row["segment"]].error
@@ -100,13 +107,30 @@ async def print_status(
         out("  `syncd prune` shows what would be deleted; `syncd prune --yes` deletes them.")
 
 
+def _next_runs(replicas: list[ReplicaPresence]) -> dict[str, str]:
+    """When some live ``syncd run`` next runs each segment on schedule (the earliest
+    of the replicas'), as ISO time; a segment no daemon runs has none."""
+    earliest: dict[str, float] = {}
+    for replica in replicas:
+        for name, at in replica.next_runs.items():
+            earliest[name] = min(at, earliest.get(name, at))
+    return {
+        name: datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
+        for name, at in earliest.items()
+    }
+
+
 def _print_table(rows: list[StatusRow]) -> None:
-    out(f"{'SEGMENT':30} {'WALKME GUID':36} {'MEMBERS':>9} {'LAST RUN':25} {'RESULT':9} SKIPPED")
+    out(
+        f"{'SEGMENT':30} {'WALKME GUID':36} {'MEMBERS':>9} {'LAST RUN':25} {'RESULT':9}"
+        f" {'NEXT RUN':25} SKIPPED"
+    )
     for row in rows:
         out(
             f"{printable(row['segment'])[:30]:30} {row.get('segment_guid') or '-':36}"
             f" {row.get('members', 0):>9} {row.get('last_run_at') or '-':25}"
-            f" {row.get('last_result') or '-':9} {row.get('skipped', 0)}"
+            f" {row.get('last_result') or '-':9} {row.get('next_run') or '-':25}"
+            f" {row.get('skipped', 0)}"
         )
         if row.get("last_error"):
             out(f"    error: {printable(row['last_error'])}")
@@ -114,6 +138,8 @@ def _print_table(rows: list[StatusRow]) -> None:
             out(f"    {printable(row['hint'])}")
         if row.get("skipped_examples"):
             out(f"    skipped ids: {printable('; '.join(row['skipped_examples']))}")
+        if row.get("collapsed"):
+            out(f"    collapsed: {row['collapsed']} (ids equal to another after the transform)")
         if row.get("quarantined"):
             shown = ", ".join(repr(q["id"]) for q in row.get("quarantined_examples", []))
             out(f"    quarantined (rejected by WalkMe): {row['quarantined']}: {shown}")

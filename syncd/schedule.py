@@ -1,4 +1,5 @@
-"""``SYNCD_SCHEDULE``, parsed once into a value: an interval or a 5-field cron."""
+"""``SYNCD_SCHEDULE`` (and a mapping's ``schedule``), parsed once into a value: an
+interval or a 5-field cron."""
 
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ class Schedule:
         if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
             raise ValueError(f"cron expression {text!r} never fires (no such date)")
         return cls(text.strip(), None, trigger)
+
+    @property
+    def key(self) -> str:
+        """What tells schedules apart: ``15m`` and ``900s`` are one, as are cron
+        expressions that differ only in spacing."""
+        if self.interval_seconds is not None:
+            return f"{self.interval_seconds}s"
+        return " ".join(self.text.split())
 
     def typical_interval(self) -> float:
         """Seconds between runs; for cron, the gap between its next two fire times."""

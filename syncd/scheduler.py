@@ -1,4 +1,7 @@
-"""The daemon loop: a sync at start, then on ``SYNCD_SCHEDULE``, until a signal.
+"""The daemon loop: a sync at start, then on schedule, until a signal. One job per
+schedule (``SYNCD_SCHEDULE``, and each other one a mapping has) runs the cycle of its
+segments; the engine's slots and per-segment locks keep the concurrency rules across
+jobs, and a job whose cycle still runs skips its next one (``cycle.overrun``).
 
 SIGTERM, SIGINT or SIGHUP (what terminals and many process managers send) stops
 new work; the batch in flight finishes and is recorded before the process exits 0.
@@ -25,6 +28,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from syncd import metrics
 from syncd.admin import AdminServer
 from syncd.engine import Engine, Outcome, set_segment_gauges
+from syncd.schedule import Schedule
 from syncd.settings import ConfigError, Settings, printable
 from syncd.state import StateError, StateStore
 from syncd.webhook import HeapWebhookReceiver
@@ -55,7 +59,9 @@ class Daemon:
         self._debounce: dict[int, asyncio.TimerHandle] = {}
         self._stop = asyncio.Event()
         self._started_at = datetime.now(UTC)
-        self._cycle_started: float | None = None  # time.monotonic() of the running cycle
+        # Running cycles by job id: their time.monotonic() start and their segments.
+        self._cycles: dict[str, tuple[float, list[str]]] = {}
+        self._schedules = {_job_id(s): s for s in engine.schedules()}
         self.admin = AdminServer(settings.admin_port, self._readiness, settings.admin_host)
         secret = settings.webhook_secret()
         self.receiver = (
@@ -91,22 +97,24 @@ class Daemon:
                 self.receiver.start(), "WEBHOOK", settings.webhook_host, self.receiver.port
             )
         heartbeat = asyncio.create_task(self._heartbeats())
-        schedule = self._settings.parsed_schedule
-        self._scheduler.add_job(
-            self._cycle,
-            trigger=schedule.trigger(),
-            id="sync",
-            next_run_time=datetime.now(UTC),  # once at start
-            max_instances=1,  # a cycle still running when the next is due: skip it
-            coalesce=True,
-            misfire_grace_time=None,
-        )
+        for job_id, schedule in self._schedules.items():
+            self._scheduler.add_job(
+                self._cycle,
+                trigger=schedule.trigger(),
+                args=[schedule],
+                id=job_id,
+                next_run_time=datetime.now(UTC),  # once at start
+                max_instances=1,  # a cycle still running when the next is due: skip it
+                coalesce=True,
+                misfire_grace_time=None,
+            )
         logging.getLogger("apscheduler.scheduler").addFilter(_NO_OVERRUN_TEXT)
         self._scheduler.add_listener(self._overrun, EVENT_JOB_MAX_INSTANCES)
         self._scheduler.start()
         log.info(
             "daemon.started",
-            schedule=schedule.text,
+            schedule=settings.schedule,
+            schedules=[schedule.text for schedule in self._schedules.values()],
             segments=len(await self._engine.mappings()),
             admin_host=self._settings.admin_host,
             admin_port=self.admin.port,
@@ -151,20 +159,35 @@ class Daemon:
     async def _heartbeats(self) -> None:
         """As often as a lease is renewed: a replica is live while it could hold one."""
         while True:
-            try:
-                await self._engine.heartbeat()
-            except StateError as exc:
-                log.warning("state.unavailable", error=str(exc))
+            await self._heartbeat()
             await asyncio.sleep(self._settings.lease_ttl / 3)
 
-    def _overrun(self, _: JobSubmissionEvent) -> None:
-        started = self._cycle_started
+    async def _heartbeat(self) -> None:
+        """This replica is live; with it go its next scheduled runs (``syncd status``)."""
+        try:
+            await self._engine.heartbeat(await self._next_runs())
+        except StateError as exc:
+            log.warning("state.unavailable", error=str(exc))
+
+    async def _next_runs(self) -> dict[str, float]:
+        """When each segment next runs on its schedule, as Unix time."""
+        next_runs: dict[str, float] = {}
+        for key, names in (await self._engine.schedule_groups()).items():
+            job = self._scheduler.get_job(_job_id_of(key))
+            when: datetime | None = None if job is None else job.next_run_time
+            if when is not None:
+                next_runs.update(dict.fromkeys(names, when.timestamp()))
+        return next_runs
+
+    def _overrun(self, event: JobSubmissionEvent) -> None:
+        started, names = self._cycles.get(event.job_id, (None, []))
+        schedule = self._schedules[event.job_id]
         log.warning(
             "cycle.overrun",
-            segments=self._engine.running(),
+            segments=[name for name in self._engine.running() if name in names],
             running_s=round(time.monotonic() - started, 1) if started is not None else None,
-            schedule=self._settings.schedule,
-            hint="a cycle outlasts SYNCD_SCHEDULE: the cycle due now is skipped; the next"
+            schedule=schedule.text,
+            hint="a cycle outlasts its schedule: the cycle due now is skipped; the next"
             " one starts on schedule after this one ends",
         )
 
@@ -172,20 +195,28 @@ class Daemon:
         log.info("daemon.stopping", signal=signal.Signals(signum).name)
         self._stop.set()
 
-    async def _cycle(self) -> None:
+    async def _cycle(self, schedule: Schedule) -> None:
+        """One pass over the segments of ``schedule``; ``SYNCD_SCHEDULE``'s cycle also
+        reports orphans and prunes the history."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        self._cycle_started = time.monotonic()
+        job_id = _job_id(schedule)
+        self._cycles[job_id] = (time.monotonic(), [])
         try:
             outcomes: list[Outcome] = []
             try:
                 # Each segment's failure is its own outcome; what fails here is the
                 # listing of segments, the orphan report or the history pruning.
-                outcomes = await self._engine.sync_all()
-                await self._engine.report_orphans()
-                cutoff = datetime.now(UTC) - timedelta(days=self._settings.history_days)
-                await self._store.prune_history(cutoff)
+                names = (await self._engine.schedule_groups()).get(schedule.key, [])
+                self._cycles[job_id] = (self._cycles[job_id][0], names)
+                await self._heartbeat()  # its next run is known now: status shows it at once
+                if names:
+                    outcomes = await self._engine.sync_all(names)
+                if schedule.key == self._settings.parsed_schedule.key:
+                    await self._engine.report_orphans()
+                    cutoff = datetime.now(UTC) - timedelta(days=self._settings.history_days)
+                    await self._store.prune_history(cutoff)
             except StateError as exc:
                 log.error("state.unavailable", error=str(exc))
             except Exception:
@@ -193,6 +224,7 @@ class Daemon:
             results = Counter(outcome.result for outcome in outcomes)
             log.info(
                 "cycle.finished",
+                schedule=schedule.text,
                 segments=len(outcomes),
                 synced=results["synced"],
                 failed=results["failed"],
@@ -200,7 +232,7 @@ class Daemon:
                 skipped=results["skipped"],
             )
         finally:
-            self._cycle_started = None
+            self._cycles.pop(job_id, None)
             self._tasks.discard(task)
 
     def _heap_task_complete(self, heap_segment_id: int) -> None:
@@ -248,20 +280,39 @@ class Daemon:
             found = await self._engine.mapping_set()
         except StateError as exc:
             return False, {"state_store": str(exc)}
-        names = found.usable
         if not self._scheduler.running:
             return False, {"scheduler": "not running"}
-        limit = timedelta(seconds=self._settings.stale_seconds)
         now = datetime.now(UTC)
         stale = []
-        for name in names:
+        for name, mapping in found.usable.items():
+            # Each segment by its own schedule: a nightly one is not stale at noon.
+            limit_s = self._settings.stale_seconds_for(mapping)
             state = states.get(name)
             since = state.last_success_at if state and state.last_success_at else None
-            if now - (since or self._started_at) > limit:
-                stale.append({"segment": name, "last_success_at": since and since.isoformat()})
+            if now - (since or self._started_at) > timedelta(seconds=limit_s):
+                stale.append(
+                    {
+                        "segment": name,
+                        "last_success_at": since and since.isoformat(),
+                        "stale_after_s": limit_s,
+                    }
+                )
         # Listed, not "not ready": a restart cannot fix a segment's name.
         invalid = [
             {"segment": printable(broken.name), "error": broken.error}
             for broken in found.broken.values()
         ]
-        return True, {"stale_after_s": limit.total_seconds(), "stale": stale, "invalid": invalid}
+        return True, {
+            "stale_after_s": self._settings.stale_seconds,  # SYNCD_SCHEDULE's segments'
+            "stale": stale,
+            "invalid": invalid,
+        }
+
+
+def _job_id(schedule: Schedule) -> str:
+    return _job_id_of(schedule.key)
+
+
+def _job_id_of(key: str) -> str:
+    """The APScheduler job of the schedule with this ``Schedule.key``."""
+    return f"sync {key}"

@@ -13,6 +13,7 @@ import re
 import tempfile
 import tomllib
 import unicodedata
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from syncd.schedule import Schedule
 from syncd.snowflake_url import DRIVER_HINT, driver_installed, parse_snowflake_url
+from syncd.transforms import STEPS_ACCEPTED, IdTransform
 from syncd.urls import URL_HINT, unambiguous_url
 from syncd.urls import describe_url as describe_url  # where callers above still find it
 
@@ -118,7 +120,9 @@ def _check_text(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, arbitrary_types_allowed=True
+    )
 
 
 class FileSourceConfig(_Strict):
@@ -172,6 +176,15 @@ class SegmentMapping(_Strict):
     segment_guid: Guid | None = None
     system_guid: Guid | None = None
     max_remove_fraction: float | None = Field(default=None, ge=0, le=1)
+    # Steps applied to each source id before the id rules, e.g. ["lower"].
+    transform: IdTransform = IdTransform()
+    # This segment's own SYNCD_SCHEDULE (interval or cron); None: SYNCD_SCHEDULE's.
+    schedule: str | None = None
+
+    @cached_property
+    def own_schedule(self) -> Schedule | None:
+        """``schedule`` as a value, parsed on first use (the validator proved it parses)."""
+        return None if self.schedule is None else Schedule.parse(self.schedule)
 
     @field_validator("name")
     @classmethod
@@ -187,6 +200,28 @@ class SegmentMapping(_Strict):
         if value is not None and value != value.strip():
             raise ValueError("must not start or end with whitespace")
         return None if value is None else _check_text(value)
+
+    @field_validator("transform", mode="before")
+    @classmethod
+    def _transform(cls, value: Any) -> IdTransform:
+        if not isinstance(value, list) or not all(isinstance(step, str) for step in value):
+            raise ValueError(
+                'expected a list of steps such as ["lower", "strip_prefix:user-"]'
+                f" (each one of {STEPS_ACCEPTED})"
+            )
+        for number, step in enumerate(value, 1):
+            try:
+                _check_text(step)
+            except ValueError as exc:
+                raise ValueError(f"step {number} {step!r}: {exc}") from None
+        return IdTransform.parse(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        if value is not None:
+            Schedule.parse(value)
+        return value
 
     @field_validator("max_remove_fraction", mode="before")
     @classmethod
@@ -450,9 +485,30 @@ class Settings(BaseSettings):
 
     @property
     def stale_seconds(self) -> float:
+        """When a segment on ``SYNCD_SCHEDULE`` counts as stale."""
         if self.stale_after is not None:
             return self.stale_after
         return 3 * self.parsed_schedule.typical_interval()
+
+    def schedule_for(self, mapping: SegmentMapping) -> Schedule:
+        """The mapping's own schedule, else ``SYNCD_SCHEDULE``."""
+        return mapping.own_schedule or self.parsed_schedule
+
+    def stale_seconds_for(self, mapping: SegmentMapping) -> float:
+        """``SYNCD_STALE_AFTER`` (or 3 intervals) for a segment on ``SYNCD_SCHEDULE``;
+        3 of its own intervals for a segment with a schedule of its own."""
+        schedule = self.schedule_for(mapping)
+        if schedule.key == self.parsed_schedule.key:
+            return self.stale_seconds
+        return 3 * schedule.typical_interval()
+
+    def schedules(self, mappings: Iterable[SegmentMapping]) -> list[Schedule]:
+        """``SYNCD_SCHEDULE`` first, then each other schedule the mappings have, once."""
+        found = {self.parsed_schedule.key: self.parsed_schedule}
+        for mapping in mappings:
+            schedule = self.schedule_for(mapping)
+            found.setdefault(schedule.key, schedule)
+        return list(found.values())
 
     def client_secret(self) -> SecretStr:
         """The secret, from the variable or, for Docker/Kubernetes secrets, the file."""

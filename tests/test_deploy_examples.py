@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -470,3 +471,24 @@ def test_the_shipped_env_and_mappings_start_as_they_are(tmp_path: Path, mappings
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Trial users: create the WalkMe segment; source has 3 ids" in result.stdout
+
+
+def test_the_commented_mapping_examples_are_valid_once_uncommented() -> None:
+    """Each commented `[[segments]]` block of segments.toml (up to the next line that
+    is no comment), uncommented, is a mapping syncd accepts, with the fields it shows."""
+    blocks: list[list[str]] = []
+    inside = False
+    for line in (CONFIG / "segments.toml").read_text(encoding="utf-8").splitlines():
+        if line == "# [[segments]]":
+            blocks.append([])
+            inside = True
+        inside = inside and line.startswith("#")
+        if inside:
+            blocks[-1].append(line.removeprefix("#").removeprefix(" "))
+    text = "\n".join("\n".join(block) for block in blocks)
+    mappings = parse_mappings(tomllib.loads(text)["segments"], "segments.toml")
+    by_name = {mapping.name: mapping for mapping in mappings}
+    assert list(by_name) == ["Customers", "Free Customers", "Paying users"]
+    assert by_name["Customers"].transform.steps == ("lower",)
+    assert by_name["Paying users"].transform.steps == ("strip_prefix:heap|",)
+    assert by_name["Paying users"].schedule == "0 2 * * *"

@@ -35,6 +35,7 @@ from syncd.engine.outcome import Outcome, Plan
 from syncd.engine.report import report, set_segment_gauges
 from syncd.engine.resolve import Mode, SegmentResolver
 from syncd.engine.run import SegmentRun
+from syncd.schedule import Schedule
 from syncd.settings import SegmentMapping, Settings, printable
 from syncd.state import StateError, StateStore
 from syncd.walkme import WalkMeClient
@@ -81,12 +82,20 @@ class Engine:
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._leases = LeaseKeeper(store, holder, settings.lease_ttl)
         self._resolver = SegmentResolver(store, client, self._configured.keys())
+        # Each segment's schedule interval, for how long a past sync keeps it in use;
+        # a segment mapped elsewhere (or auto-mapped) gets the longest, to be safe.
+        intervals = {s.key: s.typical_interval() for s in self.schedules()}
+        by_name = {
+            name: intervals[settings.schedule_for(mapping).key]
+            for name, mapping in self._configured.items()
+        }
+        longest = max(intervals.values())
         self._lifecycle = SegmentLifecycle(
             store,
             client,
             holder,
             settings.lease_ttl,
-            settings.parsed_schedule.typical_interval(),
+            lambda name: by_name.get(name, longest),
             self.mapping_set,
         )
         # Replicas, orphans and delete: the lifecycle's, offered here for callers.
@@ -113,6 +122,21 @@ class Engine:
     async def mapping_set(self) -> MappingSet:
         """``mappings()`` plus the stored Heap segments that cannot be mapped."""
         return await all_mappings(self._settings, self._configured.values(), self._store)
+
+    def schedules(self) -> list[Schedule]:
+        """Every schedule a segment runs on: ``SYNCD_SCHEDULE`` first (it also takes the
+        auto-mapped segments), then each other one a mapping has."""
+        return self._settings.schedules(self._configured.values())
+
+    async def schedule_groups(self) -> dict[str, list[str]]:
+        """The segments of each schedule (by ``Schedule.key``); segments that cannot be
+        mapped are reported on ``SYNCD_SCHEDULE``'s."""
+        found = await self.mapping_set()
+        groups: dict[str, list[str]] = {schedule.key: [] for schedule in self.schedules()}
+        for name, mapping in found.usable.items():
+            groups.setdefault(self._settings.schedule_for(mapping).key, []).append(name)
+        groups[self._settings.parsed_schedule.key] += found.broken
+        return groups
 
     async def mapping_for_heap_segment(self, heap_segment_id: int) -> SegmentMapping | None:
         found = (await self.mapping_set()).for_heap_segment(heap_segment_id)

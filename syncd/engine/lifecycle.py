@@ -33,23 +33,24 @@ class SegmentLifecycle:
         client: WalkMeClient,
         replica_id: str,
         ttl: float,
-        schedule_interval_s: float,
+        schedule_interval_s: Callable[[str], float],
         mapping_set: Callable[[], Awaitable[MappingSet]],
     ) -> None:
         self._store = store
         self._client = client
         self._replica_id = replica_id
         self._ttl = ttl  # a heartbeat lapses like a lease: live while it could hold one
-        self._in_use_s = IN_USE_INTERVALS * schedule_interval_s
+        self._interval_s = schedule_interval_s  # by segment name
         self._mapping_set = mapping_set
         # Mapping-set differences with other replicas already warned about, by replica.
         self._differences: dict[str, tuple[list[str], list[str]]] = {}
 
-    async def heartbeat(self) -> None:
-        """Tell other replicas (and ``prune``) that this one runs and what it maps;
-        warn once per change when another live replica maps a different set."""
+    async def heartbeat(self, next_runs: dict[str, float] | None = None) -> None:
+        """Tell other replicas (and ``prune``, and ``status``: ``next_runs``) that this
+        one runs, what it maps and when it runs each segment next; warn once per change
+        when another live replica maps a different set."""
         names = sorted((await self._mapping_set()).usable)
-        await self._store.heartbeat(self._replica_id, names, self._ttl)
+        await self._store.heartbeat(self._replica_id, names, self._ttl, next_runs)
         differences: dict[str, tuple[list[str], list[str]]] = {}
         for replica in await self._store.live_replicas():
             only_here = sorted(set(names) - set(replica.mappings))
@@ -74,7 +75,7 @@ class SegmentLifecycle:
 
     async def claims(self) -> dict[str, str]:
         """Segments in use somewhere, whatever this configuration maps, and why: a live
-        replica maps it, or it synced within IN_USE_INTERVALS schedule intervals."""
+        replica maps it, or it synced within IN_USE_INTERVALS of its schedule's intervals."""
         claims: dict[str, str] = {}
         for replica in await self._store.live_replicas():
             for name in replica.mappings:
@@ -83,10 +84,10 @@ class SegmentLifecycle:
                     f"mapped by live replica {replica.host_pid}"
                     f" (heartbeat {replica.seen_s_ago:.0f} s ago)",
                 )
-        window = timedelta(seconds=self._in_use_s)
         now = datetime.now(UTC)
         for state in await self._store.all():
             synced = state.last_success_at
+            window = timedelta(seconds=IN_USE_INTERVALS * self._interval_s(state.name))
             if state.name not in claims and synced is not None and now - synced < window:
                 claims[state.name] = (
                     f"last synced at {synced.isoformat()}, less than {IN_USE_INTERVALS}"

@@ -40,3 +40,8 @@ class Outcome:
     interrupted: bool = False  # stopped by a signal or a lost lease, its last batch recorded
     source_fingerprint: str | None = None
     unchanged: bool = False  # the source's fingerprint matched: nothing was read
+    # Source ids sent as one with another: equal after the transform (and trimming).
+    collapsed: int = 0
+    transform_examples: list[str] = field(default_factory=list)  # "'A' -> 'a'", first ids
+    # The transform's steps at the last successful run, when they differ from today's.
+    previous_transform: list[str] | None = None

@@ -16,6 +16,7 @@ def log_outcome(outcome: Outcome) -> None:
         "added": outcome.added,
         "removed": outcome.removed,
         "skipped": outcome.skipped.count,
+        "collapsed": outcome.collapsed,
         "requests": outcome.requests,
         "duration_s": outcome.duration_s,
         "quarantined": outcome.quarantined,

@@ -1,7 +1,8 @@
 """One segment run, in the README's five steps:
 
-1. read the source's ids and apply the id rules (skipped when its fingerprint
-   shows it is what the last successful run delivered);
+1. read the source's ids, apply the mapping's id transform and the id rules
+   (skipped when its fingerprint shows it is what the last successful run
+   delivered);
 2. diff them against the snapshot of what WalkMe acknowledged (``syncd.diff``,
    streamed, in bounded memory);
 3. send ``remove`` batches, then ``add`` batches (a new segment is created with
@@ -26,18 +27,20 @@ from syncd.engine.guard import Hold, hold_for
 from syncd.engine.outcome import Outcome, Plan
 from syncd.engine.report import report
 from syncd.engine.resolve import Mode, SegmentResolver, first_batch_mode
-from syncd.ids import IdText, NotAnId, SkippedIds, clean_ids, clean_text
+from syncd.ids import IdText, NotAnId, SkippedIds, clean_ids, clean_text, source_texts
 from syncd.logs import scrub
 from syncd.settings import SegmentMapping, Settings
 from syncd.sources import Source, SourceError, build_source
 from syncd.sources.base import bounded, bounded_chunks
 from syncd.state import SegmentState, StateError, StateStore
 from syncd.state.base import LeaseLost, RunResult
+from syncd.transforms import stored_steps
 from syncd.walkme import WalkMeClient, WalkMeError, WalkMeNotFound, WalkMeStopped
 
 log = structlog.get_logger("syncd.engine")
 
 SNAPSHOT_CHUNK = 50_000  # larger chunks measured no faster, and cost peak memory
+TRANSFORM_EXAMPLES = 3  # source ids shown before and after the transform (dry run)
 
 
 class SegmentRun:
@@ -98,6 +101,7 @@ class SegmentRun:
     async def _plan(self) -> None:
         source = self._source()
         state = await self._store.get(self._mapping.name)
+        self._transform_changed(state)
         mode = first_batch_mode(state, self._mapping)
         diff = await self._diff(source, state, mode)
         try:
@@ -122,6 +126,14 @@ class SegmentRun:
         )
         # What was asked for after this instant is not in what this run reads.
         self.control.read_started = await store.clock()
+        if self._transform_changed(begun):
+            log.info(
+                "segment.transform_changed",
+                old_transform=outcome.previous_transform,
+                transform=list(mapping.transform.steps),
+                hint="a membership change like any other: this run sends the difference,"
+                " within the removal guard",
+            )
         replayed = await self._replay_pending(begun)
         # The shortcut only when nothing was pending: a replay changed the snapshot.
         if replayed is None and await self._unchanged(source, begun):
@@ -149,6 +161,15 @@ class SegmentRun:
                 diff.close()
         outcome.result = "synced"
 
+    def _transform_changed(self, state: SegmentState | None) -> bool:
+        """Whether the mapping's transform differs from the one the last successful run
+        used (noted in the outcome); a segment never synced has nothing to differ from."""
+        stored = self._mapping.transform.stored
+        if state is None or state.last_success_at is None or state.id_transform == stored:
+            return False
+        self.outcome.previous_transform = stored_steps(state.id_transform)
+        return True
+
     async def _unchanged(self, source: Source, state: SegmentState) -> bool:
         """Whether the source is byte-for-byte what the last successful run delivered,
         so the diff would be empty: then the run is done without reading it.
@@ -162,7 +183,9 @@ class SegmentRun:
         same snapshot, and the same (empty) diff.
         """
         limit_s = self._settings.source_timeout
-        fingerprint = await bounded(source.fingerprint(), limit_s, source, self.control.check)
+        fingerprint = self._mapping.transform.fingerprint(
+            await bounded(source.fingerprint(), limit_s, source, self.control.check)
+        )
         if not (
             fingerprint is not None
             and state.source_fingerprint == fingerprint
@@ -173,6 +196,7 @@ class SegmentRun:
         outcome = self.outcome
         outcome.source_fingerprint = fingerprint
         outcome.skipped = SkippedIds(state.skipped, state.skipped_examples)
+        outcome.collapsed = state.collapsed
         outcome.unchanged = True
         outcome.result = "synced"
         return True
@@ -203,17 +227,24 @@ class SegmentRun:
         log.debug("segment.reading", source=source.describe())
         outcome = self.outcome
         outcome.skipped = SkippedIds()
+        sent_ids = 0  # ids handed to the diff, repeats included
 
         async def cleaned() -> AsyncIterator[IdText]:
+            nonlocal sent_ids
             limit_s = self._settings.source_timeout
             async for chunk in bounded_chunks(source, limit_s, self.control.check):
                 if isinstance(chunk, str):
-                    yield clean_text(chunk, outcome.skipped)
-                    continue
+                    if not self._mapping.transform:
+                        text = clean_text(chunk, outcome.skipped)
+                        sent_ids += text.count("\n") + 1 if text else 0
+                        yield text
+                        continue
+                    chunk = list(chunk.split("\n"))  # a transform takes the ids one by one
                 try:
-                    ids = clean_ids(chunk, outcome.skipped)
+                    ids = self._ids(chunk)
                 except NotAnId as exc:
                     raise SourceError(f"{source.describe()}: {exc}") from None
+                sent_ids += len(ids)
                 yield IdText.of(ids)
 
         if mode == "update" and state is not None:
@@ -223,8 +254,9 @@ class SegmentRun:
         else:
             snapshot, snapshot_size, quarantined = _nothing(), 0, Quarantined()
         diff = await compute_diff(cleaned(), snapshot, quarantined, self._settings.work_dir)
+        outcome.collapsed = sent_ids - diff.distinct
         # What a successful run records: the digest of exactly the ids just diffed.
-        outcome.source_fingerprint = source.read_fingerprint()
+        outcome.source_fingerprint = self._mapping.transform.fingerprint(source.read_fingerprint())
         if diff.distinct == 0 and snapshot_size > 0:
             # An empty or half-loaded table looks exactly like this.
             log.warning(
@@ -234,6 +266,16 @@ class SegmentRun:
                 snapshot_members=snapshot_size,
             )
         return diff
+
+    def _ids(self, chunk: list[object]) -> list[str]:
+        """A chunk of source values through the mapping's transform, then the id rules."""
+        transform, outcome = self._mapping.transform, self.outcome
+        if not transform:
+            return clean_ids(chunk, outcome.skipped)
+        texts = source_texts(chunk)
+        shown = outcome.transform_examples
+        shown += map(transform.example, texts[: TRANSFORM_EXAMPLES - len(shown)])
+        return clean_ids(transform.apply(texts, outcome.skipped.add), outcome.skipped)
 
     def _hold(self, diff: Diff, state: SegmentState | None, mode: Mode) -> Hold | None:
         """The removal guard's verdict on an update; a create or rebuild removes nothing."""
@@ -283,6 +325,8 @@ class SegmentRun:
                 outcome.quarantined,
                 outcome.source_fingerprint,
                 holder=self.control.holder,
+                collapsed=outcome.collapsed,
+                id_transform=self._mapping.transform.stored,
             )
             return await self._store.get(outcome.segment)
         except StateError as exc:

@@ -51,6 +51,9 @@ class SegmentState:
     quarantined: int = 0
     # The source's fingerprint at the last successful run (sources that have one).
     source_fingerprint: str | None = None
+    collapsed: int = 0  # source ids sent as one with another (equal after the transform)
+    # The id transform's steps at the last successful run (IdTransform.stored).
+    id_transform: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class ReplicaPresence:
     replica_id: str  # host:pid:nonce, the same as its lease holder name
     mappings: list[str]  # the segment names it serves, sorted
     seen_s_ago: float  # since its last heartbeat, by the store's clock
+    # When it next runs each segment on schedule (Unix time, by its own clock).
+    next_runs: dict[str, float] = field(default_factory=dict)
 
     @property
     def host_pid(self) -> str:

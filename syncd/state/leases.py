@@ -7,6 +7,7 @@ database's), so each implements them itself.
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 
 from syncd.state.base import ReplicaPresence
@@ -49,20 +50,32 @@ class ReplicaRegistry(SqlStore):
     """Replica heartbeats, by the store's wall clock (PostgreSQL's: replicas on
     different hosts judge liveness alike)."""
 
-    async def heartbeat(self, replica_id: str, mappings: list[str], live_s: float) -> None:
-        """This replica runs and maps these segments; it counts as live for ``live_s``
-        unless renewed. Rows of replicas that lapsed are dropped."""
+    async def heartbeat(
+        self,
+        replica_id: str,
+        mappings: list[str],
+        live_s: float,
+        next_runs: dict[str, float] | None = None,
+    ) -> None:
+        """This replica runs and maps these segments (and runs them next on schedule at
+        ``next_runs``, Unix times by segment); it counts as live for ``live_s`` unless
+        renewed. Rows of replicas that lapsed are dropped."""
         dialect = self.dialect
         now = dialect.wall_clock
 
         def script() -> Script[None]:
             yield Query(f"DELETE FROM replicas WHERE expires_at < {now}")
             yield Query(
-                "INSERT INTO replicas (replica_id, mappings, seen_at, expires_at)"
-                f" VALUES (?, ?, {now}, {now} + ?) ON CONFLICT (replica_id) DO UPDATE SET"
+                "INSERT INTO replicas (replica_id, mappings, seen_at, expires_at, next_runs)"
+                f" VALUES (?, ?, {now}, {now} + ?, ?) ON CONFLICT (replica_id) DO UPDATE SET"
                 " mappings = excluded.mappings, seen_at = excluded.seen_at,"
-                " expires_at = excluded.expires_at",
-                (replica_id, dialect.encode_names(sorted(mappings)), live_s),
+                " expires_at = excluded.expires_at, next_runs = excluded.next_runs",
+                (
+                    replica_id,
+                    dialect.encode_names(sorted(mappings)),
+                    live_s,
+                    json.dumps(next_runs or {}),
+                ),
             )
 
         await self._write(script())
@@ -74,7 +87,8 @@ class ReplicaRegistry(SqlStore):
         def script() -> Script[list[ReplicaPresence]]:
             rows = (
                 yield Query(
-                    f"SELECT replica_id, mappings, {dialect.wall_clock} - seen_at AS seen_s_ago"
+                    "SELECT replica_id, mappings, next_runs,"
+                    f" {dialect.wall_clock} - seen_at AS seen_s_ago"
                     f" FROM replicas WHERE expires_at >= {dialect.wall_clock}"
                     f" ORDER BY replica_id{dialect.text_order}"
                 )
@@ -84,6 +98,7 @@ class ReplicaRegistry(SqlStore):
                     row["replica_id"],
                     dialect.decode_names(row["mappings"]),
                     max(0.0, float(row["seen_s_ago"])),
+                    json.loads(row["next_runs"]),
                 )
                 for row in rows
             ]

@@ -51,10 +51,15 @@ class RunLog(SqlStore):
         quarantined: int,
         source_fingerprint: str | None = None,
         holder: str | None = None,
+        *,
+        collapsed: int = 0,
+        id_transform: str | None = None,
     ) -> None:
-        """Close the run; a synced run keeps the source's fingerprint, others clear it.
-        With ``holder``, the segment's own row changes only under that unexpired lease
-        (a run that lost it closes its run record and leaves the segment alone)."""
+        """Close the run; a synced run keeps the source's fingerprint, others clear it,
+        and only a synced run records its ``id_transform`` (the steps the snapshot now
+        follows). With ``holder``, the segment's own row changes only under that
+        unexpired lease (a run that lost it closes its run record and leaves the
+        segment alone)."""
         now = self.dialect.now
 
         def script() -> Script[None]:
@@ -69,8 +74,9 @@ class RunLog(SqlStore):
                 return  # the run's own record is closed; the segment is the new holder's
             yield Query(
                 f"UPDATE segments SET last_run_at = {now}, last_result = ?, last_error = ?,"
-                " skipped = ?, skipped_examples = ?, source_fingerprint = ?,"
-                f" last_success_at = CASE WHEN ? = 'synced' THEN {now} ELSE last_success_at END"
+                " skipped = ?, skipped_examples = ?, source_fingerprint = ?, collapsed = ?,"
+                f" last_success_at = CASE WHEN ? = 'synced' THEN {now} ELSE last_success_at END,"
+                " id_transform = CASE WHEN ? = 'synced' THEN ? ELSE id_transform END"
                 " WHERE name = ?",
                 (
                     result,
@@ -78,7 +84,10 @@ class RunLog(SqlStore):
                     skipped.count,
                     json.dumps(skipped.examples),
                     source_fingerprint if result == "synced" else None,
+                    collapsed,
                     result,
+                    result,
+                    id_transform,
                     name,
                 ),
             )

@@ -189,6 +189,15 @@ ALTER TABLE heap_pages ADD PRIMARY KEY (heap_segment_id, sync_task_id, page_numb
     # this version). The run id, not runs.seq: SQLite's seq is the rowid, which a
     # pruned history can hand out again, and a member outlives its run's record.
     Migration("ALTER TABLE members ADD COLUMN delivered_by TEXT;"),
+    # Id transforms: ids that became one, and the steps of the last synced run (to
+    # tell a transform change); each replica's next scheduled run per segment.
+    Migration(
+        """
+ALTER TABLE segments ADD COLUMN collapsed {BIGINT} NOT NULL DEFAULT 0;
+ALTER TABLE segments ADD COLUMN id_transform TEXT;
+ALTER TABLE replicas ADD COLUMN next_runs TEXT NOT NULL DEFAULT '{{}}';
+"""
+    ),
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

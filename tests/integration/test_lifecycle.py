@@ -191,6 +191,31 @@ def test_renamed_mapping_keeping_external_id_is_recognised(
     assert names_in(live_sandbox) == {"New"}
 
 
+def test_a_segment_stays_in_use_for_3_of_its_own_schedule_intervals(
+    live_sandbox: WalkMeSandbox, tmp_path: Path
+) -> None:
+    """A nightly segment synced seconds ago is in use for 3 nights, one on the 1 s
+    default for 3 s; a segment this configuration no longer maps gets the longest
+    interval configured (it may be a nightly one of another replica's)."""
+    fast = file_mapping(tmp_path, "Fast", make_ids(5, "f"))
+    nightly = file_mapping(tmp_path, "Nightly", make_ids(5, "n"), schedule="0 3 * * *")
+    gone = file_mapping(tmp_path, "Gone", make_ids(5, "g"))
+    sync_ok(env_for(live_sandbox, tmp_path, [fast, nightly, gone]))
+    env = env_for(live_sandbox, tmp_path, [fast, nightly])
+    wait_out_in_use_window()
+
+    assert "would delete 'Fast'" in run_cli("delete", "--segment", "Fast", env=env).stdout
+    refused = run_cli("delete", "--segment", "Nightly", env=env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "in use: last synced at" in refused.stdout
+    assert f"less than {IN_USE_INTERVALS} schedule intervals (259200 s) ago" in refused.stdout
+    kept = run_cli("prune", env=env)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert "keep   'Gone'" in kept.stdout
+    assert "(259200 s)" in kept.stdout
+    assert names_in(live_sandbox) == {"Fast", "Nightly", "Gone"}
+
+
 def test_a_running_daemon_keeps_the_segments_it_maps_from_prune_and_delete(
     live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
 ) -> None:

@@ -438,6 +438,31 @@ async def test_source_fingerprint_is_kept_only_by_a_synced_run(store: StateStore
     assert (await state(store, "vip")).source_fingerprint is None
 
 
+async def test_the_transform_is_recorded_by_a_synced_run_the_collapsed_count_by_any(
+    store: StateStore,
+) -> None:
+    """What the next run compares its transform with: the steps of the last synced run,
+    kept through held and failed runs (their snapshot still follows the old steps)."""
+    steps = '["lower", "regex:(\\\\d+)\'%"]'
+    assert (await store.begin_run("vip", "r1", SYSTEM, None)).id_transform is None
+    done = SkippedIds()
+    await store.finish_run("vip", "r1", "synced", None, done, 1, 0, collapsed=3, id_transform=steps)
+    first = await state(store, "vip")
+    assert (first.id_transform, first.collapsed) == (steps, 3)
+    failures: list[tuple[str, RunResult]] = [("r2", "held"), ("r3", "failed")]
+    for run_id, result in failures:
+        await store.begin_run("vip", run_id, SYSTEM, None)
+        await store.finish_run(
+            "vip", run_id, result, "why", done, 0, 0, collapsed=5, id_transform='["upper"]'
+        )
+        after = await state(store, "vip")
+        assert (after.id_transform, after.collapsed) == (steps, 5)
+    await store.begin_run("vip", "r4", SYSTEM, None)
+    await store.finish_run("vip", "r4", "synced", None, done, 0, 0)  # no transform any more
+    last = await state(store, "vip")
+    assert (last.id_transform, last.collapsed) == (None, 0)
+
+
 async def test_history_is_newest_first_and_limited(store: StateStore) -> None:
     for number in range(6):
         await store.begin_run("vip", f"r{number}", SYSTEM, None)
@@ -871,6 +896,16 @@ async def test_heartbeat_makes_a_replica_live_with_its_mappings(store: StateStor
     # A later heartbeat replaces what the replica maps.
     await store.heartbeat("host-b:2:bbb", ["alpha"], 30)
     assert [r.mappings for r in await store.live_replicas()] == [[], ["alpha"]]
+
+
+async def test_heartbeat_carries_the_next_scheduled_runs(store: StateStore) -> None:
+    await store.heartbeat("a:1:x", ["alpha", TRICKY_NAME], 30, {"alpha": 1.5, TRICKY_NAME: 2e9})
+    [replica] = await store.live_replicas()
+    assert replica.next_runs == {"alpha": 1.5, TRICKY_NAME: 2e9}
+    await store.heartbeat("a:1:x", ["alpha"], 30, {"alpha": 99.25})  # replaced, not merged
+    assert [r.next_runs for r in await store.live_replicas()] == [{"alpha": 99.25}]
+    await store.heartbeat("a:1:x", ["alpha"], 30)  # none given: none known
+    assert [r.next_runs for r in await store.live_replicas()] == [{}]
 
 
 async def test_heartbeat_lapses_unless_renewed(store: StateStore) -> None:

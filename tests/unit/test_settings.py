@@ -224,6 +224,42 @@ def test_the_schedule_is_parsed_once_into_one_value(env: pytest.MonkeyPatch) -> 
     assert schedule.typical_interval() in (86400.0, 3 * 86400.0)
 
 
+def test_a_mapping_may_have_its_own_schedule(env: pytest.MonkeyPatch) -> None:
+    """Its own schedule, else SYNCD_SCHEDULE's; one job per distinct schedule (15m and
+    900s are one); staleness by each segment's own interval, SYNCD_STALE_AFTER for
+    those on SYNCD_SCHEDULE."""
+    env.setenv("SYNCD_SCHEDULE", "15m")
+    env.setenv("SYNCD_STALE_AFTER", "600")
+    env.setenv(
+        "SYNCD_SEGMENTS",
+        json.dumps(
+            [
+                {"name": name, "source": {"type": "file", "path": "ids.txt"}, **extra}
+                for name, extra in [
+                    ("default", {}),
+                    ("same as default", {"schedule": "900s"}),
+                    ("nightly", {"schedule": "0 3 * * *"}),
+                    ("nightly again", {"schedule": " 0  3 * * * "}),
+                    ("fast", {"schedule": "1m"}),
+                ]
+            ]
+        ),
+    )
+    settings = load_settings()
+    mappings = {m.name: m for m in settings.mappings()}
+    assert [s.text for s in settings.schedules(mappings.values())] == ["15m", "0 3 * * *", "1m"]
+    assert settings.schedule_for(mappings["default"]) is settings.parsed_schedule
+    assert settings.schedule_for(mappings["nightly"]).typical_interval() == 86400.0
+    assert settings.schedule_for(mappings["nightly"]) is settings.schedule_for(mappings["nightly"])
+    assert {name: settings.stale_seconds_for(m) for name, m in mappings.items()} == {
+        "default": 600.0,
+        "same as default": 600.0,
+        "nightly": 3 * 86400.0,
+        "nightly again": 3 * 86400.0,
+        "fast": 180.0,
+    }
+
+
 @pytest.mark.parametrize("value", ["*/5 * * * *", "0 3 * * 1-5", "30 2 1 * *"])
 def test_schedule_cron(env: pytest.MonkeyPatch, value: str) -> None:
     env.setenv("SYNCD_SCHEDULE", value)
