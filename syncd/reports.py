@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 from typing import Any
 
-from syncd.engine import all_mappings
+from syncd.engine import all_mappings, force_command
 from syncd.logs import scrub
 from syncd.settings import SegmentMapping, Settings, printable
 from syncd.state import SegmentState, open_store
@@ -23,11 +22,6 @@ StatusRow = dict[str, Any]
 def out(line: str = "") -> None:
     """One line of a command's output, on stdout (log lines go to stderr)."""
     print(scrub(line), flush=True)
-
-
-def force_command(segment: str) -> str:
-    """The command that applies a plan the removal guard holds, once, on purpose."""
-    return f"syncd sync --segment {shlex.quote(segment)} --force"
 
 
 def _status_row(state: SegmentState, configured: bool) -> StatusRow:

@@ -10,6 +10,9 @@ from typing import Literal
 Action = Literal["create", "override", "add", "remove"]
 Origin = Literal["created", "adopted"]
 RunResult = Literal["synced", "failed", "held", "running"]
+# What a person was last told about a segment (SYNCD_NOTIFY_URL): all is well, it is
+# failing, or the removal guard holds it.
+Standing = Literal["ok", "failing", "held"]
 
 
 class StateError(Exception):
@@ -51,6 +54,16 @@ class SegmentState:
     quarantined: int = 0
     # The source's fingerprint at the last successful run (sources that have one).
     source_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class NoticeState:
+    """A segment's standing as last notified, and its failed runs in a row since its
+    last finished one; ``version`` counts the writes: a write is claimed on it."""
+
+    standing: Standing = "ok"
+    failures: int = 0
+    version: int = 0  # 0: never written
 
 
 @dataclass(frozen=True)

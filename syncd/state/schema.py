@@ -17,7 +17,7 @@ from syncd.state.base import RunRecord, SegmentState
 if TYPE_CHECKING:
     from syncd.state.sql import Dialect, Row
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The schema's {TYPE} names, as (SQLite, PostgreSQL) spell them.
 _TYPES = {
@@ -184,6 +184,17 @@ ALTER TABLE heap_pages ADD PRIMARY KEY (heap_segment_id, sync_task_id, page_numb
     Migration(
         sqlite="",
         postgresql="ALTER TABLE runs ADD COLUMN seq BIGINT GENERATED ALWAYS AS IDENTITY;",
+    ),
+    # What a person was last told about each segment (SYNCD_NOTIFY_URL).
+    Migration(
+        """
+CREATE TABLE notices (
+    segment TEXT PRIMARY KEY,
+    standing TEXT NOT NULL,
+    failures {BIGINT} NOT NULL,
+    version {BIGINT} NOT NULL
+);
+"""
     ),
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
