@@ -183,7 +183,7 @@ class Notifier:
         log.info(
             "notify.sent",
             segment=printable(notice.segment),
-            event=notice.event,
+            notice=notice.event,
             receiver=self.receiver,
             attempts=tries,
         )
@@ -230,7 +230,7 @@ class Notifier:
         log.error(
             "notify.failed",
             segment=printable(notice.segment),
-            event=notice.event,
+            notice=notice.event,
             receiver=self.receiver,
             attempts=attempts,
             error=error,

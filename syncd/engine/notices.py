@@ -91,7 +91,7 @@ class RunNotices:
             count_failed("unknown")
             log.error(
                 "notify.failed",
-                event="unknown",
+                notice="unknown",
                 receiver=self._notifier.receiver,
                 attempts=0,
                 error=f"cannot read or claim the segment's notice state: {exc}",
