@@ -4,7 +4,7 @@ that is down, refuses, redirects or hangs, and a shutdown that never waits long.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -43,7 +43,7 @@ async def receiver() -> AsyncIterator[NotifyReceiver]:
         yield started
 
 
-async def sent_and_closed(url: str, *notices: Notice) -> list[dict[str, Any]]:
+async def sent_and_closed(url: str, *notices: Notice) -> list[MutableMapping[str, Any]]:
     """Send, close (the bounded wait at exit), and return the log lines."""
     with structlog.testing.capture_logs() as logs:
         sender = notifier(url)
@@ -126,7 +126,7 @@ async def test_sending_never_waits_and_a_hanging_receiver_holds_exit_only_so_lon
         for index in range(3):
             sender.send(notice(f"segment {index}"))
         assert time.monotonic() - started < 0.05  # queued, not sent
-        await wait_until_async(receiver.posted, 10, "the first post")
+        await wait_until_async(lambda: bool(receiver.posted()), 10, "the first post")
         closing = time.monotonic()
         await sender.close()
         closed_in = time.monotonic() - closing
@@ -142,7 +142,7 @@ async def test_a_full_queue_drops_the_message_with_a_line(receiver: NotifyReceiv
     sender = notifier(receiver.url)
     with structlog.testing.capture_logs() as logs:
         sender.send(notice())
-        await wait_until_async(receiver.posted, 10, "a post in flight, off the queue")
+        await wait_until_async(lambda: bool(receiver.posted()), 10, "a post in flight")
         for _ in range(QUEUE_LIMIT):
             sender.send(notice())
         sender.send(notice("one too many"))
