@@ -13,7 +13,15 @@ import structlog
 from pydantic import SecretStr
 
 from syncd import metrics
-from syncd.notify import ATTEMPTS, QUEUE_LIMIT, Notice, Notifier, describe_receiver
+from syncd.logs import forget_redaction, scrub
+from syncd.notify import (
+    ATTEMPTS,
+    QUEUE_LIMIT,
+    Notice,
+    Notifier,
+    describe_receiver,
+    redact_receiver,
+)
 from tests.support.net import free_port
 from tests.support.receiver import PATH, TOKEN, NotifyReceiver
 from tests.support.waiting import wait_until_async
@@ -159,3 +167,16 @@ async def test_a_message_after_close_is_not_sent(receiver: NotifyReceiver) -> No
         sender.send(notice())
     assert [line["event"] for line in logs] == ["notify.failed"]
     assert receiver.posted() == []
+
+
+def test_the_url_and_its_token_are_scrubbed_from_any_output() -> None:
+    url = f"https://hooks.example.com{PATH}?sig=0a1b2c3d4e5f"
+    redact_receiver(url)
+    try:
+        for shown in (url, PATH, "sig=0a1b2c3d4e5f", f"POST {PATH}?sig=0a1b2c3d4e5f failed"):
+            assert TOKEN not in scrub(shown), shown
+            assert "0a1b2c3d4e5f" not in scrub(shown), shown
+        assert scrub("https://hooks.example.com") == "https://hooks.example.com"
+    finally:
+        for secret in (url, PATH, f"{PATH}?sig=0a1b2c3d4e5f", "sig=0a1b2c3d4e5f"):
+            forget_redaction(secret)
