@@ -218,7 +218,7 @@ class Engine:
             mapping,
             Outcome(mapping.name, "failed", run_id),
             control,
-            None if lease is None else self._notices,
+            self._notices,
         )
 
     def _is_stopping(self) -> bool:

@@ -20,6 +20,7 @@ from tests.support.logs import parse_log_lines, run_endings
 from tests.support.net import free_port
 from tests.support.processes import DaemonProcess, run_cli_async
 from tests.support.receiver import TOKEN, NotifyReceiver
+from tests.support.waiting import wait_until
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
 NOTIFY_TIMEOUT_S = 1.0
@@ -220,3 +221,27 @@ def test_a_restarted_daemon_never_repeats_a_message(
         run_endings(parse_log_lines(daemon.output()))
     assert TOKEN not in "".join(outputs)
     assert_no_secrets(live_sandbox, bodies, *outputs)
+
+
+def test_a_hanging_receiver_delays_a_daemons_stop_a_bounded_time(
+    live_sandbox: WalkMeSandbox, tmp_path: Path, daemons: StartDaemon
+) -> None:
+    source = write_ids(tmp_path / "stuck.txt", BINARY)
+    mapping = {"name": "Stuck", "source": {"type": "file", "path": str(source)}}
+    with serve_in_thread(NotifyReceiver("hang")) as receiver:
+        env = cli_env(
+            live_sandbox.url,
+            tmp_path,
+            [mapping],
+            notify_url=receiver.url,
+            notify_after_failures=1,
+            notify_timeout=NOTIFY_TIMEOUT_S,
+        )
+        daemon = daemons(env)
+        wait_until(lambda: bool(receiver.posted()), 30, "the message on its way")
+        code, took = daemon.timed_terminate()
+    assert code == 0
+    assert took < NOTIFY_TIMEOUT_S + 5
+    events = [event["event"] for event in parse_log_lines(daemon.output())]
+    assert events[-1] == "daemon.stopped"
+    assert events.index("notify.failed") < events.index("daemon.stopped")

@@ -320,13 +320,14 @@ def test_a_bad_notify_url_stops_the_command_without_showing_it(
     assert NOTIFY_TOKEN not in line
 
 
+@pytest.mark.parametrize("command", ["check", "status"])
 def test_a_bad_url_in_the_notify_url_file_names_the_file_not_the_url(
-    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
 ) -> None:
     path = tmp_path / "notify-url"
     path.write_text(f"ftp://hooks.slack.com/services/{NOTIFY_TOKEN}\n", encoding="utf-8")
     env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
     env.setenv("SYNCD_NOTIFY_URL_FILE", str(path))
-    line = run_config_error(["check"], capsys)
+    line = run_config_error([command], capsys)
     assert f"SYNCD_NOTIFY_URL_FILE: {path}: not an http(s) URL" in line
     assert NOTIFY_TOKEN not in line

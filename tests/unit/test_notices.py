@@ -7,14 +7,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import structlog
 from pydantic import SecretStr
 
+from syncd import metrics
 from syncd.engine import Hold, Outcome
 from syncd.engine.notices import RunNotices, next_state
 from syncd.logs import forget_redaction, redact
 from syncd.notify import Notice, Notifier
-from syncd.state import SegmentState
-from syncd.state.base import NoticeState, Standing
+from syncd.state import SegmentState, StateError
+from syncd.state.base import LeaseLost, NoticeState, Standing
 
 AFTER = 2  # SYNCD_NOTIFY_AFTER_FAILURES of these tests
 
@@ -87,11 +89,18 @@ def test_one_failure_is_enough_with_n_of_1() -> None:
 class FakeStore:
     """The two notice calls and the quarantine examples, nothing else."""
 
-    def __init__(self, seen: NoticeState, examples: list[tuple[str, str, str]], win: bool) -> None:
+    def __init__(
+        self,
+        seen: NoticeState,
+        examples: list[tuple[str, str, str]],
+        win: bool,
+        fails: StateError | None = None,
+    ) -> None:
         self.seen = seen
         self.claims: list[NoticeState] = []
         self.win = win
         self.examples = examples
+        self.fails = fails  # raised by the claim
 
     async def notice_state(self, name: str) -> NoticeState:
         return self.seen
@@ -100,6 +109,9 @@ class FakeStore:
         self, name: str, seen: NoticeState, new: NoticeState, holder: str | None = None
     ) -> bool:
         assert seen == self.seen
+        assert holder == "holder-1"
+        if self.fails is not None:
+            raise self.fails
         self.claims.append(new)
         return self.win
 
@@ -141,8 +153,9 @@ async def told(
     examples: list[tuple[str, str, str]] | None = None,
     *,
     win: bool = True,
+    fails: StateError | None = None,
 ) -> tuple[FakeStore, list[Notice]]:
-    store = FakeStore(seen, examples or [], win)
+    store = FakeStore(seen, examples or [], win, fails)
     outbox = Outbox()
     notices = RunNotices(store, outbox, AFTER)  # type: ignore[arg-type]
     await notices.after_run(outcome, state or segment_state(), "holder-1")
@@ -247,3 +260,24 @@ async def test_a_secret_in_an_error_never_reaches_the_message() -> None:
     assert secret not in repr(notice.body)
     assert "[redacted]" in notice.body["text"]
     assert "[redacted]" in notice.body["syncd"]["error"]
+
+
+async def test_a_run_that_lost_its_lease_tells_nothing_and_logs_nothing() -> None:
+    with structlog.testing.capture_logs() as logs:
+        store, sent = await told(run("failed"), NoticeState("ok", 1), fails=LeaseLost("vip"))
+    assert (store.claims, sent, logs) == ([], [], [])
+
+
+async def test_a_store_failure_is_a_failed_line_and_a_metric_never_an_error() -> None:
+    def unknown() -> float:
+        labels = {"event": "unknown", "result": "failed"}
+        return metrics.REGISTRY.get_sample_value("syncd_notifications_total", labels) or 0.0
+
+    before = unknown()
+    with structlog.testing.capture_logs() as logs:
+        _, sent = await told(run("failed"), NoticeState("ok", 1), fails=StateError("db down"))
+    assert sent == []
+    [line] = logs
+    assert (line["event"], line["notice"]) == ("notify.failed", "unknown")
+    assert "db down" in line["error"]
+    assert unknown() == before + 1
