@@ -97,10 +97,7 @@ def _redact_secrets(settings: Settings) -> None:
         webhook = None  # an unreadable secret file: the command that needs it says so
     if webhook is not None:
         redact(webhook.get_secret_value())
-    try:
-        notify_url = settings.notification_url()
-    except ConfigError:
-        notify_url = None
+    notify_url = settings.notification_url()  # load_settings read it once already
     if notify_url is not None:
         redact_receiver(notify_url.get_secret_value())
     warehouse = settings.warehouse_url.get_secret_value() if settings.warehouse_url else ""
