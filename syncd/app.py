@@ -10,6 +10,7 @@ import stamina.instrumentation
 
 from syncd.diff import remove_stale_spills
 from syncd.engine import Engine
+from syncd.notify import Notifier
 from syncd.settings import SegmentMapping, Settings
 from syncd.state import StateStore, open_store
 from syncd.walkme import WalkMeClient, log_retry, make_session
@@ -24,6 +25,7 @@ class Runtime:
     store: StateStore
     client: WalkMeClient
     engine: Engine
+    notifier: Notifier | None  # None: SYNCD_NOTIFY_URL is not set
 
 
 @asynccontextmanager
@@ -38,6 +40,7 @@ async def open_runtime(
     stamina.instrumentation.set_on_retry_hooks([log_retry])
     remove_stale_spills(settings.work_dir)
     store = await open_store(settings.state_url)
+    notifier = _notifier(settings)
     try:
         connect_timeout = min(CHECK_CONNECT_TIMEOUT, settings.http_timeout) if fail_fast else None
         async with make_session(
@@ -53,7 +56,16 @@ async def open_runtime(
                 max_wait=settings.retry_max_wait,
                 fail_fast=fail_fast,
             )
-            engine = Engine(settings, store, client, mappings)
-            yield Runtime(settings, mappings, store, client, engine)
+            engine = Engine(settings, store, client, mappings, notifier)
+            yield Runtime(settings, mappings, store, client, engine, notifier)
     finally:
+        if notifier is not None:
+            await notifier.close()  # waits a bounded time for messages still queued
         await store.close()
+
+
+def _notifier(settings: Settings) -> Notifier | None:
+    url = settings.notification_url()
+    if url is None:
+        return None
+    return Notifier(url, timeout_s=settings.notify_timeout, max_wait=settings.retry_max_wait)

@@ -22,11 +22,12 @@ import structlog
 
 from syncd import __version__
 from syncd.app import Runtime, open_runtime
-from syncd.engine import BrokenMapping, Engine, Outcome, Plan, SegmentInUse
+from syncd.engine import BrokenMapping, Engine, Outcome, Plan, SegmentInUse, force_command
 from syncd.engine.explain import explain
 from syncd.logs import configure_logging, redact, redact_credentials, scrub
-from syncd.reports import force_command, print_explanations, print_history, print_status
+from syncd.notify import redact_receiver
 from syncd.reports import out as _out
+from syncd.reports import print_explanations, print_history, print_status
 from syncd.settings import (
     ENV_PREFIX,
     ConfigError,
@@ -99,6 +100,9 @@ def _redact_secrets(settings: Settings) -> None:
         webhook = None  # an unreadable secret file: the command that needs it says so
     if webhook is not None:
         redact(webhook.get_secret_value())
+    notify_url = settings.notification_url()  # load_settings read it once already
+    if notify_url is not None:
+        redact_receiver(notify_url.get_secret_value())
     warehouse = settings.warehouse_url.get_secret_value() if settings.warehouse_url else ""
     for url in (settings.state_url, warehouse):
         try:
@@ -125,7 +129,7 @@ async def cmd_run(_: argparse.Namespace) -> int:
 
     settings, mappings = _configured(logs_on_stdout=True)
     async with open_runtime(settings, mappings) as runtime:
-        return await Daemon(settings, runtime.engine, runtime.store).run()
+        return await Daemon(settings, runtime.engine, runtime.store, runtime.notifier).run()
 
 
 # -- sync --------------------------------------------------------------------------

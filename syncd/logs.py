@@ -62,13 +62,14 @@ def scrub(text: str) -> str:
     return _CREDENTIAL_FORMS.sub(lambda match: match.group(1) + _MASK, text)
 
 
-def _scrub(value: Any) -> Any:
+def scrub_all(value: Any) -> Any:
+    """``value`` with every string in it scrubbed (dicts and lists walked through)."""
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, dict):
-        return {key: _scrub(item) for key, item in value.items()}
+        return {key: scrub_all(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_scrub(item) for item in value]
+        return [scrub_all(item) for item in value]
     return value
 
 
@@ -76,7 +77,7 @@ def scrub_secrets(_: Any, __: str, event_dict: EventDict) -> EventDict:
     """structlog processor: replace any registered secret in any field."""
     scrubbed: MutableMapping[str, Any] = event_dict
     for key, value in list(scrubbed.items()):
-        scrubbed[key] = _scrub(value if not isinstance(value, BaseException) else repr(value))
+        scrubbed[key] = scrub_all(value if not isinstance(value, BaseException) else repr(value))
     return event_dict
 
 

@@ -86,5 +86,11 @@ webhook_pages = Counter(
     ["result"],
     registry=REGISTRY,
 )
+notifications = Counter(
+    "syncd_notifications",
+    "Messages for a person (SYNCD_NOTIFY_URL) by event and result (sent, failed).",
+    ["event", "result"],
+    registry=REGISTRY,
+)
 for _result in ("stored", "duplicate", "ignored", "not_stored"):
     webhook_pages.labels(_result)  # the series exist from the start, at 0

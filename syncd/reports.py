@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 from datetime import UTC, datetime
 from typing import Any
 
-from syncd.engine import all_mappings
+from syncd.engine import all_mappings, force_command
 from syncd.engine.explain import Explanation
 from syncd.logs import scrub
 from syncd.settings import SegmentMapping, Settings, printable
@@ -26,11 +25,6 @@ StatusRow = dict[str, Any]
 def out(line: str = "") -> None:
     """One line of a command's output, on stdout (log lines go to stderr)."""
     print(scrub(line), flush=True)
-
-
-def force_command(segment: str) -> str:
-    """The command that applies a plan the removal guard holds, once, on purpose."""
-    return f"syncd sync --segment {shlex.quote(segment)} --force"
 
 
 def _status_row(state: SegmentState, configured: bool) -> StatusRow:

@@ -28,6 +28,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from syncd import metrics
 from syncd.admin import AdminServer
 from syncd.engine import Engine, Outcome, set_segment_gauges
+from syncd.notify import Notifier
 from syncd.schedule import Schedule
 from syncd.settings import ConfigError, Settings, printable
 from syncd.state import StateError, StateStore
@@ -50,10 +51,17 @@ _NO_OVERRUN_TEXT = _NoOverrunText()
 
 
 class Daemon:
-    def __init__(self, settings: Settings, engine: Engine, store: StateStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        store: StateStore,
+        notifier: Notifier | None = None,
+    ) -> None:
         self._settings = settings
         self._engine = engine
         self._store = store
+        self._notifier = notifier
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._debounce: dict[int, asyncio.TimerHandle] = {}
@@ -139,6 +147,8 @@ class Daemon:
         if self.receiver is not None:
             await self.receiver.stop()
         await self.admin.stop()
+        if self._notifier is not None:
+            await self._notifier.close()  # the last runs' messages, for a bounded time
         log.info("daemon.stopped")
         return 0
 

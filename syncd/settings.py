@@ -61,7 +61,11 @@ SEGMENT_NAME_MAX = 200
 
 # Values never echoed in errors: the warehouse URL holds a password.
 SECRET_FIELDS = frozenset(
-    {"walkme_client_secret", "heap_webhook_secret", "warehouse_url", "state_url"}
+    {"walkme_client_secret", "heap_webhook_secret", "warehouse_url", "state_url", "notify_url"}
+)
+NOTIFY_URL_ACCEPTED = (
+    "expected the http(s) URL of an incoming webhook, such as"
+    " https://hooks.slack.com/services/..."
 )
 
 
@@ -314,6 +318,13 @@ class Settings(BaseSettings):
     warehouse_url: SecretStr | None = None
     # Longest wait for one step of reading a source (a chunk, a query's first rows).
     source_timeout: float = Field(default=600.0, gt=0, le=86400)
+    # Messages to a person (a Slack or Teams incoming webhook). The URL carries the
+    # receiver's token: a secret, never echoed.
+    notify_url: SecretStr | None = None
+    notify_url_file: Path | None = None
+    notify_after_failures: int = Field(default=2, ge=1, le=1000)
+    # One delivery attempt's limit, and how long exit waits for messages still queued.
+    notify_timeout: float = Field(default=10.0, gt=0, le=300)
 
     @field_validator("walkme_client_id")
     @classmethod
@@ -346,6 +357,7 @@ class Settings(BaseSettings):
     @field_validator(
         "walkme_client_secret_file",
         "heap_webhook_secret_file",
+        "notify_url_file",
         "ca_bundle",
         mode="before",
     )
@@ -355,7 +367,9 @@ class Settings(BaseSettings):
             raise ValueError("is set but empty; expected the path of a readable file")
         return value
 
-    @field_validator("walkme_client_secret_file", "heap_webhook_secret_file", "ca_bundle")
+    @field_validator(
+        "walkme_client_secret_file", "heap_webhook_secret_file", "notify_url_file", "ca_bundle"
+    )
     @classmethod
     def _readable_file(cls, value: Path | None) -> Path | None:
         if value is None:
@@ -381,7 +395,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is not writable: {exc.strerror}") from None
         return value
 
-    @field_validator("walkme_client_secret", "heap_webhook_secret", "warehouse_url")
+    @field_validator("walkme_client_secret", "heap_webhook_secret", "warehouse_url", "notify_url")
     @classmethod
     def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
@@ -455,6 +469,15 @@ class Settings(BaseSettings):
                     raise ValueError(DRIVER_HINT)
         return value
 
+    @field_validator("notify_url")
+    @classmethod
+    def _notify_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = notify_url_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @model_validator(mode="after")
     def _secret_present(self) -> Settings:
         if self.walkme_client_secret is None and self.walkme_client_secret_file is None:
@@ -523,6 +546,15 @@ class Settings(BaseSettings):
         return _secret_value(
             self.heap_webhook_secret, self.heap_webhook_secret_file, "SYNCD_HEAP_WEBHOOK_SECRET"
         )
+
+    def notification_url(self) -> SecretStr | None:
+        """Where messages for a person go (variable or file); None: no messages."""
+        url = _secret_value(self.notify_url, self.notify_url_file, "SYNCD_NOTIFY_URL")
+        if url is not None and self.notify_url is None:
+            problem = notify_url_problem(url.get_secret_value())
+            if problem is not None:
+                raise ConfigError(f"SYNCD_NOTIFY_URL_FILE: {self.notify_url_file}: {problem}")
+        return url
 
     @property
     def receiver_on(self) -> bool:
@@ -594,6 +626,21 @@ def _secret_value(value: SecretStr | None, path: Path | None, name: str) -> Secr
     if not text:
         raise ConfigError(f"{name}_FILE: {path} is empty")
     return SecretStr(text)
+
+
+def notify_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot receive syncd's messages, or None; never quotes it (its path
+    or query holds the receiver's token)."""
+    if any(char.isspace() or _unsafe(char) for char in url):
+        return f"holds spaces or control characters; {NOTIFY_URL_ACCEPTED}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number 0..65535
+    except ValueError:
+        return f"cannot be parsed (is the port a number?); {NOTIFY_URL_ACCEPTED}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"not an http(s) URL with a host; {NOTIFY_URL_ACCEPTED}"
+    return None
 
 
 def _json_array(text: str, where: str) -> Any:
@@ -681,6 +728,7 @@ def load_settings(**overrides: Any) -> Settings:
     # Secret files are read now, so an empty one stops start-up, not a later request.
     settings.client_secret()
     settings.webhook_secret()
+    settings.notification_url()
     return settings
 
 

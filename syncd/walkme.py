@@ -253,7 +253,7 @@ def _endpoint(url: str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _os_cause(error: OSError) -> str:
+def os_cause(error: OSError) -> str:
     """The operating system's words for a failed connection: "Connection refused",
     "Name or service not known"... (asyncio's own text only repeats the address)."""
     if isinstance(error, ssl.SSLError):
@@ -269,7 +269,7 @@ def _connection_failure(exc: aiohttp.ClientConnectionError, url: str) -> _Retrya
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         detail = f"cannot connect to {where}: TLS certificate not trusted: {exc.certificate_error}"
     elif isinstance(exc, aiohttp.ClientConnectorError):
-        detail = f"cannot connect to {where}: {_os_cause(exc.os_error)}"
+        detail = f"cannot connect to {where}: {os_cause(exc.os_error)}"
     elif isinstance(exc, aiohttp.ServerDisconnectedError):
         detail = f"connection to {where} closed by the server before it answered"
     else:

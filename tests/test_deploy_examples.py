@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from syncd.metrics import REGISTRY
-from syncd.settings import ENV_PREFIX, Settings, parse_mappings
+from syncd.settings import ENV_PREFIX, Settings, load_settings, parse_mappings
 from syncd.state.base import RunResult
 from tests.support.processes import run_cli
 
@@ -450,6 +450,28 @@ def env_file(path: Path) -> dict[str, str]:
     """KEY=value lines as `docker run --env-file` reads them (no quotes, # comments)."""
     pairs = (line.split("=", 1) for line in path.read_text(encoding="utf-8").splitlines())
     return {key: value for key, value in (p for p in pairs if len(p) == 2) if key[:1] != "#"}
+
+
+def commented_settings(path: Path) -> dict[str, str]:
+    """The ``# SYNCD_X=value`` examples of an env file, as the lines would read uncommented."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    examples = (line.removeprefix("#").strip() for line in lines if line.startswith("# SYNCD_"))
+    return dict(example.split("=", 1) for example in examples if "=" in example)
+
+
+def test_the_notify_examples_are_valid_as_uncommented(monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = commented_settings(CONFIG / "syncd.env")
+    url = examples["SYNCD_NOTIFY_URL"]
+    assert url.startswith("https://hooks.slack.com/services/")
+    for name in [name for name in os.environ if name.startswith("SYNCD_")]:
+        monkeypatch.delenv(name)
+    for name, value in env_file(CONFIG / "syncd.env").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SYNCD_NOTIFY_URL", url)
+    monkeypatch.setenv("SYNCD_NOTIFY_AFTER_FAILURES", examples["SYNCD_NOTIFY_AFTER_FAILURES"])
+    settings = load_settings()
+    assert settings.notification_url() is not None
+    assert settings.notify_after_failures == int(examples["SYNCD_NOTIFY_AFTER_FAILURES"])
 
 
 @pytest.mark.parametrize("mappings", ["segments.json", "segments.toml"])

@@ -5,8 +5,8 @@ segment's lease) and hands each to a ``SegmentRun`` (``run.py``: the five steps)
 Its collaborators: ``leases.py`` (take, renew, prove, release), ``guard.py`` (the
 removal guard), ``delivery.py`` (send and record batches, 413 halving, bisection,
 quarantine, replay), ``resolve.py`` (which WalkMe segment, adoption, renames),
-``mappings.py`` (which segments), ``lifecycle.py`` (replicas, orphans, delete) and
-``report.py`` (log lines and metrics).
+``mappings.py`` (which segments), ``lifecycle.py`` (replicas, orphans, delete),
+``report.py`` (log lines and metrics) and ``notices.py`` (messages for a person).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import structlog
 
 from syncd import metrics
 from syncd.engine.control import Interrupted, RunControl
-from syncd.engine.guard import Hold, hold_for
+from syncd.engine.guard import Hold, force_command, hold_for
 from syncd.engine.leases import Lease, LeaseKeeper
 from syncd.engine.lifecycle import IN_USE_INTERVALS, SegmentInUse, SegmentLifecycle
 from syncd.engine.mappings import (
@@ -31,10 +31,12 @@ from syncd.engine.mappings import (
     auto_mapping,
     current_mappings,
 )
+from syncd.engine.notices import RunNotices
 from syncd.engine.outcome import Outcome, Plan
 from syncd.engine.report import report, set_segment_gauges
 from syncd.engine.resolve import Mode, SegmentResolver
 from syncd.engine.run import SegmentRun
+from syncd.notify import Notifier
 from syncd.schedule import Schedule
 from syncd.settings import SegmentMapping, Settings, printable
 from syncd.state import StateError, StateStore
@@ -54,6 +56,7 @@ __all__ = [
     "all_mappings",
     "auto_mapping",
     "current_mappings",
+    "force_command",
     "hold_for",
     "set_segment_gauges",
 ]
@@ -70,6 +73,7 @@ class Engine:
         store: StateStore,
         client: WalkMeClient,
         mappings: Sequence[SegmentMapping],
+        notifier: Notifier | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -90,6 +94,11 @@ class Engine:
             for name, mapping in self._configured.items()
         }
         longest = max(intervals.values())
+        self._notices = (
+            None
+            if notifier is None
+            else RunNotices(store, notifier, settings.notify_after_failures)
+        )
         self._lifecycle = SegmentLifecycle(
             store,
             client,
@@ -233,6 +242,7 @@ class Engine:
             mapping,
             Outcome(mapping.name, "failed", run_id),
             control,
+            self._notices,
         )
 
     def _is_stopping(self) -> bool:

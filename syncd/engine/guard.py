@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 
@@ -38,3 +39,8 @@ def hold_for(
     else:
         return None
     return Hold(reason, removes, snapshot, source_ids, fraction)
+
+
+def force_command(segment: str) -> str:
+    """The command that applies a plan the removal guard holds, once, on purpose."""
+    return f"syncd sync --segment {shlex.quote(segment)} --force"

@@ -24,6 +24,7 @@ from syncd.diff import Diff, Quarantined, compute_diff
 from syncd.engine.control import Interrupted, RunControl
 from syncd.engine.delivery import EXAMPLES_SHOWN, BatchDelivery
 from syncd.engine.guard import Hold, hold_for
+from syncd.engine.notices import RunNotices
 from syncd.engine.outcome import Outcome, Plan
 from syncd.engine.report import report
 from syncd.engine.resolve import Mode, SegmentResolver, first_batch_mode
@@ -55,6 +56,7 @@ class SegmentRun:
         mapping: SegmentMapping,
         outcome: Outcome,
         control: RunControl,
+        notices: RunNotices | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -64,6 +66,7 @@ class SegmentRun:
         self._system = settings.system_for(mapping)
         self.outcome = outcome
         self.control = control
+        self._notices = notices
 
     async def plan(self) -> None:
         """A dry run: what a run would send, with nothing sent or stored."""
@@ -78,7 +81,11 @@ class SegmentRun:
         finally:
             self.outcome.duration_s = round(time.monotonic() - started, 3)
             self.outcome.requests = sum(self.control.tally.values())
-            report(self.outcome, await self._close())
+            closed = await self._close()
+            if self._notices is not None:
+                # Before the run's last line: whatever it logs belongs to the run.
+                await self._notices.after_run(self.outcome, closed, self.control.holder)
+            report(self.outcome, closed)
 
     async def _guarded(self, steps: Callable[[], Awaitable[None]]) -> None:
         """Whatever goes wrong fails this run (its error in the outcome), nothing more."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from syncd.sandbox.server import WalkMeSandbox
 
@@ -24,23 +24,30 @@ def run_sandbox_in_thread(
         yield sandbox
 
 
-_Sandbox = TypeVar("_Sandbox", bound=WalkMeSandbox)
+class Served(Protocol):
+    """A server with the sandbox's start and stop (a test's own receiver, say)."""
+
+    async def start(self, host: str, port: int) -> str: ...
+
+    async def stop(self) -> None: ...
+
+
+_Server = TypeVar("_Server", bound=Served)
 
 
 @contextlib.contextmanager
-def serve_in_thread(
-    sandbox: _Sandbox, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[_Sandbox]:
-    """Serve an already built sandbox (a test's subclass, say) from a daemon thread."""
+def serve_in_thread(server: _Server, host: str = "127.0.0.1", port: int = 0) -> Iterator[_Server]:
+    """Serve an already built sandbox (a test's subclass, say), or any server with its
+    ``start`` and ``stop``, from a daemon thread."""
     loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="walkme-sandbox", daemon=True)
+    thread = threading.Thread(target=loop.run_forever, name="serve-in-thread", daemon=True)
     thread.start()
     try:
-        asyncio.run_coroutine_threadsafe(sandbox.start(host, port), loop).result(timeout=30)
-        yield sandbox
+        asyncio.run_coroutine_threadsafe(server.start(host, port), loop).result(timeout=30)
+        yield server
     finally:
         try:
-            asyncio.run_coroutine_threadsafe(sandbox.stop(), loop).result(timeout=30)
+            asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=30)
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(timeout=30)

@@ -10,6 +10,9 @@ from typing import Literal
 Action = Literal["create", "override", "add", "remove"]
 Origin = Literal["created", "adopted"]
 RunResult = Literal["synced", "failed", "held", "running"]
+# What a person was last told about a segment (SYNCD_NOTIFY_URL): all is well, it is
+# failing, or the removal guard holds it.
+Standing = Literal["ok", "failing", "held"]
 
 
 class StateError(Exception):
@@ -72,6 +75,16 @@ class QuarantineEntry:
     action: Literal["add", "remove"]
     reason: str
     since: datetime | None
+
+
+@dataclass(frozen=True)
+class NoticeState:
+    """A segment's standing as last notified, and its failed runs in a row since its
+    last finished one; ``version`` counts the writes: a write is claimed on it."""
+
+    standing: Standing = "ok"
+    failures: int = 0
+    version: int = 0  # 0: never written
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from syncd.state.base import RunRecord, SegmentState
 if TYPE_CHECKING:
     from syncd.state.sql import Dialect, Row
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 
 # The schema's {TYPE} names, as (SQLite, PostgreSQL) spell them.
 _TYPES = {
@@ -196,6 +196,17 @@ ALTER TABLE heap_pages ADD PRIMARY KEY (heap_segment_id, sync_task_id, page_numb
 ALTER TABLE segments ADD COLUMN collapsed {BIGINT} NOT NULL DEFAULT 0;
 ALTER TABLE segments ADD COLUMN id_transform TEXT;
 ALTER TABLE replicas ADD COLUMN next_runs TEXT NOT NULL DEFAULT '{{}}';
+"""
+    ),
+    # What a person was last told about each segment (SYNCD_NOTIFY_URL).
+    Migration(
+        """
+CREATE TABLE notices (
+    segment TEXT PRIMARY KEY,
+    standing TEXT NOT NULL,
+    failures {BIGINT} NOT NULL,
+    version {BIGINT} NOT NULL
+);
 """
     ),
 ]

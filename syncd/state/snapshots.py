@@ -23,7 +23,7 @@ from syncd.state.sql import Query, Script, SqlStore
 # and the batch in flight.
 _MEMBER_TABLES = ("members", "quarantine", "pending")
 # All that is kept per segment name, besides its row.
-_SEGMENT_TABLES = (*_MEMBER_TABLES, "runs", "leases", "due")
+_SEGMENT_TABLES = (*_MEMBER_TABLES, "runs", "leases", "due", "notices")
 
 
 def _forget(tables: tuple[str, ...], name: str) -> Script[None]:

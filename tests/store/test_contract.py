@@ -22,7 +22,15 @@ import pytest
 from syncd.diff import Quarantined
 from syncd.ids import IdText, SkippedIds
 from syncd.state import SegmentState, StateError, StateStore, open_store
-from syncd.state.base import Delivered, HeapPage, HeapSegment, LeaseLost, PendingBatch, RunResult
+from syncd.state.base import (
+    Delivered,
+    HeapPage,
+    HeapSegment,
+    LeaseLost,
+    NoticeState,
+    PendingBatch,
+    RunResult,
+)
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
 from tests.support.postgres import drop_database
 from tests.support.stores import opened_together
@@ -357,8 +365,12 @@ async def test_forget(store: StateStore) -> None:
     await seed(store, "other", ["a", "c"])
     await store.quarantine("vip", "add", [("bad", "400 nope")])
     await store.finish_run("vip", "seed-vip", "synced", None, SkippedIds(), 1, 1)
+    assert await store.claim_notice("vip", NoticeState(), NoticeState("failing", 2))
+    assert await store.claim_notice("other", NoticeState(), NoticeState("held"))
     assert await store.forget("vip") is True
     assert await store.get("vip") is None
+    assert await store.notice_state("vip") == NoticeState()
+    assert (await store.notice_state("other")).standing == "held"
     assert await store.history("vip", 10) == []
     assert await members(store, "vip") == []
     assert await store.quarantined("vip") == Quarantined()
@@ -369,6 +381,52 @@ async def test_forget(store: StateStore) -> None:
     # A segment of that name starts from nothing.
     begun = await store.begin_run("vip", "r9", SYSTEM, None)
     assert (begun.segment_guid, begun.members, begun.quarantined) == (None, 0, 0)
+
+
+# -- what a person was last told ----------------------------------------------------------
+
+
+async def test_a_segment_never_told_about_is_ok_without_failures(store: StateStore) -> None:
+    assert await store.notice_state("vip") == NoticeState("ok", 0, 0)
+
+
+async def test_each_claim_writes_the_state_and_counts_a_version(store: StateStore) -> None:
+    first = NoticeState("ok", 1)
+    assert await store.claim_notice("vip", NoticeState(), first) is True
+    assert await store.notice_state("vip") == NoticeState("ok", 1, 1)
+    assert await store.claim_notice("vip", NoticeState("ok", 1, 1), NoticeState("failing", 2))
+    assert await store.notice_state("vip") == NoticeState("failing", 2, 2)
+    assert await store.notice_state("other") == NoticeState()  # per segment
+
+
+async def test_a_claim_on_a_state_that_moved_on_writes_nothing(store: StateStore) -> None:
+    assert await store.claim_notice("vip", NoticeState(), NoticeState("failing", 2))
+    # A writer that read before that write: no row, or the row as it was.
+    assert await store.claim_notice("vip", NoticeState(), NoticeState("held")) is False
+    assert await store.claim_notice("vip", NoticeState("failing", 2, 1), NoticeState("ok"))
+    assert await store.claim_notice("vip", NoticeState("failing", 2, 1), NoticeState()) is False
+    assert await store.notice_state("vip") == NoticeState("ok", 0, 2)
+
+
+async def test_two_replicas_claiming_the_same_change_only_one_wins(store_url: str) -> None:
+    async with opened_together(store_url) as (first, second):
+        for seen in (NoticeState(), NoticeState("ok", 1, 1), NoticeState("failing", 2, 2)):
+            new = NoticeState("failing" if seen.standing == "ok" else "ok", seen.failures + 1)
+            wins = await asyncio.gather(
+                first.claim_notice("vip", seen, new), second.claim_notice("vip", seen, new)
+            )
+            assert sorted(wins) == [False, True], seen
+            assert await second.notice_state("vip") == NoticeState(
+                new.standing, new.failures, seen.version + 1
+            )
+
+
+async def test_a_claim_needs_the_holders_unexpired_lease(store: StateStore) -> None:
+    assert await store.acquire_lease("vip", "replica-a", 30) is True
+    with pytest.raises(LeaseLost):
+        await store.claim_notice("vip", NoticeState(), NoticeState("failing", 2), "replica-b")
+    assert await store.notice_state("vip") == NoticeState()
+    assert await store.claim_notice("vip", NoticeState(), NoticeState("held"), "replica-a")
 
 
 # -- finish_run and history ---------------------------------------------------------------
@@ -972,6 +1030,7 @@ async def test_reopen_keeps_everything(store_url: str, store: StateStore) -> Non
     await store.store_heap_page(page("t1", 1, 2, ["h1", "h2"], name="Before"))
     await store.store_heap_page(page("t2", 1, 1, ["h3"], name="After"))
     assert await store.acquire_lease("vip", "replica-a", 60)
+    assert await store.claim_notice(TRICKY_NAME, NoticeState(), NoticeState("failing", 3))
     before_orphans = await store.mark_orphans({"vip", TRICKY_NAME})
     assert [s.name for s in before_orphans] == ["gone"]
     before = {
@@ -982,6 +1041,7 @@ async def test_reopen_keeps_everything(store_url: str, store: StateStore) -> Non
         "examples": await store.quarantine_examples("vip", 5),
         "heap": await store.heap_segments(),
         "heap_members": sorted(await heap_ids(store, 42)),
+        "notice": await store.notice_state(TRICKY_NAME),
     }
     await store.close()
 
@@ -995,8 +1055,10 @@ async def test_reopen_keeps_everything(store_url: str, store: StateStore) -> Non
             "examples": await reopened.quarantine_examples("vip", 5),
             "heap": await reopened.heap_segments(),
             "heap_members": sorted(await heap_ids(reopened, 42)),
+            "notice": await reopened.notice_state(TRICKY_NAME),
         }
         assert after == before
+        assert before["notice"] == NoticeState("failing", 3, 1)
         assert before["snapshot"] == sorted(TRICKY_IDS)
         assert (await state(reopened, "vip")).source_fingerprint == "sha256:fp"
         orphans = await reopened.mark_orphans({"vip", TRICKY_NAME})

@@ -44,6 +44,7 @@ TABLES = {
     "heap_members",
     "heap_pages",
     "replicas",
+    "notices",
 }
 ALL_VERSIONS = list(range(1, SCHEMA_VERSION + 1))
 SECRET = "s3cr3tXq"  # in every part of every test password: a leak of any part shows

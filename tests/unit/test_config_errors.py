@@ -95,6 +95,20 @@ BAD_VARIABLES: list[tuple[str, str, tuple[str, ...]]] = [
     ("SYNCD_WALKME_CLIENT_ID", " client-1", ("whitespace",)),
     ("SYNCD_WALKME_CLIENT_ID", "client:1", ("':'",)),
     ("SYNCD_WALKME_CLIENT_ID", "client\x1b1", ("U+001B",)),
+    ("SYNCD_NOTIFY_URL", "hooks.slack.com/services/T/B/x", ("http(s) URL",)),
+    ("SYNCD_NOTIFY_URL", "ftp://hooks.slack.com/x", ("http(s) URL",)),
+    ("SYNCD_NOTIFY_URL", "https://", ("host",)),
+    ("SYNCD_NOTIFY_URL", "https://hooks.slack.com/a b", ("spaces",)),
+    ("SYNCD_NOTIFY_URL", "https://hooks.slack.com:99999/x", ("port",)),
+    ("SYNCD_NOTIFY_URL", "   ", ("empty",)),
+    ("SYNCD_NOTIFY_AFTER_FAILURES", "0", ()),
+    ("SYNCD_NOTIFY_AFTER_FAILURES", "1001", ()),
+    ("SYNCD_NOTIFY_AFTER_FAILURES", "two", ()),
+    ("SYNCD_NOTIFY_AFTER_FAILURES", "1.5", ()),
+    ("SYNCD_NOTIFY_TIMEOUT", "0", ()),
+    ("SYNCD_NOTIFY_TIMEOUT", "nan", ()),
+    ("SYNCD_NOTIFY_TIMEOUT", "inf", ()),
+    ("SYNCD_NOTIFY_TIMEOUT", "301", ()),
 ]
 
 
@@ -147,6 +161,10 @@ BAD_PATHS: list[tuple[str, PathMaker]] = [
     ("SYNCD_WALKME_CLIENT_SECRET_FILE", _blank),
     ("SYNCD_HEAP_WEBHOOK_SECRET_FILE", _missing),
     ("SYNCD_HEAP_WEBHOOK_SECRET_FILE", _empty_file),
+    ("SYNCD_NOTIFY_URL_FILE", _missing),
+    ("SYNCD_NOTIFY_URL_FILE", _directory),
+    ("SYNCD_NOTIFY_URL_FILE", _empty_file),
+    ("SYNCD_NOTIFY_URL_FILE", _blank),
     ("SYNCD_SEGMENTS_FILE", _missing),
     ("SYNCD_SEGMENTS_FILE", _directory),
     ("SYNCD_SEGMENTS_FILE", _empty_file),
@@ -482,3 +500,30 @@ def test_snowflake_without_its_driver_is_one_line_exit_2(
     env.setenv("SYNCD_WAREHOUSE_URL", SNOWFLAKE)
     line = run_config_error(["check"], capsys)
     assert line.endswith("snowflake:// needs the Snowflake driver: pip install 'syncd[snowflake]'")
+
+
+NOTIFY_TOKEN = "xoxb-hook-7d2e9f0a1b"  # the part of a webhook URL that is its credential
+
+
+@pytest.mark.parametrize("command", ["check", "run", "sync"])
+def test_a_bad_notify_url_stops_the_command_without_showing_it(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_NOTIFY_URL", f"hooks.slack.com/services/{NOTIFY_TOKEN}")
+    line = run_config_error([command], capsys)
+    assert "SYNCD_NOTIFY_URL" in line
+    assert NOTIFY_TOKEN not in line
+
+
+@pytest.mark.parametrize("command", ["check", "status"])
+def test_a_bad_url_in_the_notify_url_file_names_the_file_not_the_url(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    path = tmp_path / "notify-url"
+    path.write_text(f"ftp://hooks.slack.com/services/{NOTIFY_TOKEN}\n", encoding="utf-8")
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv("SYNCD_NOTIFY_URL_FILE", str(path))
+    line = run_config_error([command], capsys)
+    assert f"SYNCD_NOTIFY_URL_FILE: {path}: not an http(s) URL" in line
+    assert NOTIFY_TOKEN not in line

@@ -153,6 +153,47 @@ def test_secret_never_in_config_error(env: pytest.MonkeyPatch, variable: str, va
     assert SECRET not in repr(info.value)
 
 
+# -- the notify URL ------------------------------------------------------------------
+
+NOTIFY_URL = "https://hooks.slack.com/services/T01/B02/zq8Xw3"
+
+
+def test_notifications_are_off_by_default_and_fail_after_2_runs(env: pytest.MonkeyPatch) -> None:
+    settings = load_settings()
+    assert settings.notification_url() is None
+    assert settings.notify_after_failures == 2
+    assert settings.notify_timeout == 10
+
+
+def test_notify_url_from_the_variable_is_kept_out_of_repr(env: pytest.MonkeyPatch) -> None:
+    env.setenv("SYNCD_NOTIFY_URL", NOTIFY_URL)
+    settings = load_settings()
+    url = settings.notification_url()
+    assert url is not None
+    assert url.get_secret_value() == NOTIFY_URL
+    assert "zq8Xw3" not in repr(settings)
+
+
+def test_notify_url_from_a_file_is_stripped(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "notify-url"
+    path.write_text(f"  {NOTIFY_URL}\n", encoding="utf-8")
+    env.setenv("SYNCD_NOTIFY_URL_FILE", str(path))
+    url = load_settings().notification_url()
+    assert url is not None
+    assert url.get_secret_value() == NOTIFY_URL
+
+
+def test_a_teams_workflow_url_with_a_query_is_accepted(env: pytest.MonkeyPatch) -> None:
+    teams = (
+        "https://prod-12.westeurope.logic.azure.com:443/workflows/abc/triggers/manual/paths"
+        "/invoke?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun&sv=1.0&sig=s1g"
+    )
+    env.setenv("SYNCD_NOTIFY_URL", teams)
+    url = load_settings().notification_url()
+    assert url is not None
+    assert url.get_secret_value() == teams
+
+
 def test_warehouse_url_password_never_in_config_error(env: pytest.MonkeyPatch) -> None:
     # The warehouse URL carries a password (it is a SecretStr): never echo it back.
     env.setenv("SYNCD_WAREHOUSE_URL", f"mysql://syncd:{SECRET}@db.example/heap")
