@@ -2,20 +2,24 @@
 
 Both sides are spilled to a private work directory as they are read, one id per
 line, and each id is given a 128-bit key: two 64-bit Polars hashes of it, with
-seeds drawn from ``secrets`` for this diff alone. The comparison is on the keys,
-in Polars' compiled code (one ``is_in`` each way), so no Python object is made per
-id for it; only the ids that differ are read back from the spill files, by
-position. A side of up to ``KEYED_IN_MEMORY`` ids is keyed as it is read (16 bytes
-per id); a larger one is split by hash into partitions of about
-``PARTITION_IDS`` ids, compared one at a time, so memory depends on the partition
-size, not on the segment's. The adds and removes are written to files and read
-back in batches, so the engine never holds more than one batch of them.
+seeds drawn at random and kept in the state store beside the segment's source
+digest (below), never shown. The comparison is on the keys, in Polars' compiled
+code (one ``is_in`` each way), so no Python object is made per id for it; only the
+ids that differ are read back from the spill files, by position. A side of up to
+``KEYED_IN_MEMORY`` ids is keyed as it is read (16 bytes per id); a larger one is
+split by hash into partitions of about ``PARTITION_IDS`` ids, compared one at a
+time, so memory depends on the partition size, not on the segment's. The adds and
+removes are written to files and read back in batches, so the engine never holds
+more than one batch of them.
 
 Why keys may stand for ids: two different ids get one key only if both hashes
-collide, with seeds no one saw before the read and no one sees after it: about
-n² / 2^129 for n ids if the two hashes are independent (below 10^-24 for 10^7
-ids), and an attacker choosing ids cannot aim at seeds that never leave the
-process.
+collide: about n² / 2^129 for n ids if the two are independent (below 10^-24 for
+10^7 ids), and an attacker choosing ids cannot aim at seeds that never leave the
+state store.
+
+The same hashes make the source's digest (``SourceDigest``): when a source reads
+exactly as it did for the last successful run (a warehouse query re-run, a file
+rewritten in another order), the snapshot is not read at all.
 
 Quarantined ids (WalkMe refused them) are left out of the plan until their
 membership changes; the diff reports which of them changed, so the store can
@@ -69,6 +73,8 @@ class Diff:
     adds: int = 0
     removes: int = 0
     released: Quarantined = field(default_factory=Quarantined)
+    digest: str | None = field(default=None, repr=False)  # the source's (SourceDigest)
+    unchanged: bool = False  # the source's digest was the stored one: nothing compared
 
     def path(self, kind: Kind) -> Path:
         return self.workdir / f"{kind}s"
@@ -111,18 +117,65 @@ def partitions_for(ids: int) -> int:
     return 1 if ids <= KEYED_IN_MEMORY else math.ceil(ids / PARTITION_IDS)
 
 
-class _Keyer:
-    """128-bit keys for ids, and a partition for each: seeds for one diff only."""
+_DIGEST_VERSION = "set1"
 
-    def __init__(self) -> None:
-        self._high, self._low, self._part = (secrets.randbits(63) for _ in range(3))
 
-    def keys(self, ids: pl.Series) -> pl.Series:
+class SourceDigest:
+    """An order-free digest of the ids a source gave (repeats included): their count
+    and the sums, modulo 2^64, of the two hashes that make their keys.
+
+    Two reads with equal digests gave the same ids, so against a snapshot that the
+    first one's run brought up to date the second has nothing to send: the run skips
+    reading the snapshot. The sums are a multiset hash: ids chosen so that their
+    sums collide would need the seeds, which are drawn at random, kept in the state
+    store with the digest and nowhere else (never logged or shown). Polars' version
+    is part of it, as its hashes are stable only within one version.
+    """
+
+    def __init__(self, stored: str | None) -> None:
         import polars as pl
 
+        parts = (stored or "").split(":")
+        if len(parts) == 7 and parts[:2] == [_DIGEST_VERSION, pl.__version__]:
+            self.seeds = (int(parts[2]), int(parts[3]))
+        else:
+            self.seeds = (secrets.randbits(63), secrets.randbits(63))
+        self._count = 0
+        self._sums = [0, 0]
+
+    def add(self, hashes: tuple[pl.Series, pl.Series]) -> None:
+        self._count += len(hashes[0])
+        for index, values in enumerate(hashes):
+            # Halves summed apart: no sum can overflow below 2^32 ids.
+            high, low = (values // (1 << 32)).sum(), (values % (1 << 32)).sum()
+            self._sums[index] = (self._sums[index] + (int(high) << 32) + int(low)) % (1 << 64)
+
+    def __str__(self) -> str:
+        import polars as pl
+
+        fields = (_DIGEST_VERSION, pl.__version__, *self.seeds, self._count, *self._sums)
+        return ":".join(map(str, fields))
+
+    def __repr__(self) -> str:
+        return "SourceDigest(...)"  # its seeds stay out of every output
+
+
+class _Keyer:
+    """128-bit keys for ids, and a partition for each, from the digest's seeds."""
+
+    def __init__(self, seeds: tuple[int, int]) -> None:
+        self._high, self._low = seeds
+        self._part = secrets.randbits(63)
+
+    def hashes(self, ids: pl.Series) -> tuple[pl.Series, pl.Series]:
+        return ids.hash(self._high), ids.hash(self._low)
+
+    def keys(self, ids: pl.Series, hashes: tuple[pl.Series, pl.Series] | None = None) -> pl.Series:
+        import polars as pl
+
+        high, low = hashes or self.hashes(ids)
         shift = pl.Series([1 << 64], dtype=pl.UInt128)
-        high = ids.hash(self._high).cast(pl.UInt128) * shift
-        return high + ids.hash(self._low).cast(pl.UInt128)
+        return high.cast(pl.UInt128) * shift + low.cast(pl.UInt128)
 
     def partitions(self, ids: pl.Series, parts: int) -> pl.Series:
         return ids.hash(self._part) % parts
@@ -161,12 +214,23 @@ async def compute_diff(
     snapshot: AsyncIterator[IdText],
     quarantined: Quarantined,
     work_dir: Path | None = None,
+    *,
+    stored_digest: str | None = None,
 ) -> Diff:
-    """Compare the (cleaned) source ids with the snapshot; the caller closes the Diff."""
+    """Compare the (cleaned) source ids with the snapshot; the caller closes the Diff.
+
+    With ``stored_digest`` (the digest of the read whose run brought the snapshot up
+    to date), a source whose digest equals it is not compared: ``Diff.unchanged``.
+    """
     diff = Diff(Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=work_dir)))
     try:
-        keyer = _Keyer()
-        source_side = await _spill(source, diff.workdir / "source", keyer)
+        digest = SourceDigest(stored_digest)
+        keyer = _Keyer(digest.seeds)
+        source_side = await _spill(source, diff.workdir / "source", keyer, digest)
+        diff.digest = str(digest)
+        if stored_digest is not None and diff.digest == stored_digest:
+            diff.unchanged = True
+            return diff
         snapshot_side = await _spill(snapshot, diff.workdir / "snapshot", keyer)
         await asyncio.to_thread(_compare, diff, source_side, snapshot_side, quarantined, keyer)
     except BaseException:
@@ -175,7 +239,9 @@ async def compute_diff(
     return diff
 
 
-async def _spill(chunks: AsyncIterator[IdText], path: Path, keyer: _Keyer) -> _Side:
+async def _spill(
+    chunks: AsyncIterator[IdText], path: Path, keyer: _Keyer, digest: SourceDigest | None = None
+) -> _Side:
     side = _Side(path)
     with path.open("w", encoding="utf-8", newline="\n") as handle:
         async for chunk in chunks:
@@ -184,11 +250,14 @@ async def _spill(chunks: AsyncIterator[IdText], path: Path, keyer: _Keyer) -> _S
             handle.write(chunk + "\n")
             ids = column(chunk)
             side.count += len(ids)
+            hashes = keyer.hashes(ids)
+            if digest is not None:
+                digest.add(hashes)
             if side.keys is not None:
                 if side.count > KEYED_IN_MEMORY:
                     side.keys = None  # partitioned later, from the spill file
                 else:
-                    side.keys.append(keyer.keys(ids))
+                    side.keys.append(keyer.keys(ids, hashes))
     return side
 
 
@@ -212,18 +281,25 @@ def _compare(
         diff.path("remove").open("w", encoding="utf-8", newline="\n") as removes,
     ):
         for wanted, held in pairs:
-            first = wanted.keys.is_first_distinct()
-            diff.distinct += int(first.sum())
             quarantine.seen_in_source(wanted.keys)
-            added = first & ~wanted.keys.is_in(held.keys.implode())
-            added &= ~wanted.keys.is_in(quarantine.add.implode())
-            gone = ~held.keys.is_in(wanted.keys.implode())
-            gone &= ~held.keys.is_in(quarantine.remove.implode())
+            kept = held.keys.is_in(wanted.keys.implode())
+            new = _first_of(~wanted.keys.is_in(held.keys.implode()), wanted.keys)
+            # The snapshot holds each id once: it counts the wanted ids it holds.
+            diff.distinct += int(kept.sum()) + int(new.sum())
+            added = new & ~wanted.keys.is_in(quarantine.add.implode())
+            gone = ~kept & ~held.keys.is_in(quarantine.remove.implode())
             # Sorted: a first sync then appends to the snapshot's index.
             diff.adds += _select(wanted, added, adds)
             diff.removes += _select(held, gone, removes)
             del wanted, held
     diff.released = quarantine.released()
+
+
+def _first_of(mask: pl.Series, keys: pl.Series) -> pl.Series:
+    """``mask`` left true only at the first of each key it covers: the duplicates of
+    the few ids it holds (all of them in a first sync) are found among those alone."""
+    positions = mask.arg_true()
+    return mask.scatter(positions, keys.gather(positions).is_first_distinct())
 
 
 @dataclass

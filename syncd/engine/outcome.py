@@ -39,6 +39,7 @@ class Outcome:
     hold: Hold | None = None
     interrupted: bool = False  # stopped by a signal or a lost lease, its last batch recorded
     source_fingerprint: str | None = None
+    source_digest: str | None = field(default=None, repr=False)  # holds its seeds
     unchanged: bool = False  # the source's fingerprint matched: nothing was read
     # Source ids sent as one with another: equal after the transform (and trimming).
     collapsed: int = 0

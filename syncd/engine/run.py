@@ -148,8 +148,23 @@ class SegmentRun:
         state: SegmentState | None = replayed or begun
         for attempt in (1, 2):
             mode = first_batch_mode(state, mapping)
-            diff = await self._diff(source, state, mode)
+            # The same ids as the last successful run read: the snapshot is up to date.
+            unchanged_since = (
+                state.source_digest
+                if replayed is None
+                and attempt == 1
+                and state is not None
+                and state.last_result == "synced"
+                and mode == "update"
+                else None
+            )
+            diff = await self._diff(source, state, mode, unchanged_since)
             try:
+                outcome.source_digest = diff.digest
+                if diff.unchanged:
+                    assert state is not None
+                    outcome.collapsed, outcome.unchanged = state.collapsed, True
+                    break
                 outcome.hold = None if force else self._hold(diff, state, mode)
                 if outcome.hold is not None:
                     outcome.result, outcome.error = "held", outcome.hold.reason
@@ -202,6 +217,7 @@ class SegmentRun:
             return False
         outcome = self.outcome
         outcome.source_fingerprint = fingerprint
+        outcome.source_digest = state.source_digest  # the same bytes: the same ids
         outcome.skipped = SkippedIds(state.skipped, state.skipped_examples)
         outcome.collapsed = state.collapsed
         outcome.unchanged = True
@@ -228,9 +244,16 @@ class SegmentRun:
         assert refreshed is not None
         return refreshed
 
-    async def _diff(self, source: Source, state: SegmentState | None, mode: Mode) -> Diff:
+    async def _diff(
+        self,
+        source: Source,
+        state: SegmentState | None,
+        mode: Mode,
+        unchanged_since: str | None = None,
+    ) -> Diff:
         """Source ids (after the id rules) against the snapshot; a new or rebuilt
-        segment is diffed against nothing, as everything must be sent."""
+        segment is diffed against nothing, as everything must be sent. A source whose
+        digest is ``unchanged_since`` is not compared (``Diff.unchanged``)."""
         log.debug("segment.reading", source=source.describe())
         outcome = self.outcome
         outcome.skipped = SkippedIds()
@@ -260,10 +283,18 @@ class SegmentRun:
             quarantined = await self._store.quarantined(self._mapping.name)
         else:
             snapshot, snapshot_size, quarantined = _nothing(), 0, Quarantined()
-        diff = await compute_diff(cleaned(), snapshot, quarantined, self._settings.work_dir)
-        outcome.collapsed = sent_ids - diff.distinct
+        diff = await compute_diff(
+            cleaned(),
+            snapshot,
+            quarantined,
+            self._settings.work_dir,
+            stored_digest=unchanged_since,
+        )
         # What a successful run records: the digest of exactly the ids just diffed.
         outcome.source_fingerprint = self._mapping.transform.fingerprint(source.read_fingerprint())
+        if diff.unchanged:
+            return diff
+        outcome.collapsed = sent_ids - diff.distinct
         if diff.distinct == 0 and snapshot_size > 0:
             # An empty or half-loaded table looks exactly like this.
             log.warning(
@@ -334,6 +365,7 @@ class SegmentRun:
                 holder=self.control.holder,
                 collapsed=outcome.collapsed,
                 id_transform=self._mapping.transform.stored,
+                source_digest=outcome.source_digest,
             )
             return await self._store.get(outcome.segment)
         except StateError as exc:

@@ -54,6 +54,8 @@ class SegmentState:
     quarantined: int = 0
     # The source's fingerprint at the last successful run (sources that have one).
     source_fingerprint: str | None = None
+    # The digest of the id set it read (syncd.diff.SourceDigest); holds its seeds.
+    source_digest: str | None = field(default=None, repr=False)
     collapsed: int = 0  # source ids sent as one with another (equal after the transform)
     # The id transform's steps at the last successful run (IdTransform.stored).
     id_transform: str | None = None

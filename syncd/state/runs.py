@@ -35,7 +35,11 @@ class RunLog(SqlStore):
             ).rows[0]
             # A run that dies from here on leaves WalkMe changed: until one
             # succeeds again, no fingerprint may vouch for the snapshot.
-            yield Query("UPDATE segments SET source_fingerprint = NULL WHERE name = ?", (name,))
+            yield Query(
+                "UPDATE segments SET source_fingerprint = NULL, source_digest = NULL"
+                " WHERE name = ?",
+                (name,),
+            )
             return segment_state(row, dialect)
 
         return await self._write(script())
@@ -54,8 +58,10 @@ class RunLog(SqlStore):
         *,
         collapsed: int = 0,
         id_transform: str | None = None,
+        source_digest: str | None = None,
     ) -> None:
-        """Close the run; a synced run keeps the source's fingerprint, others clear it,
+        """Close the run; a synced run keeps the source's fingerprint and digest,
+        others clear them,
         and only a synced run records its ``id_transform`` (the steps the snapshot now
         follows). With ``holder``, the segment's own row changes only under that
         unexpired lease (a run that lost it closes its run record and leaves the
@@ -74,7 +80,8 @@ class RunLog(SqlStore):
                 return  # the run's own record is closed; the segment is the new holder's
             yield Query(
                 f"UPDATE segments SET last_run_at = {now}, last_result = ?, last_error = ?,"
-                " skipped = ?, skipped_examples = ?, source_fingerprint = ?, collapsed = ?,"
+                " skipped = ?, skipped_examples = ?, source_fingerprint = ?, source_digest = ?,"
+                " collapsed = ?,"
                 f" last_success_at = CASE WHEN ? = 'synced' THEN {now} ELSE last_success_at END,"
                 " id_transform = CASE WHEN ? = 'synced' THEN ? ELSE id_transform END"
                 " WHERE name = ?",
@@ -84,6 +91,7 @@ class RunLog(SqlStore):
                     skipped.count,
                     json.dumps(skipped.examples),
                     source_fingerprint if result == "synced" else None,
+                    source_digest if result == "synced" else None,
                     collapsed,
                     result,
                     result,

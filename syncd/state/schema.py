@@ -17,7 +17,7 @@ from syncd.state.base import RunRecord, SegmentState
 if TYPE_CHECKING:
     from syncd.state.sql import Dialect, Row
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # The schema's {TYPE} names, as (SQLite, PostgreSQL) spell them.
 _TYPES = {
@@ -209,6 +209,9 @@ CREATE TABLE notices (
 );
 """
     ),
+    # The digest of the id set the last successful run read (syncd.diff.SourceDigest):
+    # an unchanged set skips the snapshot. Holds its seeds: never shown.
+    Migration("ALTER TABLE segments ADD COLUMN source_digest TEXT;"),
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 

@@ -8,14 +8,18 @@ from collections.abc import AsyncIterator
 import pytest
 import structlog
 
+from syncd.ids import IdText
 from syncd.sources.base import Chunk
 from syncd.sources.file import FileSource
+from syncd.state.snapshots import SnapshotStore
 from tests.support.harness import Harness, segment_requests
 from tests.support.ids import make_ids, write_ids
 from tests.support.stores import with_store
 
 
-async def test_unchanged_file_is_not_read_and_sends_nothing(harness: Harness) -> None:
+async def test_unchanged_file_is_not_read_and_sends_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ids = make_ids(3_000)
     settings = harness.settings([harness.mapping("Fp", ids)])
     first = await harness.sync_one(settings)
@@ -26,11 +30,27 @@ async def test_unchanged_file_is_not_read_and_sends_nothing(harness: Harness) ->
     assert (again.result, again.unchanged, again.requests) == ("synced", True, 0)
     assert harness.sandbox.requests == []
 
-    # Same ids, new order: new bytes, so a full diff, which finds nothing to send.
+    # Same ids, new order: new bytes, so the file is read again; its ids are the ones
+    # the last run read (the source digest), so the snapshot is not read at all.
     harness.source("Fp", list(reversed(ids)))
-    reordered = await harness.sync_one(settings)
-    assert (reordered.result, reordered.unchanged) == ("synced", False)
+    with monkeypatch.context() as patched:
+        patched.setattr(SnapshotStore, "snapshot", snapshot_must_not_be_read)
+        reordered = await harness.sync_one(settings)
+    assert (reordered.result, reordered.unchanged, reordered.error) == ("synced", True, None)
     assert segment_requests(harness.sandbox) == []
+
+    # One id changed: compared in full.
+    harness.source("Fp", [*ids[1:], "newcomer"])
+    changed = await harness.sync_one(settings)
+    assert (changed.unchanged, changed.added, changed.removed) == (False, 1, 1)
+    assert harness.sandbox.members(harness.guid("Fp")) == {*ids[1:], "newcomer"}
+
+
+async def snapshot_must_not_be_read(
+    store: SnapshotStore, name: str, size: int
+) -> AsyncIterator[IdText]:
+    raise AssertionError(f"the snapshot of {name} was read")
+    yield IdText()  # an async generator: raises when it is read
 
 
 async def test_a_run_that_did_not_finish_turns_the_shortcut_off(harness: Harness) -> None:

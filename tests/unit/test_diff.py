@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -281,7 +281,7 @@ def test_partitioning_keeps_every_copy_of_an_id_in_one_partition(tmp_path: Path)
     spill.write_text("\n".join(ids + ids[:50]) + "\n", encoding="utf-8")
     partitions = [
         part.ids.to_list()
-        for part in syncd.diff._partition(spill, 5, syncd.diff._Keyer())
+        for part in syncd.diff._partition(spill, 5, syncd.diff._Keyer((1, 2)))
         if part.ids is not None
     ]
     assert len(partitions) == 5
@@ -509,3 +509,77 @@ def test_quarantined_ids_wait_until_their_membership_changes(
     assert {m for batch in removes for m in batch} == (old - new) - held.remove
     assert diff.released == Quarantined(add=held.add - new, remove=held.remove & new)
     assert all(0 < len(batch) <= size for batch in adds + removes)
+
+
+# -- the source digest: an unchanged id set skips the snapshot ---------------------------------
+
+
+async def never_read() -> AsyncIterator[IdText]:
+    raise AssertionError("the snapshot was read")
+    yield IdText()  # an async generator
+
+
+async def digest_of(source: list[list[str]], work_dir: Path, stored: str | None = None) -> Diff:
+    diff = await compute_diff(
+        chunks(*source), chunks(["x"]), Quarantined(), work_dir, stored_digest=stored
+    )
+    diff.close()
+    return diff
+
+
+async def test_a_source_read_again_in_another_order_skips_the_snapshot(tmp_path: Path) -> None:
+    ids = [f"user-{i}" for i in range(500)]
+    first = await digest_of([ids[:200], ids[200:]], tmp_path)
+    assert first.digest is not None
+    assert not first.unchanged
+    shuffled = ids[::-1]
+    again = await compute_diff(
+        chunks(shuffled[:7], shuffled[7:]),
+        never_read(),
+        Quarantined(),
+        tmp_path,
+        stored_digest=first.digest,
+    )
+    again.close()
+    assert again.unchanged
+    assert again.digest == first.digest
+    assert (again.adds, again.removes) == (0, 0)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda ids: [*ids[:-1], "user-new"],  # one id replaced
+        lambda ids: ids[:-1],  # one gone
+        lambda ids: [*ids, ids[0]],  # one repeated: the count differs
+        lambda ids: [*ids[:-2], ids[-1], ids[-1]],  # one gone, one repeated: same count
+    ],
+)
+async def test_any_other_read_is_compared_in_full(
+    tmp_path: Path, change: Callable[[list[str]], list[str]]
+) -> None:
+    ids = [f"user-{i}" for i in range(300)]
+    first = await digest_of([ids], tmp_path)
+    other = await digest_of([change(ids)], tmp_path, first.digest)
+    assert not other.unchanged
+    assert other.digest != first.digest
+
+
+async def test_a_digest_of_other_seeds_or_another_polars_is_not_trusted(tmp_path: Path) -> None:
+    """The seeds come from the stored digest; one written by another Polars version
+    (its hashes may differ) or unreadable gets fresh seeds, so it never matches."""
+    ids = [["a", "b", "c"]]
+    first = await digest_of(ids, tmp_path)
+    assert first.digest is not None
+    version, polars_version, *rest = first.digest.split(":")
+    for stored in (
+        ":".join([version, "0.0.1", *rest]),
+        "garbage",
+        ":".join([version, polars_version, "1", "2", *rest[2:]]),
+    ):
+        assert not (await digest_of(ids, tmp_path, stored)).unchanged
+    fresh = await digest_of(ids, tmp_path)
+    assert fresh.digest != first.digest  # seeds drawn anew without a stored digest
+    assert repr(syncd.diff.SourceDigest(first.digest)) == "SourceDigest(...)"
+    assert first.digest not in repr(first)
