@@ -144,11 +144,19 @@ class SourceDigest:
         self._sums = [0, 0]
 
     def add(self, hashes: tuple[pl.Series, pl.Series]) -> None:
+        import polars as pl
+
         self._count += len(hashes[0])
-        for index, values in enumerate(hashes):
-            # Halves summed apart: no sum can overflow below 2^32 ids.
-            high, low = (values // (1 << 32)).sum(), (values % (1 << 32)).sum()
-            self._sums[index] = (self._sums[index] + (int(high) << 32) + int(low)) % (1 << 64)
+        # Halves summed apart, all four in one pass: no sum overflows below 2^32 ids.
+        halves = pl.DataFrame({"first": hashes[0], "second": hashes[1]}).select(
+            high_first=(pl.col("first") // (1 << 32)).sum(),
+            low_first=(pl.col("first") % (1 << 32)).sum(),
+            high_second=(pl.col("second") // (1 << 32)).sum(),
+            low_second=(pl.col("second") % (1 << 32)).sum(),
+        )
+        for index, name in enumerate(("first", "second")):
+            high, low = int(halves[f"high_{name}"][0]), int(halves[f"low_{name}"][0])
+            self._sums[index] = (self._sums[index] + (high << 32) + low) % (1 << 64)
 
     def __str__(self) -> str:
         import polars as pl
@@ -248,7 +256,7 @@ async def _spill(
             if not chunk:
                 continue
             handle.write(chunk + "\n")
-            ids = column(chunk)
+            ids = chunk.column()
             side.count += len(ids)
             hashes = keyer.hashes(ids)
             if digest is not None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import polars as pl
 
 ID_RULES_VERSION = 2  # bump when the rules change: stored source fingerprints then expire
 MAX_ID_LENGTH = 100  # WalkMe: "Up to 100 characters per ID value"
@@ -16,6 +20,7 @@ _CONTROL_IN_CHUNK = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 # Whitespace (but a newline) at the start or end of a line of such a chunk.
 _EDGE_SPACE = re.compile(r"(?m)^[^\S\n]|[^\S\n]$")
 _EMPTY_LINES = re.compile(r"\n\n+")
+_ASCII_ALLOWED = bytes(range(0x20, 0x7F)) + b"\n"  # printable ASCII, and the newline
 
 
 class IdText(str):
@@ -23,7 +28,15 @@ class IdText(str):
     from a source or the store to the diff without one Python object per id (ids
     never hold a newline: the id rules)."""
 
-    __slots__ = ()
+    _column: pl.Series | None = None  # split once, by whoever needs it first
+
+    def column(self) -> pl.Series:
+        """Its ids as a Polars column (``syncd.idtext``)."""
+        if self._column is None:
+            from syncd.idtext import column
+
+            self._column = column(self)
+        return self._column
 
     def ids(self) -> list[str]:
         return self.split("\n") if self else []
@@ -96,16 +109,25 @@ def clean_text(text: str, skipped: SkippedIds) -> IdText:
     object is made per id; any block needing more goes through :func:`clean_ids`."""
     if "\r" in text:
         text = text.replace("\r\n", "\n")  # strip would take the CR of CRLF lines anyway
-    if "\n\n" in text or text.startswith("\n") or text.endswith("\n"):
-        text = _EMPTY_LINES.sub("\n", text).strip("\n")
+    if "\n\n" in text:
+        text = _EMPTY_LINES.sub("\n", text)
+    text = text.strip("\n")
     if not text:
         return IdText()
-    if _CONTROL_IN_CHUNK.search(text) is None and not _edge_space(text):
-        from syncd.idtext import longest_line
+    if not _has_control(text) and not _edge_space(text):
+        from syncd.idtext import longest
 
-        if longest_line(text) <= MAX_ID_LENGTH:
-            return IdText(text)
+        ids = IdText(text)
+        if longest(ids.column()) <= MAX_ID_LENGTH:
+            return ids
     return IdText.of(clean_ids(text.split("\n"), skipped))
+
+
+def _has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character other than the newline."""
+    if text.isascii():  # deleting every allowed byte leaves the others, in C
+        return bool(text.encode("ascii").translate(None, _ASCII_ALLOWED))
+    return _CONTROL_IN_CHUNK.search(text) is not None
 
 
 def _edge_space(text: str) -> bool:
