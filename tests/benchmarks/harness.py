@@ -39,7 +39,6 @@ import asyncpg
 import syncd
 from tests.support.heap import WEBHOOK_PATH, WEBHOOK_SECRET, page, post_signed
 from tests.support.logs import TERMINAL_EVENTS
-from tests.support.net import free_port
 from tests.support.postgres import postgres_url
 from tests.support.processes import DaemonProcess, base_env
 from tests.support.settings import syncd_env
@@ -92,27 +91,30 @@ class Sandbox:
         self.url = ""
 
     def __enter__(self) -> Sandbox:
-        port = free_port()
-        command = [sys.executable, "-m", "syncd.sandbox", "--port", str(port)]
+        # Port 0: the kernel picks one nobody holds (other test runs share this host's
+        # port blocks); the sandbox prints the URL it listens on.
+        command = [sys.executable, "-m", "syncd.sandbox", "--port", "0"]
         if self._delay:
             command += ["--delay", str(self._delay)]
         self._log = self._log_path.open("wb")
         self._proc = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, env=_clean_env()
         )
-        self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
         while True:
             try:
-                self.state()
-                return self
+                self.url = self.url or _listening_url(self._log_path)
+                if self.url:
+                    self.state()
+                    return self
             except OSError:
-                if self._proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__(None, None, None)
-                    raise RuntimeError(
-                        f"the sandbox did not start: {self._log_path.read_text()[-2000:]}"
-                    ) from None
-                time.sleep(0.05)
+                pass
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__(None, None, None)
+                raise RuntimeError(
+                    f"the sandbox did not start: {self._log_path.read_text()[-2000:]}"
+                )
+            time.sleep(0.05)
 
     def __exit__(self, *_: object) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -143,6 +145,22 @@ class Sandbox:
         """Members per segment, by segment name."""
         return {item["name"]: int(item["size"]) for item in self.state()["segments"]}
 
+    def members(self, name: str) -> set[str] | None:
+        """The members of the segment named ``name`` (None: no such segment)."""
+        url = f"{self.url}/_sandbox/state?members=1"
+        with urllib.request.urlopen(url, timeout=600) as answer:  # noqa: S310
+            segments = json.load(answer)["segments"]
+        found = [set(item["members"]) for item in segments if item["name"] == name]
+        return found[0] if found else None
+
+
+
+def _listening_url(log: Path) -> str:
+    """The URL in the sandbox's "sandbox listening on URL" line, once printed."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("sandbox listening on "):
+            return line.removeprefix("sandbox listening on ").strip()
+    return ""
 
 
 _code: Path | None = None  # where subprocesses import syncd from, once frozen
@@ -365,7 +383,7 @@ class HeapDaemon:
         self, api_url: str, state_url: str, name: str, work_dir: Path, debounce_s: float
     ) -> None:
         self.name = name
-        self._port = free_port()
+        self._port = 0  # the kernel picks it; heap.webhook_listening says which
         mapping = {
             "name": name,
             "source": {"type": "heap_webhook", "heap_segment_id": HEAP_SEGMENT_ID},
@@ -379,7 +397,7 @@ class HeapDaemon:
             admin_host="127.0.0.1",
             heap_webhook_secret=WEBHOOK_SECRET,
             webhook_host="127.0.0.1",
-            webhook_port=self._port,
+            webhook_port=0,
             heap_webhook_debounce=debounce_s,
         )
         self._daemon = DaemonProcess(env)
@@ -392,6 +410,8 @@ class HeapDaemon:
         self._daemon.start()
         try:
             self._daemon.wait_for("heap.webhook_listening", timeout=DAEMON_START_S)
+            listening = [e for e in self._daemon.events() if e["event"] == "heap.webhook_listening"]
+            self._port = int(listening[0]["port"])
             self._daemon.wait_for("cycle.finished", timeout=DAEMON_START_S)
         except BaseException:
             self._daemon.kill_if_alive()

@@ -133,6 +133,7 @@ WALL_TARGETS_S = {
 }
 PEAK_RSS_TARGETS_MB = {1_000_000: 120, 10_000_000: 400}
 POSTGRES_WITHIN = 1.5  # PostgreSQL's wall time / SQLite's, per cycle
+EXACT_CHECK_MAX = 1_000_000  # members of a segment compared id by id after its last cycle
 
 
 def targets(cycle: str, size: int, row: Row) -> list[Check]:
@@ -153,6 +154,23 @@ def targets(cycle: str, size: int, row: Row) -> list[Check]:
             Check(f"< {rss_limit} MB", m.peak_rss_mb < rss_limit, f"{m.peak_rss_mb:.0f} MB")
         )
     return checks
+
+
+def check_members(sandbox: Sandbox, name: str, expected: Path, row: Row) -> None:
+    """After a case's last cycle, WalkMe must hold exactly the ids of ``expected``
+    (the cycles' size checks cannot see a wrong id swapped for another); up to
+    ``EXACT_CHECK_MAX`` members, past which fetching them all costs more than it tells."""
+    if row.members > EXACT_CHECK_MAX:
+        return
+    held, wanted = sandbox.members(name), set(read_ids(expected))
+    if held != wanted:
+        missing, extra = wanted - (held or set()), (held or set()) - wanted
+        problem = (
+            f"WalkMe holds the wrong members after the last cycle: {len(missing)} missing,"
+            f" {len(extra)} extra"
+        )
+        print(f"{row.store} {row.members:,}: {problem}", file=sys.stderr, flush=True)
+        row.problems.append(problem)
 
 
 def problems(measured: Measured, sizes: dict[str, int], expected: dict[str, int]) -> list[str]:
@@ -287,6 +305,7 @@ def run_single(opts: Options, root: Path, store: str, size: int, steps: list[Ste
                 rows.append(
                     _cycle(opts, sandbox, step.name, store, size, segments, targeted, measure)
                 )
+            check_members(sandbox, name, steps[-1].path, rows[-1])
     finally:
         shutil.rmtree(case, ignore_errors=True)
     return rows
@@ -322,6 +341,7 @@ def run_webhook(
                 rows.append(
                     _cycle(opts, sandbox, title, store, size, {name: step}, (cycle, size), measure)
                 )
+            check_members(sandbox, name, churn.path, rows[-1])
     finally:
         shutil.rmtree(case, ignore_errors=True)
     return rows
