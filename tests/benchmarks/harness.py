@@ -457,7 +457,8 @@ class HeapDaemon:
         try:
             wait_until(ended, timeout_s, f"the end of {self.name!r}'s run", step=0.01)
         except AssertionError as exc:
-            return Measured(time.time() - started, 0.0, 0.0, 1, [{"event": str(exc)}])
+            outcome = {"segment": self.name, "event": "no end of run", "error": str(exc)}
+            return Measured(time.time() - started, 0.0, 0.0, 1, [outcome])
         ended_at = datetime.fromisoformat(ending["timestamp"]).timestamp()
         return Measured(
             wall_s=ended_at - started,
