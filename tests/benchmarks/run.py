@@ -226,7 +226,7 @@ def _progress(row: Row) -> None:
     stamp = datetime.now().strftime("%H:%M:%S")
     verdict = "ok" if row.met else "MISSED " + _met(row)
     print(
-        f"[{stamp}] {row.store:<10} {row.case:<28} {row.members:>11,}  wall {m.wall_s:7.2f} s"
+        f"[{stamp}] {row.store:<10} {row.case:<34} {row.members:>11,}  wall {m.wall_s:7.2f} s"
         f"  cpu {m.cpu_s:7.2f} s  rss {m.peak_rss_mb:6.0f} MB  req {row.requests}/{row.minimum}"
         f"  floor {row.floor_s:6.2f} s  {verdict}",
         file=sys.stderr,
