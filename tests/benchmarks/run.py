@@ -559,8 +559,9 @@ def report(
         "",
         f"- syncd: {code}",
         *machine(opts.stores, startup_s),
-        f"- benchmark wall-clock runtime: {seconds:.0f} s; {met} of {len(rows)} rows met"
-        " their targets",
+        f"- benchmark wall-clock runtime: {seconds:.0f} s; load average at the end"
+        f" {', '.join(f'{value:.2f}' for value in os.getloadavg())}; {met} of {len(rows)}"
+        " rows met their targets",
         "- wall, CPU and peak RSS are the `python -m syncd sync` process's own (os.wait4);"
         " PostgreSQL's server CPU is not in `cpu s`. Requests: create + update as the"
         " sandbox counted them; `sandbox cpu s`: the sandbox WalkMe's own CPU time in the"
@@ -631,7 +632,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke check: 100k only, and 10 segments of 1,000 with c=1,4",
+        help="smoke check: 100k only (peer and webhook cases included unless turned off),"
+        " and 10 segments of 1,000 with c=1,4",
     )
     parser.add_argument("--seed", type=int, default=6)
     parser.add_argument(
