@@ -452,7 +452,8 @@ def table(rows: Sequence[Row]) -> str:
 def _cell(row: Row | None) -> str:
     if row is None:
         return "-"
-    return f"{row.measured.wall_s:.2f} s, {row.measured.peak_rss_mb:.0f} MB"
+    m = row.measured
+    return f"{m.wall_s:.2f} s (cpu {m.cpu_s:.2f} s), {m.peak_rss_mb:.0f} MB"
 
 
 def _ratio(numerator: Row | None, denominator: Row | None) -> str:
@@ -501,7 +502,11 @@ def webhook_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine(stores: Sequence[str], startup_s: float) -> list[str]:
+def _load(values: Sequence[float]) -> str:
+    return ", ".join(f"{value:.2f}" for value in values)
+
+
+def machine(stores: Sequence[str], startup_s: float, load_at_start: Sequence[float]) -> list[str]:
     model = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -509,9 +514,9 @@ def machine(stores: Sequence[str], startup_s: float) -> list[str]:
                 model = line.split(":", 1)[1].strip()
                 break
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     info = [
-        f"- machine: {usable} usable CPUs (nproc), {model}; load average at start {load}",
+        f"- machine: {usable} usable CPUs (nproc), {model};"
+        f" load average at start {_load(load_at_start)}",
         f"- {platform.python_implementation()} {platform.python_version()}"
         f" on {platform.system()} {platform.release()}; SQLite {sqlite3.sqlite_version}",
         f"- a Python process that only imports syncd's CLI takes {startup_s:.2f} s wall"
@@ -550,6 +555,7 @@ def report(
     argv: str,
     startup_s: float,
     code: str,
+    load_at_start: Sequence[float],
 ) -> str:
     met = sum(row.met for row in rows)
     parts = [
@@ -558,9 +564,9 @@ def report(
         f"`python -m tests.benchmarks{' ' + argv if argv else ''}`",
         "",
         f"- syncd: {code}",
-        *machine(opts.stores, startup_s),
+        *machine(opts.stores, startup_s, load_at_start),
         f"- benchmark wall-clock runtime: {seconds:.0f} s; load average at the end"
-        f" {', '.join(f'{value:.2f}' for value in os.getloadavg())}; {met} of {len(rows)}"
+        f" {_load(os.getloadavg())}; {met} of {len(rows)}"
         " rows met their targets",
         "- wall, CPU and peak RSS are the `python -m syncd sync` process's own (os.wait4);"
         " PostgreSQL's server CPU is not in `cpu s`. Requests: create + update as the"
@@ -706,7 +712,7 @@ def _data_root(opts: Options, root: Path) -> Iterator[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
-    started, clock = datetime.now(UTC), time.monotonic()
+    started, clock, load_at_start = datetime.now(UTC), time.monotonic(), os.getloadavg()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="syncd-bench-") as temp:
         root = Path(temp)
@@ -752,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare_stores(rows)
     seconds = time.monotonic() - clock
     argv_text = " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(opts, rows, started, seconds, argv_text, startup_s, code)
+    text = report(opts, rows, started, seconds, argv_text, startup_s, code, load_at_start)
     print(text)
     if opts.write:
         LAST_RUN.write_text(text)
