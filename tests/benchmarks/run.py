@@ -86,6 +86,7 @@ MANY_SEGMENTS, MANY_MEMBERS = 100, 10_000
 QUICK_MANY_SEGMENTS, QUICK_MANY_MEMBERS = 10, 1_000
 WEBHOOK_FIRST = "webhook: first task"
 WEBHOOK_CHURN = "webhook: 0.1% churn task"
+WEBHOOK_CYCLES = (WEBHOOK_FIRST, WEBHOOK_CHURN)
 # The smallest SYNCD_HEAP_WEBHOOK_DEBOUNCE allows: the rows then hold no debounce wait.
 WEBHOOK_DEBOUNCE_S = 0.0
 
@@ -148,7 +149,7 @@ def targets(cycle: str, size: int, row: Row) -> list[Check]:
     wall_limit = WALL_TARGETS_S.get((size, cycle)) if row.store == "sqlite" else None
     if wall_limit is not None:
         checks.insert(0, Check(f"< {wall_limit:g} s", m.wall_s < wall_limit, f"{m.wall_s:.2f} s"))
-    rss_limit = None if cycle.startswith("webhook") else PEAK_RSS_TARGETS_MB.get(size)
+    rss_limit = None if cycle in WEBHOOK_CYCLES else PEAK_RSS_TARGETS_MB.get(size)
     if rss_limit is not None:
         checks.append(
             Check(f"< {rss_limit} MB", m.peak_rss_mb < rss_limit, f"{m.peak_rss_mb:.0f} MB")
@@ -289,7 +290,7 @@ def run_single(opts: Options, root: Path, store: str, size: int, steps: list[Ste
     try:
         with (
             Sandbox(case / "sandbox.log") as sandbox,
-            fresh_store("sqlite" if store == PEER else store, case) as state_url,
+            contextlib.nullcontext("") if store == PEER else fresh_store(store, case) as state_url,
         ):
             for step in steps:
                 _point(source, step.path)
@@ -490,7 +491,7 @@ def webhook_table(rows: Sequence[Row]) -> str:
         "|---|---|--:|--:|--:|--:|--:|--:|",
     ]
     for row in rows:
-        if row.case.startswith("webhook"):
+        if row.case.startswith(WEBHOOK_CYCLES):
             outcome = row.measured.outcomes[0] if row.measured.outcomes else {}
             duration = outcome.get("duration_s")
             lines.append(
