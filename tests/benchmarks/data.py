@@ -2,9 +2,10 @@
 
 Ids look like real ones (``user00412345@example.com``), in a seeded random
 order. A series is a segment's membership over several cycles: the first file,
-then churned versions (half the churn removed at random, half new ids added).
-Series are cached in a folder with a manifest, so a kept ``--data-dir`` is
-generated once.
+the same file again, optionally the same ids rewritten in another order (new
+bytes, same set), then churned versions (half the churn removed at random, half
+new ids added). Series are cached in a folder with a manifest, so a kept
+``--data-dir`` is generated once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ ID_FORMAT = "user{:08d}@example.com"
 BATCH = 25_000  # WalkMe's limit of ids per request, and syncd's default batch size
 WRITE_CHUNK = 1_000_000
 
-# The cycles after the first sync: (name, fraction of the segment that changes).
+FIRST_SYNC = "first sync"
+UNTOUCHED = "no change (file untouched)"  # syncd's fingerprint shortcut applies
+REDELIVERED = "re-delivered unchanged"  # the same ids in a new order: new bytes, same set
+# The cycles after those: (name, fraction of the segment that changes).
 CHURN_1 = ("1% churn", 0.01)
 CHURN_01 = ("0.1% churn", 0.001)
 
@@ -58,15 +62,21 @@ def series(
     seed: int,
     churns: Sequence[tuple[str, float]],
     first_number: int = 0,
+    redeliver: bool = False,
 ) -> list[Step]:
-    """The first sync, an unchanged cycle, then one cycle per churn, cached in ``folder``.
+    """The first sync, an unchanged cycle (the same file), with ``redeliver`` a
+    re-delivered one (the same ids shuffled into a new file), then one cycle per
+    churn, cached in ``folder``.
 
     Ids are numbered from ``first_number``; added ids take fresh numbers after the
     segment's own range, so every add is new to the segment.
     """
+    names = [FIRST_SYNC, UNTOUCHED, *([REDELIVERED] if redeliver else []), *(n for n, _ in churns)]
     manifest = folder / "manifest.json"
     if manifest.exists():
-        return _load(folder, json.loads(manifest.read_text()))
+        cached = json.loads(manifest.read_text())
+        if [entry["name"] for entry in cached["steps"]] == names:
+            return _load(folder, cached)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     current = list(range(first_number, first_number + size))
@@ -75,9 +85,15 @@ def series(
     first = folder / "first.txt"
     _write_numbers(first, current)
     entries: list[dict[str, object]] = [
-        {"name": "first sync", "file": first.name, "members": size, "change": None},
-        {"name": "no change", "file": first.name, "members": size, "change": "none"},
+        {"name": FIRST_SYNC, "file": first.name, "members": size, "change": None},
+        {"name": UNTOUCHED, "file": first.name, "members": size, "change": "none"},
     ]
+    if redeliver:
+        shuffled = current.copy()
+        rng.shuffle(shuffled)
+        again = folder / "redelivered.txt"
+        _write_numbers(again, shuffled)
+        entries.append({"name": REDELIVERED, "file": again.name, "members": size, "change": "none"})
     for index, (name, fraction) in enumerate(churns):
         half = max(1, round(size * fraction / 2))
         # The order is random, so the last ids are a random sample of the members.
@@ -109,7 +125,7 @@ def _load(folder: Path, manifest: dict[str, object]) -> list[Step]:
         else:
             stem = folder / str(entry["change"])
             change = Change(
-                _read_ids(stem.with_suffix(".adds")), _read_ids(stem.with_suffix(".removes"))
+                read_ids(stem.with_suffix(".adds")), read_ids(stem.with_suffix(".removes"))
             )
         steps.append(Step(entry["name"], folder / entry["file"], int(entry["members"]), change))
     return steps
@@ -122,7 +138,8 @@ def _write_numbers(path: Path, numbers: Sequence[int]) -> None:
             handle.write("\n".join(map(fmt, numbers[start : start + WRITE_CHUNK])) + "\n")
 
 
-def _read_ids(path: Path) -> list[str]:
+def read_ids(path: Path) -> list[str]:
+    """The ids of a file written here, one a line, in file order."""
     ids = path.read_bytes().decode("utf-8").split("\n")
     if ids and not ids[-1]:
         ids.pop()
@@ -149,7 +166,7 @@ def floor_seconds(cycle: Sequence[tuple[str, Step]], batch: int = BATCH, repeats
 
 
 def _minimal_work(name: str, step: Step, batch: int) -> None:
-    ids = _read_ids(step.path)
+    ids = read_ids(step.path)
     dumps = json.dumps
     if step.change is None:
         for start in range(0, max(len(ids), 1), batch):
