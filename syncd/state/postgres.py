@@ -144,6 +144,15 @@ class PostgresStore(StateStore):
         async with self._conn() as conn:
             return await _run(conn, script)
 
+    async def _read_in_key_order(self, script: Script[_T]) -> _T:
+        # Right after a bulk load the planner's statistics can say "a few rows" and
+        # pick a bitmap scan that sorts all the rest of the segment for every page:
+        # quadratic (measured: 150 ms a page instead of 17 at 1M members). The
+        # primary key's order needs no sort; these settings last one transaction.
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute("SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off")
+            return await _run(conn, script)
+
     def _lease_held(self, name: str, holder: str) -> Query:
         # The row lock keeps anyone from taking the lease over until the
         # transaction ends, so what it writes is written under that lease.

@@ -96,6 +96,10 @@ class SqlStore(ABC):
     async def _read(self, script: Script[_T]) -> _T:
         """Run the script's reads, outside a transaction."""
 
+    async def _read_in_key_order(self, script: Script[_T]) -> _T:
+        """``_read`` for a keyset page, which must walk the primary key in order."""
+        return await self._read(script)
+
     @abstractmethod
     def _lease_held(self, name: str, holder: str) -> Query:
         """A query with a row while ``holder`` holds the segment's unexpired lease,
@@ -120,7 +124,7 @@ class SqlStore(ABC):
 
         after: str | None = ""
         while after is not None:
-            chunk, after = await self._read(page(after))
+            chunk, after = await self._read_in_key_order(page(after))
             if chunk:
                 yield chunk
 
