@@ -32,12 +32,14 @@ NextAction = Literal["add", "remove", "nothing", "held", "quarantined", "unknown
 
 
 def transformed(raw: str, mapping: SegmentMapping) -> str | None:
-    """THE TRANSFORM STEP, the one place explain applies a mapping's transform: the
-    raw source value as the transform makes it (None: the transform drops it).
-    syncd has no per-mapping transform yet, so this is the identity; the id rules
-    apply to what it returns."""
-    del mapping  # read by the transform once mappings have one
-    return raw
+    """The one place explain applies a mapping's transform, as a run does (trimmed
+    first, then each step): the raw source value as the transform makes it (None:
+    the transform drops it). The id rules apply to what it returns."""
+    trimmed = raw.strip()
+    if not mapping.transform or not trimmed:
+        return trimmed or None
+    after = mapping.transform.apply([trimmed], lambda _value, _reason: None)
+    return after[0] if after else None
 
 
 @dataclass

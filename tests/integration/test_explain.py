@@ -204,3 +204,34 @@ async def test_nothing_sent_or_written(synced: Synced) -> None:
     assert list(sandbox.requests) == []
     assert sorted(synced.harness.folder.glob("state.db*")) == files
     assert [path.read_bytes() for path in files] == before
+
+
+async def test_an_id_is_explained_after_the_mappings_transform(
+    make_harness: HarnessFactory,
+) -> None:
+    """The id asked about is the one WalkMe holds (after the transform); the source's
+    own spellings of it are shown, and a value the transform drops is not it."""
+    harness = await make_harness()
+    mappings = [
+        harness.mapping(
+            "Lowered",
+            ["Ann@X.com", "ANN@x.COM", "heap|bob@x.com"],
+            transform=["lower", "strip_prefix:heap|"],
+        )
+    ]
+    settings = harness.settings(mappings)
+    [outcome] = await harness.sync(settings)
+    assert outcome.result == "synced"
+    assert harness.sandbox.members(harness.guid("Lowered")) == {"ann@x.com", "bob@x.com"}
+    env = cli_env(harness.sandbox.url, harness.folder, mappings)
+    code, out, err = await run_cli_async("explain", "--json", "--id", "ann@x.com", env=env)
+    assert code == 0, out + err
+    [row] = json.loads(out)["segments"]
+    assert row["source"]["in_source"] is True
+    assert row["source"]["originals"] == ["Ann@X.com", "ANN@x.COM"]
+    assert row["snapshot"]["delivered"] is True
+    assert row["next_run"]["action"] == "nothing"
+    code, out, err = await run_cli_async("explain", "--json", "--id", "Ann@X.com", env=env)
+    assert code == 0, out + err
+    [row] = json.loads(out)["segments"]
+    assert row["source"]["in_source"] is False  # no source value becomes this id
