@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 KEYED_IN_MEMORY = 2_000_000  # ids per side keyed whole: 32 MB of keys, both sides
 PARTITION_IDS = 1_000_000  # ids per partition of a larger side
+SORTED_WHOLE = 100_000  # adds or removes up to this many are written in one sorted run
 READ_BYTES = 1 << 22  # spill files are read back a block at a time
 SPILL_PREFIX = "syncd-diff-"  # + pid: spills of dead processes can be found and removed
 
@@ -340,12 +341,20 @@ class _Keyed:
 
 
 def _select(side: _Keyed, mask: pl.Series, out: TextIO) -> int:
-    """Write the ids where ``mask`` holds, sorted; how many."""
+    """Write the ids where ``mask`` holds; how many. Up to ``SORTED_WHOLE`` of them
+    are written sorted as a whole, more (a first sync) block by block, so a first
+    sync never holds all its ids at once; either way a batch appends to the
+    snapshot's index in runs of increasing ids."""
     import polars as pl
 
     count = int(mask.sum())
-    if count:
+    if not count:
+        return 0
+    if count <= SORTED_WHOLE:
         _write(out, pl.concat(list(side.selected(mask))).sort())
+    else:
+        for ids in side.selected(mask):
+            _write(out, ids.sort())
     return count
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import shutil
@@ -583,3 +584,22 @@ async def test_a_digest_of_other_seeds_or_another_polars_is_not_trusted(tmp_path
     assert fresh.digest != first.digest  # seeds drawn anew without a stored digest
     assert repr(syncd.diff.SourceDigest(first.digest)) == "SourceDigest(...)"
     assert first.digest not in repr(first)
+
+
+async def test_a_large_plan_is_written_block_by_block_each_block_sorted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past SORTED_WHOLE ids (a first sync), the adds are sorted within each block of
+    the spill file rather than all at once: every id once, runs of increasing ids."""
+    monkeypatch.setattr(syncd.diff, "SORTED_WHOLE", 5)
+    monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)
+    new = [f"n{i:03}" for i in range(60)]
+    diff = await diff_of([new[::-1]], [], tmp_path)
+    try:
+        written = everything(diff, "add")
+        assert sorted(written) == new
+        assert written != new  # not one sorted run...
+        runs = sum(1 for a, b in itertools.pairwise(written) if b < a) + 1
+        assert 1 < runs < len(new) // 3  # ...but a few long ones, block by block
+    finally:
+        diff.close()
