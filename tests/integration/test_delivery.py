@@ -4,16 +4,14 @@ the replay of a pending batch in slices."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 import structlog
 
-from syncd.app import open_runtime
 from syncd.diff import Diff
 from syncd.engine import delivery as delivery_module
 from syncd.engine.control import Interrupted, RunControl
@@ -24,6 +22,7 @@ from syncd.sandbox import SANDBOX_SYSTEM_GUID
 from syncd.state import StateStore
 from syncd.state.base import PendingBatch
 from syncd.walkme import WalkMeError, WalkMeNotFound, WalkMeRejected, create_key
+from tests.integration.conftest import RuntimeFactory
 from tests.support.harness import Harness, HarnessFactory, seed_segment
 from tests.support.ids import make_ids
 
@@ -57,19 +56,16 @@ class Rig:
 RigFactory = Callable[..., Any]
 
 
-@pytest_asyncio.fixture
-async def rig(make_harness: HarnessFactory) -> AsyncIterator[RigFactory]:
+@pytest.fixture
+def rig(make_harness: HarnessFactory, runtime_of: RuntimeFactory) -> RigFactory:
     """``await rig(guid=..., **sandbox kwargs)``: a delivery for a run of ``vip``."""
-    opened: list[Any] = []
 
     async def make(guid: str | None = None, **sandbox: Any) -> Rig:
         harness = await make_harness(**sandbox)
         if guid == "seeded":
             guid = await seed_segment(harness.sandbox, NAME, [])
         settings = harness.settings([harness.mapping(NAME)])
-        runtime_context = open_runtime(settings, settings.mappings())
-        runtime = await runtime_context.__aenter__()
-        opened.append(runtime_context)
+        runtime = await runtime_of(settings)
         store = runtime.store
         await store.begin_run(NAME, "run-1", SANDBOX_SYSTEM_GUID, None)
         if guid is not None:
@@ -95,9 +91,7 @@ async def rig(make_harness: HarnessFactory) -> AsyncIterator[RigFactory]:
         harness.sandbox.clear_requests()
         return Rig(harness, store, delivery, outcome, stop_after)
 
-    yield make
-    for runtime_context in reversed(opened):
-        await runtime_context.__aexit__(None, None, None)
+    return make
 
 
 def diff_of(folder: Path, adds: list[str], removes: list[str]) -> Diff:
