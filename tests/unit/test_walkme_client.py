@@ -760,6 +760,17 @@ async def test_create_answer_naming_no_segment_of_ours_is_found_by_listing(
     assert [seen.method for seen in fake.calls] == ["POST", "GET"]
 
 
+async def test_create_answer_is_read_from_its_first_wrapping_only(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    fake.segments.append({"segmentGuid": GUID.upper(), "name": "new", "externalId": "ext-1"})
+    answer = {"data": {"name": "new"}, "segments": {"segmentGuid": OTHER_GUID, "name": "new"}}
+    fake.script.append(Reply(201, body=json.dumps(answer)))
+    guid = await make_client(fake, session).create_segment(SYSTEM, "new", "ext-1", ["a"])
+    assert guid == GUID  # found by listing
+    assert len(fake.calls) == 2
+
+
 async def test_create_answer_wrapping_our_segment_is_read(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
@@ -919,6 +930,16 @@ def excerpt_of(body: str) -> str:
             " SYNCD_WALKME_API_URL",
             id="3xx-without-location",
         ),
+        pytest.param(
+            [Reply(300, body="choices")],
+            "update",
+            WalkMeError,
+            300,
+            "WalkMe answered HTTP 300 to update, redirecting to no Location given: syncd never"
+            " follows redirects (nothing was sent there); if WalkMe moved, set"
+            " SYNCD_WALKME_API_URL",
+            id="300",
+        ),
     ],
 )
 async def test_each_refusal_says_what_it_was_and_keeps_the_body(
@@ -964,6 +985,13 @@ async def test_a_404_listing_names_the_system_guid_setting(
             id="401",
         ),
         pytest.param(Reply(418, body="teapot"), "token call answered HTTP 418: teapot", id="418"),
+        pytest.param(
+            Reply(300, body="choices"),
+            "WalkMe answered HTTP 300 to token, redirecting to no Location given: syncd never"
+            " follows redirects (nothing was sent there); if WalkMe moved, set"
+            " SYNCD_WALKME_TOKEN_URL",
+            id="300",
+        ),
         pytest.param(
             Reply(302, headers={"Location": "https://login.example/x"}, body="moved"),
             "WalkMe answered HTTP 302 to token, redirecting to https://login.example/x: syncd"
@@ -1017,6 +1045,51 @@ async def test_retries_exhausted_say_how_often_and_the_last_failure(
         await make_client(fake, session, attempts=attempts).update_segment(SYSTEM, GUID, "add", [])
     assert str(info.value) == message
     assert info.value.status == replies[-1].status
+
+
+@pytest.mark.parametrize("kind", ["list", "create", "update", "delete"])
+async def test_retries_exhausted_name_the_call(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, kind: str
+) -> None:
+    fake.script.extend([Reply(503)] * 2)
+    with pytest.raises(WalkMeUnavailable) as info:
+        await call(make_client(fake, session, attempts=1), kind)
+    assert str(info.value) == f"WalkMe {kind} call failed once; last: server error (HTTP 503)"
+
+
+async def test_token_answered_html_says_it_was_the_token_call(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    fake.token_script.append(Reply(200, body="<p>portal</p>", content_type="text/html"))
+    with pytest.raises(WalkMeUnavailable) as info:
+        await make_client(fake, session, attempts=1).access_token()
+    assert str(info.value) == (
+        "WalkMe token call failed once; last: token answered HTTP 200 with Content-Type"
+        " text/html, not an acknowledgement: '<p>portal</p>'"
+    )
+
+
+async def test_token_answer_without_access_token_says_so_with_its_status(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    fake.token_script.append(Reply(201, body="{}"))
+    with pytest.raises(WalkMeError) as info:
+        await make_client(fake, session).access_token()
+    assert (str(info.value), info.value.status) == (
+        "token call answered without an access_token",
+        201,
+    )
+
+
+async def test_token_endpoint_retry_after_is_honoured(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    # Without Retry-After the first wait is at least 0.5 s (wait_initial).
+    fake.token_script.append(Reply(429, {"Retry-After": "0.2"}))
+    started = time.monotonic()
+    await make_client(fake, session, max_wait=5.0).access_token()
+    assert 0.19 <= time.monotonic() - started < 0.45
+    assert len(fake.token_requests) == 2
 
 
 async def test_token_call_unavailable_says_so(
@@ -1122,6 +1195,23 @@ async def test_find_segment_by_external_id_or_else_by_name(
 # -- what each request carries ---------------------------------------------------------
 
 
+async def test_the_lease_proof_comes_before_every_send_of_a_change(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    proofs: list[int] = []
+
+    async def prove() -> None:
+        proofs.append(len(fake.calls))
+
+    client = make_client(fake, session)
+    await client.access_token()
+    fake.revoke()
+    await client.update_segment(SYSTEM, GUID, "add", ["a"], prove)  # 401, fresh token, 200
+    assert proofs == [0, 1]
+    await client.create_segment(SYSTEM, "new", "ext-1", ["a"], prove)
+    assert proofs == [0, 1, 2]
+
+
 async def test_requests_carry_json_headers_and_a_compact_body(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
@@ -1217,6 +1307,9 @@ async def test_the_tally_counts_every_request_by_kind(
     assert tally == Counter({"token": 2, "list": 2, "update": 3, "create": 1})
     await client.find_segment(SYSTEM, "vip", None, tally=tally)
     assert tally["list"] == 3
+    fake.script.append(Reply(201, body="{}"))
+    await client.create_segment(SYSTEM, "new", None, ["a"], tally=tally)  # no GUID: listed
+    assert (tally["create"], tally["list"]) == (2, 4)
 
 
 async def test_requests_are_counted_and_timed_by_kind_and_status(
@@ -1397,6 +1490,12 @@ def connector_error(os_error: OSError) -> aiohttp.ClientConnectorError:
             id="no-errno",
         ),
         pytest.param(
+            connector_error(OSError(1, "words of its own")),
+            True,
+            "cannot connect to walkme.example:8443: Operation not permitted",
+            id="errno-1",
+        ),
+        pytest.param(
             connector_error(OSError(0, "Odd")),
             True,
             "cannot connect to walkme.example:8443: Odd",
@@ -1457,15 +1556,25 @@ def connector_error(os_error: OSError) -> aiohttp.ClientConnectorError:
     ],
 )
 @pytest.mark.parametrize("fail_fast", [False, True])
+@pytest.mark.usefixtures("retry_hook")
 async def test_failed_connections_name_where_and_why(
     error: Exception, unconnected: bool, detail: str, fail_fast: bool
 ) -> None:
     """Retried like any transient failure, except (fail_fast, ``syncd check``) a
     connection that could not be made at all."""
     client, failing = failing_client(error, fail_fast=fail_fast)
+    reason = (
+        "timeout"
+        if isinstance(error, TimeoutError)
+        else "broken response"
+        if isinstance(error, aiohttp.ClientPayloadError)
+        else "connection error"
+    )
+    retried = sample("syncd_walkme_retries_total", reason=reason)
     with pytest.raises(WalkMeUnavailable) as info:
         await client.access_token()
     once = fail_fast and unconnected
+    assert sample("syncd_walkme_retries_total", reason=reason) - retried == (0 if once else 1)
     times = "once" if once else "2 times"
     assert str(info.value) == f"WalkMe token call failed {times}; last: {detail}"
     assert failing.requests == (1 if once else 2)
@@ -1526,6 +1635,41 @@ async def test_shutdown_ends_a_wait_for_a_retry_at_once(
     assert len(fake.calls) == 2  # the retry was never sent
 
 
+async def test_shutdown_during_a_request_that_must_be_retried_ends_after_it(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    client = make_client(fake, session, max_wait=5.0)
+    await client.access_token()
+    fake.delay = 0.3
+    fake.script.append(Reply(503, {"Retry-After": "5"}))
+    sending = asyncio.ensure_future(client.update_segment(SYSTEM, GUID, "add", ["a"]))
+    await asyncio.sleep(0.1)
+    client.stop()
+    started = time.monotonic()
+    with pytest.raises(walkme.WalkMeStopped):
+        await sending
+    assert time.monotonic() - started < 0.8  # the answer, then no wait for the retry
+    assert len(fake.calls) == 1
+
+
+async def test_a_call_cancelled_while_waiting_to_retry_sends_nothing_more(
+    fake: FakeWalkMe, session: aiohttp.ClientSession
+) -> None:
+    client = make_client(fake, session, max_wait=0.3)
+    fake.script.append(Reply(503, {"Retry-After": "0.3"}))
+    sending = asyncio.ensure_future(client.update_segment(SYSTEM, GUID, "add", ["a"]))
+    await asyncio.sleep(0.1)
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    await asyncio.sleep(0.5)
+    assert len(fake.calls) == 1
+
+
+def test_a_token_never_shows_its_value() -> None:
+    assert repr(walkme._Token("s3cret-token", 0.0)) == "<token [redacted]>"
+
+
 # -- the session -------------------------------------------------------------------------
 
 
@@ -1546,3 +1690,8 @@ async def test_session_verifies_tls_with_the_given_timeouts() -> None:
 async def test_session_trusts_the_given_ca_bundle(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         walkme.make_session(10.0, tmp_path / "missing.pem")
+    bundle = ssl.get_default_verify_paths().cafile
+    if bundle is None:
+        pytest.skip("no CA bundle on this machine to load")
+    async with walkme.make_session(10.0, Path(bundle)) as made:
+        assert isinstance(made.connector, aiohttp.TCPConnector)
