@@ -413,7 +413,7 @@ async def test_delete_of_a_segment_already_gone_forgets_it(
     stored = await store.get("vip")
     assert stored is not None
     with structlog.testing.capture_logs() as logs:
-        assert not await lifecycle(store, client, [], interval_s=0.0).delete(stored)
+        assert await lifecycle(store, client, [], interval_s=0.0).delete(stored) is False
     assert await store.get("vip") is None
     assert [e["already_gone"] for e in lines(logs, "segment.deleted")] == [True]
 

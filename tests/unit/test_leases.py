@@ -89,10 +89,17 @@ async def test_a_store_that_recreated_its_tables_is_asked_again(
             raise StateRecreated("made again")
         return await acquire(name, holder, ttl_s)
 
+    marked: list[str] = []
+
+    async def mark_due(name: str) -> None:
+        marked.append(name)
+
     monkeypatch.setattr(store, "acquire_lease", recreated_once)
+    monkeypatch.setattr(store, "mark_due", mark_due)
     lease = await LeaseKeeper(store, ME, 30).take(NAME, "run-1")
     assert lease is not None
     assert calls == [lease.holder, lease.holder]
+    assert marked == []  # taken at the first try: no run asked for again
     assert await store.lease_holder(NAME) == lease.holder
 
 
