@@ -4,8 +4,9 @@ the replay of a pending batch in slices."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,19 @@ from syncd.diff import Diff
 from syncd.engine import delivery as delivery_module
 from syncd.engine.control import Interrupted, RunControl
 from syncd.engine.delivery import BatchDelivery
+from syncd.engine.leases import Lease
 from syncd.engine.outcome import Outcome
 from syncd.engine.resolve import Mode
 from syncd.sandbox import SANDBOX_SYSTEM_GUID
 from syncd.state import StateStore
-from syncd.state.base import PendingBatch
+from syncd.state.base import LeaseLost, PendingBatch
 from syncd.walkme import WalkMeError, WalkMeNotFound, WalkMeRejected, create_key
 from tests.integration.conftest import RuntimeFactory
 from tests.support.harness import Harness, HarnessFactory, seed_segment
 from tests.support.ids import make_ids
 
 NAME = "vip"
+HOLDER = "rig-host:1:aaaaaa-run-1"
 ID_BYTES = len(make_ids(1)[0]) + 3  # the id, its quotes and a comma in the JSON body
 BODY_BYTES = 60  # {"action":"add","userIds":[]} and the request's own framing
 
@@ -40,6 +43,8 @@ class Rig:
     delivery: BatchDelivery
     outcome: Outcome
     stop_after: list[int]  # requests the run may start before shutdown (empty: no limit)
+    control: RunControl
+    proofs: list[int]  # the sandbox's writes received at each proof of the lease
 
     def requests(self) -> list[tuple[str, str | None, int | None, int]]:
         """(kind, action, ids, status) of each create and update seen."""
@@ -60,11 +65,13 @@ RigFactory = Callable[..., Any]
 def rig(make_harness: HarnessFactory, runtime_of: RuntimeFactory) -> RigFactory:
     """``await rig(guid=..., **sandbox kwargs)``: a delivery for a run of ``vip``."""
 
-    async def make(guid: str | None = None, **sandbox: Any) -> Rig:
+    async def make(
+        guid: str | None = None, mapping: dict[str, Any] | None = None, **sandbox: Any
+    ) -> Rig:
         harness = await make_harness(**sandbox)
         if guid == "seeded":
             guid = await seed_segment(harness.sandbox, NAME, [])
-        settings = harness.settings([harness.mapping(NAME)])
+        settings = harness.settings([harness.mapping(NAME, **(mapping or {}))])
         runtime = await runtime_of(settings)
         store = runtime.store
         await store.begin_run(NAME, "run-1", SANDBOX_SYSTEM_GUID, None)
@@ -78,18 +85,26 @@ def rig(make_harness: HarnessFactory, runtime_of: RuntimeFactory) -> RigFactory:
             stop_after[0] -= 1
             return stop_after[0] < 0
 
+        proofs: list[int] = []
+
+        async def prove() -> None:
+            proofs.append(harness.sandbox.writes_received)
+
+        # The run holds the segment's lease, as a real one does.
+        assert await store.acquire_lease(NAME, HOLDER, 60)
+        control = RunControl(stopping, Lease(NAME, HOLDER, "run-1"), prove)
         outcome = Outcome(NAME, "failed", "run-1")
         delivery = BatchDelivery(
             store,
             runtime.client,
-            RunControl(stopping),
+            control,
             outcome,
             settings.mappings()[0],
             SANDBOX_SYSTEM_GUID,
             guid,
         )
         harness.sandbox.clear_requests()
-        return Rig(harness, store, delivery, outcome, stop_after)
+        return Rig(harness, store, delivery, outcome, stop_after, control, proofs)
 
     return make
 
@@ -146,6 +161,13 @@ async def test_a_created_segment_gets_its_first_batch_then_adds(rig: RigFactory)
     guid = r.harness.guid(NAME)
     assert r.delivery.guid == guid
     assert r.harness.sandbox.members(guid) == set(make_ids(5))
+    stored = await r.store.get(NAME)
+    assert stored is not None
+    assert (stored.segment_guid, stored.members, stored.needs_override) == (guid, 5, False)
+    [run] = await r.store.history(NAME, 1)
+    assert (run.added, run.requests) == (5, 3)
+    assert r.proofs == [0, 1, 2]  # before each of the three sends
+    assert r.control.tally == Counter({"token": 1, "create": 1, "update": 2})
     assert [e for e in logs if e["event"] == "segment.created"] == [
         {"event": "segment.created", "segment_guid": guid, "log_level": "info"}
     ]
@@ -428,3 +450,103 @@ async def test_a_replay_refused_outright_stays_pending(rig: RigFactory) -> None:
     with pytest.raises(WalkMeError):
         await r.delivery.replay(PendingBatch("add", ids), 2)
     assert await r.store.pending_batch(NAME) == PendingBatch("add", ids)
+
+
+# -- what mutation testing asked for -------------------------------------------------------
+
+
+async def test_a_created_segment_carries_the_mappings_external_id(rig: RigFactory) -> None:
+    r: Rig = await rig(mapping={"external_id": "ext-9"})
+    await send(r, "create", make_ids(1), [], 10)
+    record = r.harness.sandbox.find(name=NAME)
+    assert record is not None
+    assert record.external_id == "ext-9"
+
+
+async def test_rejected_ids_of_an_override_are_quarantined_after_emptying_it(
+    rig: RigFactory,
+) -> None:
+    ids = make_ids(4)
+    r: Rig = await rig(guid="seeded", rejected_ids=[ids[0]])
+    await r.store.record_batch(NAME, "run-1", "add", ["stale"])
+    await send(r, "override", ids, [], 4)
+    assert r.requests()[:2] == [("update", "override", 4, 400), ("update", "override", 0, 200)]
+    assert r.harness.sandbox.members(r.harness.guid(NAME)) == set(ids[1:])
+    assert await r.members() == set(ids[1:])  # "stale" went with the override
+
+
+async def test_quarantined_ids_of_every_batch_are_counted(rig: RigFactory) -> None:
+    ids = make_ids(4)
+    r: Rig = await rig(guid="seeded", rejected_ids=[ids[0], ids[2]])
+    await send(r, "update", ids, [], 2)
+    assert r.outcome.quarantined == 2
+
+
+async def test_413_of_a_part_while_bisecting_halves_that_part(rig: RigFactory) -> None:
+    ids = make_ids(4)
+    r: Rig = await rig(guid="seeded")
+    r.harness.sandbox.script(400)  # the batch
+    r.harness.sandbox.script(413)  # its first half
+    await send(r, "update", ids, [], 4)
+    assert [n for _, _, n, _ in r.requests()] == [None, None, 1, 1, 2]
+    assert await r.members() == set(ids)
+
+
+async def test_413_of_one_id_while_bisecting_fails_saying_what_to_raise(
+    rig: RigFactory,
+) -> None:
+    r: Rig = await rig(guid="seeded")
+    r.harness.sandbox.script(400)
+    r.harness.sandbox.script(413, body={"error": "too big"})
+    with pytest.raises(WalkMeError) as info:
+        await send(r, "update", make_ids(2), [], 2)
+    assert str(info.value).startswith("WalkMe (or a proxy before it) answers 413")
+    assert info.value.status == 413
+
+
+async def test_the_control_request_names_its_own_answer(rig: RigFactory) -> None:
+    r: Rig = await rig(guid="seeded")
+    r.harness.sandbox.script(400, times=2, body={"error": "first"})
+    r.harness.sandbox.script(400, body={"error": "control"})
+    with pytest.raises(WalkMeRejected) as info:
+        await send(r, "update", make_ids(2), [], 2)
+    assert str(info.value).endswith('WalkMe said: {"error": "control"}')
+
+
+async def test_a_replay_of_one_id_in_slices_of_one_is_one_request(rig: RigFactory) -> None:
+    r: Rig = await rig(guid="seeded")
+    await r.delivery.replay(PendingBatch("add", make_ids(1)), 1)
+    assert r.requests() == [("update", "add", 1, 200)]
+
+
+async def test_a_rebuild_that_fails_after_adopting_our_create_is_rebuilt_next_time(
+    rig: RigFactory,
+) -> None:
+    r: Rig = await rig()
+    key = create_key(SANDBOX_SYSTEM_GUID, NAME)
+    guid = await seed_segment(r.harness.sandbox, "earlier create", [], external_id=key)
+    sandbox = r.harness.sandbox
+
+    def fail_updates(kind: str) -> None:
+        if kind == "update":  # the rebuild after adopting
+            sandbox.faults = replace(sandbox.faults, error_rate=1.0)
+
+    sandbox.on_request(fail_updates)
+    with pytest.raises(WalkMeError):
+        await send(r, "create", make_ids(2), [], 2)
+    stored = await r.store.get(NAME)
+    assert stored is not None
+    assert (stored.segment_guid, stored.origin, stored.needs_override) == (guid, "created", True)
+
+
+async def test_a_run_that_lost_its_lease_writes_nothing(rig: RigFactory) -> None:
+    r: Rig = await rig(guid="seeded")
+    await r.store.record_batch(NAME, "run-1", "add", ["kept"])
+    await r.store.release_lease(NAME, HOLDER)
+    assert await r.store.acquire_lease(NAME, "another-host:2:bbbbbb-run", 60)
+    r.control.prove_lease = None  # the store's fence alone
+    with pytest.raises(LeaseLost):
+        await send(r, "update", make_ids(2), [], 2)
+    assert r.requests() == []
+    assert await r.store.pending_batch(NAME) is None
+    assert await r.members() == {"kept"}
