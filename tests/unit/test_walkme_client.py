@@ -449,6 +449,25 @@ def test_client_repr_names_the_client_and_hides_the_secret() -> None:
     assert SECRET not in shown
 
 
+def test_the_client_has_its_basic_credential_scrubbed_even_bare() -> None:
+    """Not only the secret: the Basic credential made of its own client id too."""
+    client_id, secret = "client-only-here", "secret-only-here-5e1f"
+    basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+    async def build() -> None:
+        async with aiohttp.ClientSession() as client_session:
+            WalkMeClient(
+                client_session,
+                api_url="https://api.walkme.com",
+                token_url="https://api.walkme.com/accounts/connect/token",
+                client_id=client_id,
+                client_secret=SecretStr(secret),
+            )
+
+    asyncio.run(build())
+    assert basic not in scrub(f"echoed: {basic}")
+
+
 # -- retries -------------------------------------------------------------------------
 
 
