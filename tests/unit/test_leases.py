@@ -126,18 +126,20 @@ async def test_the_lease_of_a_live_process_of_this_host_is_not_broken(
     assert await store.lease_holder(NAME) == live
 
 
-@pytest.mark.parametrize(
-    ("holder", "dead"),
-    [
-        (f"{HOST}:{os.getpid()}:nonce", True),  # this process's pid: a previous run here
-        (f"{HOST}:{os.getppid()}:nonce", False),  # alive
-        (f"other-{HOST}:{os.getpid()}:nonce", False),  # another host: cannot tell
-        (f"{HOST}:pid:nonce", False),
-        (f"{HOST}", False),
-        ("", False),
-    ],
-)
-def test_dead_here_reads_host_and_pid(holder: str, dead: bool) -> None:
+# By description, not value: the ids of parametrized tests must not hold a pid (xdist).
+HOLDERS = {
+    "this process's pid: a previous run here": (f"{HOST}:{os.getpid()}:nonce", True),
+    "a live process": (f"{HOST}:{os.getppid()}:nonce", False),
+    "another host: cannot tell": (f"other-{HOST}:{os.getpid()}:nonce", False),
+    "no pid": (f"{HOST}:pid:nonce", False),
+    "the host only": (HOST, False),
+    "nothing": ("", False),
+}
+
+
+@pytest.mark.parametrize("case", list(HOLDERS))
+def test_dead_here_reads_host_and_pid(case: str) -> None:
+    holder, dead = HOLDERS[case]
     assert dead_here(holder) is dead
 
 
