@@ -3,15 +3,18 @@ test's event loop or on a thread) and ``syncd run`` subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from syncd.app import Runtime, open_runtime
 from syncd.sandbox import WalkMeSandbox, run_sandbox_in_thread
+from syncd.settings import Settings
 from tests.support.harness import CLIENT_ID, CLIENT_SECRET, Harness, HarnessFactory
 from tests.support.processes import DaemonProcess
 
@@ -47,6 +50,21 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[HarnessFactory]:
 @pytest_asyncio.fixture
 async def harness(make_harness: HarnessFactory) -> Harness:
     return await make_harness()
+
+
+RuntimeFactory = Callable[[Settings], Awaitable[Runtime]]
+
+
+@pytest_asyncio.fixture
+async def runtime_of() -> AsyncIterator[RuntimeFactory]:
+    """``await runtime_of(settings)``: the commands' runtime (state store, WalkMe
+    client, engine) for those settings, in this test's loop; closed at the end."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def open_one(settings: Settings) -> Runtime:
+            return await stack.enter_async_context(open_runtime(settings, settings.mappings()))
+
+        yield open_one
 
 
 # ------------------------------------------------------------ subprocess harness

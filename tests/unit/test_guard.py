@@ -43,3 +43,11 @@ def test_plans_the_guard_lets_through(
     removes: int, snapshot: int, source_ids: int, fraction: float
 ) -> None:
     assert held(removes, snapshot, source_ids, fraction) is None
+
+
+def test_an_empty_source_against_one_member_is_held() -> None:
+    assert held(removes=1, snapshot=1, source_ids=0) is not None
+
+
+def test_a_segment_of_exactly_guard_min_members_is_guarded() -> None:
+    assert held(removes=51, snapshot=100, source_ids=49) is not None
