@@ -496,16 +496,13 @@ class WalkMeClient:
     @staticmethod
     def _created(payload: Any, name: str, key: str) -> RemoteSegment | None:
         """The segment a create answer names, if it is the one just created: an
-        object (maybe wrapped) or a one-item array, whose name and external id, when
-        given, are ours. Otherwise the GUID is found by listing."""
-        if isinstance(payload, dict):
-            wrapped = [payload[k] for k in _LIST_KEYS if isinstance(payload.get(k), dict)]
-            candidates = [payload, *wrapped[:1]]
-        else:
-            candidates = segment_list(payload)
-            if len(candidates) != 1:
-                return None
-        for item in candidates:
+        object (maybe wrapped; an acknowledged create answer is always an object)
+        whose name and external id, when given, are ours. Otherwise the GUID is found
+        by listing."""
+        if not isinstance(payload, dict):
+            return None
+        wrapped = [payload[k] for k in _LIST_KEYS if isinstance(payload.get(k), dict)]
+        for item in [payload, *wrapped[:1]]:
             created = parse_segment(item)
             if created is None:
                 continue

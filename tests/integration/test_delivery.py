@@ -55,7 +55,7 @@ class Rig:
         ]
 
     async def members(self) -> set[str]:
-        return {member async for chunk in self.store.snapshot(NAME, 1000) for member in chunk}
+        return {member async for chunk in self.store.snapshot(NAME, 1000) for member in chunk.ids()}
 
 
 RigFactory = Callable[..., Any]

@@ -260,7 +260,7 @@ def lifecycle(
     async def current() -> MappingSet:
         return mapping_set
 
-    return SegmentLifecycle(store, client, ME, 30.0, interval_s, current)
+    return SegmentLifecycle(store, client, ME, 30.0, lambda _name: interval_s, current)
 
 
 async def test_heartbeats_say_what_this_replica_maps_and_warn_once_per_difference(
