@@ -297,7 +297,6 @@ def _compare(
             diff.distinct += int(kept.sum()) + int(new.sum())
             added = new & ~wanted.keys.is_in(quarantine.add.implode())
             gone = ~kept & ~held.keys.is_in(quarantine.remove.implode())
-            # Sorted: a first sync then appends to the snapshot's index.
             diff.adds += _select(wanted, added, adds)
             diff.removes += _select(held, gone, removes)
             del wanted, held

@@ -73,19 +73,17 @@ def clean_ids(raw: Iterable[object], skipped: SkippedIds) -> list[str]:
     its Python repr is not the text the source holds, so it must not be sent.
     Duplicates are left to the diff, which keeps each id once.
     """
-    values = raw if isinstance(raw, list) else list(raw)
-    if set(map(type, values)) <= {str}:
-        # The common case, checked chunk-wide so the per-id work stays in C.
-        stripped = list(filter(None, map(str.strip, values)))
-        joined = "\n".join(stripped)
-        if (
-            max(map(len, stripped), default=0) <= MAX_ID_LENGTH
-            and joined.count("\n") == max(len(stripped) - 1, 0)  # no newline inside an id
-            and not _CONTROL_IN_CHUNK.search(joined)
-        ):
-            return stripped
+    texts = source_texts(raw if isinstance(raw, list) else list(raw))
+    # The common case, checked chunk-wide so the per-id work stays in C.
+    joined = "\n".join(texts)
+    if (
+        max(map(len, texts), default=0) <= MAX_ID_LENGTH
+        and joined.count("\n") == max(len(texts) - 1, 0)  # no newline inside an id
+        and not _has_control(joined)
+    ):
+        return texts
     kept: list[str] = []
-    for text in source_texts(values):
+    for text in texts:
         reason = skip_reason(text)
         if reason is None:
             kept.append(text)

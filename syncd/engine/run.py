@@ -142,28 +142,25 @@ class SegmentRun:
                 " within the removal guard",
             )
         replayed = await self._replay_pending(begun)
-        # The shortcut only when nothing was pending: a replay changed the snapshot.
-        if replayed is None and await self._unchanged(source, begun):
+        # The shortcuts only when nothing was pending (a replay changed the snapshot),
+        # the last run succeeded and this one updates (a reset or adoption rebuilds).
+        up_to_date = (
+            replayed is None
+            and begun.last_result == "synced"
+            and first_batch_mode(begun, mapping) == "update"
+        )
+        if up_to_date and await self._unchanged(source, begun):
             return
         state: SegmentState | None = replayed or begun
+        # The same ids as the last successful run read need no comparing either.
+        unchanged_since = begun.source_digest if up_to_date else None
         for attempt in (1, 2):
             mode = first_batch_mode(state, mapping)
-            # The same ids as the last successful run read: the snapshot is up to date.
-            unchanged_since = (
-                state.source_digest
-                if replayed is None
-                and attempt == 1
-                and state is not None
-                and state.last_result == "synced"
-                and mode == "update"
-                else None
-            )
             diff = await self._diff(source, state, mode, unchanged_since)
             try:
                 outcome.source_digest = diff.digest
                 if diff.unchanged:
-                    assert state is not None
-                    outcome.collapsed, outcome.unchanged = state.collapsed, True
+                    outcome.collapsed, outcome.unchanged = begun.collapsed, True
                     break
                 outcome.hold = None if force else self._hold(diff, state, mode)
                 if outcome.hold is not None:
@@ -179,6 +176,7 @@ class SegmentRun:
                 log.warning("segment.recreating", reason="WalkMe answered 404 on update")
                 await store.forget_guid(mapping.name)
                 state = await store.get(mapping.name)
+                unchanged_since = None
             finally:
                 diff.close()
         outcome.result = "synced"
@@ -194,7 +192,8 @@ class SegmentRun:
 
     async def _unchanged(self, source: Source, state: SegmentState) -> bool:
         """Whether the source is byte-for-byte what the last successful run delivered,
-        so the diff would be empty: then the run is done without reading it.
+        so the diff would be empty: then the run is done without reading it. Asked
+        only of a snapshot that run left up to date (``_sync``).
 
         The invariant that makes this exact: a stored fingerprint is the digest of
         exactly the bytes (with the column and the id rules) whose ids the last run
@@ -208,12 +207,7 @@ class SegmentRun:
         fingerprint = self._mapping.transform.fingerprint(
             await bounded(source.fingerprint(), limit_s, source, self.control.check)
         )
-        if not (
-            fingerprint is not None
-            and state.source_fingerprint == fingerprint
-            and state.last_result == "synced"
-            and first_batch_mode(state, self._mapping) == "update"
-        ):
+        if fingerprint is None or state.source_fingerprint != fingerprint:
             return False
         outcome = self.outcome
         outcome.source_fingerprint = fingerprint

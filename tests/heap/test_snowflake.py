@@ -22,6 +22,7 @@ from syncd.sandbox import WalkMeSandbox
 from syncd.sandbox.thread import run_sandbox_in_thread
 from tests.benchmarks.harness import run_process
 from tests.support.harness import cli_env
+from tests.support.heap import connect_identity
 from tests.support.ids import file_mapping
 from tests.support.logs import parse_events, run_endings
 from tests.support.processes import run_cli, syncd_command
@@ -35,16 +36,6 @@ PASSPHRASE = "key-passphrase-3f5d7b"
 STREAM_SIZES = (200_000, 800_000)  # diffed in partitions of the same size (~200k ids)
 # fakesnow's own remark about how it builds results: nothing syncd does.
 pytestmark = pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")
-
-
-def _identity(user_id: int) -> str | None:
-    if user_id % 10 == 0:
-        return None  # anonymous: never identified
-    if user_id % 97 == 0:
-        return _identity(user_id - 1)  # shares an identity with the previous user
-    if user_id % 1000 == 1:
-        return f"zoë.{user_id}@exämple.com"
-    return f"user{user_id}@example.com"
 
 
 @dataclass(frozen=True)
@@ -66,7 +57,7 @@ PAYING_QUERY = (
 
 def _tables() -> tuple[dict[str, pa.Table], list[int], list[int]]:
     user_ids = list(range(1, USERS + 1))
-    identities = [_identity(user_id) for user_id in user_ids]
+    identities = [connect_identity(user_id) for user_id in user_ids]
     users = pa.table(
         {
             "user_id": pa.array(user_ids, pa.int64()),
@@ -93,7 +84,7 @@ def heap() -> Iterator[Heap]:
     with server.running():
         tables, paying, small = _tables()
         server.load(DATABASE, SCHEMA, tables)
-        identities = {_identity(user_id) for user_id in paying}
+        identities = {connect_identity(user_id) for user_id in paying}
         yield Heap(
             server=server,
             paying_identities=frozenset(i for i in identities if i is not None),

@@ -33,7 +33,7 @@ from syncd.sandbox import WalkMeSandbox
 from syncd.settings import Settings
 from syncd.sources.base import CHUNK_SIZE, SourceError
 from syncd.sources.warehouse import WarehouseSource
-from tests.support.heap import make_settings
+from tests.support.heap import connect_identity, make_settings
 from tests.support.postgres import postgres_url
 
 USERS = 120_000
@@ -55,21 +55,11 @@ class Warehouse:
         )
 
 
-def _identity(user_id: int) -> str | None:
-    if user_id % 10 == 0:
-        return None  # anonymous: never identified
-    if user_id % 97 == 0:
-        return _identity(user_id - 1)  # shares an identity with the previous user
-    if user_id % 1000 == 1:
-        return f"zoë.{user_id}@exämple.com"
-    return f"user{user_id}@example.com"
-
-
 def _rows() -> list[tuple[int, str | None, str, str | None, datetime, datetime]]:
     joined = datetime(2024, 1, 1)
     rows = []
     for user_id in range(1, USERS + 1):
-        identity = _identity(user_id)
+        identity = connect_identity(user_id)
         rows.append(
             (
                 user_id,
@@ -130,7 +120,7 @@ async def _create(url: str, schema: str) -> Warehouse:
         await conn.copy_records_to_table("segment_small", schema_name=schema, records=small)
     finally:
         await conn.close()
-    identities = {_identity(user_id) for (user_id,) in paying}
+    identities = {connect_identity(user_id) for (user_id,) in paying}
     return Warehouse(
         url=url,
         schema=schema,
@@ -205,7 +195,7 @@ async def test_source_streams_in_chunks(postgres: Postgres) -> None:
     assert len(sizes) > 1
     assert max(sizes) <= CHUNK_SIZE
     assert sum(sizes) == USERS
-    assert nulls == sum(1 for i in range(1, USERS + 1) if _identity(i) is None)
+    assert nulls == sum(1 for i in range(1, USERS + 1) if connect_identity(i) is None)
     assert nulls >= USERS // 10
 
 
@@ -361,7 +351,7 @@ async def test_query_changes_are_followed_with_adds_and_removes(
     finally:
         await conn.close()
     assert outcome.result == "synced", outcome.error
-    expected = {_identity(i) for i in range(51, 121)} - {None}
+    expected = {connect_identity(i) for i in range(51, 121)} - {None}
     assert _members(sandbox, "Follow") == expected
     assert outcome.removed > 0
     assert outcome.added > 0

@@ -239,3 +239,17 @@ def make_settings(
         http_timeout=20.0,
         **extra,
     )
+
+
+def connect_identity(user_id: int) -> str | None:
+    """The ``identity`` Heap Connect's ``users`` table gives a user in the warehouse
+    tests: none for every tenth (never identified), the previous user's for every
+    97th (one person, two devices), a non-ASCII one now and then."""
+    if user_id % 10 == 0:
+        return None
+    if user_id % 97 == 0:
+        return connect_identity(user_id - 1)
+    if user_id % 1000 == 1:
+        return f"zoë.{user_id}@exämple.com"
+    return f"user{user_id}@example.com"
+
