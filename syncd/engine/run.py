@@ -142,13 +142,10 @@ class SegmentRun:
                 " within the removal guard",
             )
         replayed = await self._replay_pending(begun)
-        # The shortcuts only when nothing was pending (a replay changed the snapshot),
-        # the last run succeeded and this one updates (a reset or adoption rebuilds).
-        up_to_date = (
-            replayed is None
-            and begun.last_result == "synced"
-            and first_batch_mode(begun, mapping) == "update"
-        )
+        # The shortcuts only when nothing was pending (a replay changed the snapshot)
+        # and this run updates (a reset or adoption rebuilds). Only a synced run
+        # leaves a fingerprint or digest to compare with (``finish_run``).
+        up_to_date = replayed is None and first_batch_mode(begun, mapping) == "update"
         if up_to_date and await self._unchanged(source, begun):
             return
         state: SegmentState | None = replayed or begun

@@ -496,6 +496,26 @@ async def test_source_fingerprint_is_kept_only_by_a_synced_run(store: StateStore
     assert (await state(store, "vip")).source_fingerprint is None
 
 
+async def test_source_digest_is_kept_only_by_a_synced_run_and_cleared_by_a_new_one(
+    store: StateStore,
+) -> None:
+    """The digest vouches for the snapshot like the fingerprint: a run that begins
+    clears it (a crash leaves none), only a synced run stores one."""
+    digest = "set1:2.1.0:1:2:3:4:5"
+    finish = store.finish_run
+    await store.begin_run("vip", "r1", SYSTEM, None)
+    await finish("vip", "r1", "synced", None, SkippedIds(), 1, 0, source_digest=digest)
+    assert (await state(store, "vip")).source_digest == digest
+    assert (await store.begin_run("vip", "r2", SYSTEM, None)).source_digest == digest
+    assert (await state(store, "vip")).source_digest is None  # until r2 succeeds
+    await finish("vip", "r2", "held", "guard", SkippedIds(), 0, 0, source_digest=digest)
+    assert (await state(store, "vip")).source_digest is None
+    await store.begin_run("vip", "r3", SYSTEM, None)
+    await finish("vip", "r3", "failed", "boom", SkippedIds(), 0, 0, source_digest=digest)
+    assert (await state(store, "vip")).source_digest is None
+    assert digest not in repr(await state(store, "vip"))
+
+
 async def test_the_transform_is_recorded_by_a_synced_run_the_collapsed_count_by_any(
     store: StateStore,
 ) -> None:
