@@ -11,7 +11,8 @@ import urllib.request
 # Below the kernel's ephemeral range (32768 up), so a port handed out here is never
 # one the kernel gives a listener on port 0; each xdist worker has its own block,
 # and within it no port is handed out twice: two tests never race for one port.
-_FIRST_PORT = 20_000
+# SYNCD_TEST_FIRST_PORT moves the blocks, for test runs side by side (other checkouts).
+_FIRST_PORT = int(os.environ.get("SYNCD_TEST_FIRST_PORT", "20000"))
 _PORTS_PER_WORKER = 2_000
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 _START = _FIRST_PORT + _WORKER * _PORTS_PER_WORKER
