@@ -87,7 +87,7 @@ class BatchDelivery:
         self._unsettled = dict.fromkeys(pending.ids)
         await self._deliver_in_slices(pending.action, pending.ids, batch_size)
         if self._unsettled:
-            await self._store.clear_pending(self._mapping.name)
+            await self._store.clear_pending(self._mapping.name, self._control.holder)
 
     async def _deliver(self, action: Action, batch: list[str]) -> None:
         """Send one batch and record it; on a 400, find and quarantine the rejected ids;

@@ -113,7 +113,7 @@ class AppliedChange:
 class _Scripted:
     status: int
     retry_after: str | None = None
-    body: dict[str, Any] | None = None
+    body: dict[str, Any] | str | None = None
     drop: bool = False
 
 
@@ -339,12 +339,13 @@ class WalkMeSandbox:
         status: int,
         times: int = 1,
         retry_after: str | None = None,
-        body: dict[str, Any] | None = None,
+        body: dict[str, Any] | str | None = None,
         *,
         on_token: bool = False,
     ) -> None:
         """Answer the next ``times`` segment calls (token calls if ``on_token``) with
-        ``status`` without applying them. Scripts run before random faults."""
+        ``status`` without applying them: ``body`` as JSON, or a text sent as it is
+        (``""``: no body at all). Scripts run before random faults."""
         entry = _Scripted(status=status, retry_after=retry_after, body=body)
         with self._lock:
             (self._token_script if on_token else self._script).extend([entry] * times)
@@ -556,6 +557,15 @@ class WalkMeSandbox:
             call.drop = True
             return
         headers = None if scripted.retry_after is None else {"Retry-After": scripted.retry_after}
+        if isinstance(scripted.body, str):
+            raise _Answer(
+                web.Response(
+                    text=scripted.body,
+                    status=scripted.status,
+                    content_type="text/plain",
+                    headers=headers,
+                )
+            )
         if scripted.body is not None:
             raise _Answer(web.json_response(scripted.body, status=scripted.status, headers=headers))
         if scripted.status == 502:

@@ -30,6 +30,7 @@ from tests.support.ids import make_ids
 
 NAME = "vip"
 HOLDER = "rig-host:1:aaaaaa-run-1"
+OTHER_HOLDER = "another-host:2:bbbbbb-run"  # another replica's run
 ID_BYTES = len(make_ids(1)[0]) + 3  # the id, its quotes and a comma in the JSON body
 BODY_BYTES = 60  # {"action":"add","userIds":[]} and the request's own framing
 
@@ -543,10 +544,111 @@ async def test_a_run_that_lost_its_lease_writes_nothing(rig: RigFactory) -> None
     r: Rig = await rig(guid="seeded")
     await r.store.record_batch(NAME, "run-1", "add", ["kept"])
     await r.store.release_lease(NAME, HOLDER)
-    assert await r.store.acquire_lease(NAME, "another-host:2:bbbbbb-run", 60)
+    assert await r.store.acquire_lease(NAME, OTHER_HOLDER, 60)
     r.control.prove_lease = None  # the store's fence alone
     with pytest.raises(LeaseLost):
         await send(r, "update", make_ids(2), [], 2)
     assert r.requests() == []
     assert await r.store.pending_batch(NAME) is None
     assert await r.members() == {"kept"}
+
+
+# -- a lease lost while a request is on its way ---------------------------------------
+
+def lose_the_lease_after_proof(r: Rig, proof: int = 1) -> None:
+    """At the ``proof``-th proof of the lease, let it pass, then hand the lease to
+    another replica while the request is on its way (a replica frozen between its
+    proof and WalkMe's answer)."""
+    proofs = 0
+
+    async def prove_then_lose() -> None:
+        nonlocal proofs
+        proofs += 1
+        if proofs == proof:
+            assert await r.store.release_lease(NAME, HOLDER)
+            assert await r.store.acquire_lease(NAME, OTHER_HOLDER, 60)
+
+    r.control.prove_lease = prove_then_lose
+
+
+async def test_a_batch_acknowledged_after_the_lease_was_lost_is_not_recorded(
+    rig: RigFactory,
+) -> None:
+    """WalkMe applied it, but the lease's new holder owns the snapshot now: nothing
+    is written, and the batch stays pending for that holder to replay."""
+    r: Rig = await rig(guid="seeded")
+    ids = make_ids(2)
+    lose_the_lease_after_proof(r)
+    with pytest.raises(LeaseLost):
+        await send(r, "update", ids, [], 2)
+    assert r.harness.sandbox.members(r.harness.guid(NAME)) == set(ids)
+    assert await r.members() == set()
+    assert await r.store.pending_batch(NAME) == PendingBatch("add", ids)
+    assert r.outcome.added == 0
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+async def test_a_refusal_after_the_lease_was_lost_leaves_the_pending_batch(
+    rig: RigFactory, status: int
+) -> None:
+    """A refused batch is forgotten only under the lease it was sent under: the new
+    holder's pending batch is its own."""
+    r: Rig = await rig(guid="seeded")
+    ids = make_ids(1)
+    lose_the_lease_after_proof(r)
+    r.harness.sandbox.script(status, times=20)
+    with pytest.raises(LeaseLost):
+        await send(r, "update", ids, [], 1)
+    assert await r.store.pending_batch(NAME) == PendingBatch("add", ids)
+
+
+async def test_a_replay_that_lost_its_lease_keeps_what_walkme_refused_pending(
+    rig: RigFactory,
+) -> None:
+    """The replay's last id is refused after the lease passed to another replica: the
+    replay does not clear the pending batch, which is no longer its own."""
+    ids = make_ids(4)
+    r: Rig = await rig(guid="seeded", rejected_ids=[ids[3]])
+    await r.store.begin_batch(NAME, "add", ids, HOLDER)
+    # Sends: the 4 ids (400), the first half, the second half (400), ids[2], ids[3].
+    lose_the_lease_after_proof(r, proof=5)
+    with pytest.raises(LeaseLost):
+        await r.delivery.replay(PendingBatch("add", ids), 4)
+    assert [n for _, _, n, _ in r.requests()] == [4, 2, 2, 1, 1]
+    assert await r.store.pending_batch(NAME) == PendingBatch("add", [ids[3]])
+
+
+# -- WalkMe's answer to a refused id, as quarantined and logged ------------------------
+
+
+async def test_a_refusal_without_a_body_is_quarantined_with_the_status(rig: RigFactory) -> None:
+    """A 400 with no body (a proxy's, say) still gives the quarantined id a reason."""
+    ids = make_ids(2)
+    r: Rig = await rig(guid="seeded")
+
+    calls: list[str] = []
+
+    def refuse_the_second_id_without_a_body(kind: str) -> None:
+        calls.append(kind)
+        if len(calls) in (1, 3):  # both ids, (the first id,) the second id
+            r.harness.sandbox.script(400, body="")
+
+    r.harness.sandbox.on_request(refuse_the_second_id_without_a_body)
+    with structlog.testing.capture_logs() as logs:
+        await send(r, "update", ids, [], 2)
+    [(member, _, reason)] = await r.store.quarantine_examples(NAME, 10)
+    assert (member, reason) == (ids[1], "WalkMe answered 400 to update: ")
+    [line] = [e for e in logs if e["event"] == "segment.quarantined"]
+    assert (line["walkme_answer"], line["first_answer"]) == (reason, "")
+
+
+async def test_the_quarantine_log_line_keeps_300_characters_of_each_answer(
+    rig: RigFactory,
+) -> None:
+    """WalkMe's answers are cut to 300 characters in ``segment.quarantined``."""
+    r: Rig = await rig(guid="seeded")
+    r.harness.sandbox.script(400, times=2, body="x" * 400)  # both ids, then the first
+    with structlog.testing.capture_logs() as logs:
+        await send(r, "update", make_ids(2), [], 2)
+    [line] = [e for e in logs if e["event"] == "segment.quarantined"]
+    assert (line["first_answer"], line["walkme_answer"]) == ("x" * 300, "x" * 300)
