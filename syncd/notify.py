@@ -21,14 +21,13 @@ from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import aiohttp
-import stamina
 import structlog
 from pydantic import SecretStr
 
 from syncd import metrics
 from syncd.logs import redact, scrub
 from syncd.settings import printable
-from syncd.walkme import os_cause, parse_retry_after
+from syncd.walkme import backoff_attempts, os_cause, parse_retry_after
 
 log = structlog.get_logger("syncd.notify")
 
@@ -162,14 +161,7 @@ class Notifier:
     async def _deliver(self, session: aiohttp.ClientSession, notice: Notice) -> None:
         tries = 0
         try:
-            async for attempt in stamina.retry_context(
-                on=_backoff,
-                attempts=self._attempts,
-                timeout=None,
-                wait_initial=1.0,
-                wait_max=self._max_wait,
-                wait_jitter=1.0,
-            ):
+            async for attempt in backoff_attempts(_backoff, self._attempts, 1.0, self._max_wait):
                 with attempt:
                     tries = attempt.num
                     await self._post(session, notice)

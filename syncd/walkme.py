@@ -24,7 +24,7 @@ import re
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -638,13 +638,8 @@ class WalkMeClient:
     async def _retry_loop(self, kind: str, call: Callable[[], Awaitable[_T]]) -> _T:
         tries = 0
         try:
-            async for attempt in stamina.retry_context(
-                on=self._backoff,
-                attempts=self._attempts,
-                timeout=None,
-                wait_initial=0.5,
-                wait_max=self._max_wait,
-                wait_jitter=1.0,
+            async for attempt in backoff_attempts(
+                self._backoff, self._attempts, 0.5, self._max_wait
             ):
                 with attempt:
                     tries = attempt.num
@@ -775,6 +770,22 @@ class WalkMeClient:
             self._in_flight -= 1
             metrics.walkme_requests.labels(kind, status).inc()
             metrics.walkme_latency.labels(kind).observe(time.monotonic() - started)
+
+
+def backoff_attempts(
+    on: Callable[[Exception], bool | float], attempts: int, wait_initial: float, wait_max: float
+) -> AsyncIterator[stamina.Attempt]:
+    """stamina's attempts as syncd retries: ``on`` decides (a float is Retry-After's
+    wait), exponential from ``wait_initial`` plus up to 1 s of jitter, capped at
+    ``wait_max``; ``attempts`` alone bounds the whole, not a timeout."""
+    return stamina.retry_context(
+        on=on,
+        attempts=attempts,
+        timeout=None,
+        wait_initial=wait_initial,
+        wait_max=wait_max,
+        wait_jitter=1.0,
+    )
 
 
 def _backoff(exc: Exception) -> bool | float:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import socket
 import urllib.error
 import urllib.request
+from types import TracebackType
 
 # Below the kernel's ephemeral range (32768 up), so a port handed out here is never
 # one the kernel gives a listener on port 0; each xdist worker has its own block,
@@ -41,3 +43,41 @@ def fetch_text(url: str, timeout: float = 5) -> tuple[int, str]:
             return status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+class BareHttpServer:
+    """An HTTP/1.1 server on 127.0.0.1 that answers every request with ``answer``,
+    written byte for byte and then the connection closed: it can leave out what every
+    HTTP framework adds (aiohttp's servers always send a Content-Type).
+    ``async with BareHttpServer(answer) as url``."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+        self._server: asyncio.Server | None = None
+        self.requests = 0
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                await reader.readexactly(int(value))
+        self.requests += 1
+        writer.write(self._answer)
+        await writer.drain()
+        writer.close()

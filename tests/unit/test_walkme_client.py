@@ -6,6 +6,7 @@ import asyncio
 import base64
 import gzip
 import json
+import random
 import ssl
 import time
 from collections import Counter, deque
@@ -37,6 +38,7 @@ from syncd.walkme import (
     WalkMeUnavailable,
     create_key,
 )
+from tests.support.net import BareHttpServer
 
 SYSTEM = "5a1d0c2e-3b4f-4e6a-8c7d-9e0f1a2b3c4d"
 GUID = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
@@ -1714,3 +1716,55 @@ async def test_session_trusts_the_given_ca_bundle(tmp_path: Path) -> None:
         pytest.skip("no CA bundle on this machine to load")
     async with walkme.make_session(10.0, Path(bundle)) as made:
         assert isinstance(made.connector, aiohttp.TCPConnector)
+
+
+# -- answers no framework sends, and the backoff --------------------------------------
+
+
+async def test_a_json_answer_without_a_content_type_is_an_acknowledgement(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Content-Type is optional: a JSON object without one is read as JSON (a token,
+    then an acknowledged update), not refused as another media type."""
+    body = b'{"access_token": "token-1", "expires_in": 3600}'
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+    server = BareHttpServer(answer)
+    async with server as url:
+        client = WalkMeClient(
+            session,
+            api_url=url,
+            token_url=url + TOKEN_PATH,
+            client_id=CLIENT_ID,
+            client_secret=SecretStr(SECRET),
+            attempts=2,
+            max_wait=0.02,
+        )
+        await client.update_segment(SYSTEM, GUID, "add", ["a"])
+    assert server.requests == 2  # the token, then the update: neither retried
+
+
+async def test_the_first_retry_waits_half_a_second_plus_up_to_a_second_of_jitter(
+    fake: FakeWalkMe, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backoff starts at 0.5 s, with a jitter of up to 1 s (drawn here at its
+    largest); the test stops the client instead of waiting it out."""
+    client = make_client(fake, session, max_wait=60)
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    waits: list[float] = []
+
+    def record(details: RetryDetails) -> None:
+        waits.append(details.wait_for)
+        client.stop()
+
+    hooks = stamina.instrumentation.get_on_retry_hooks()
+    stamina.instrumentation.set_on_retry_hooks([record])
+    try:
+        fake.script.append(Reply(503))
+        with pytest.raises(walkme.WalkMeStopped):
+            await client.update_segment(SYSTEM, GUID, "add", ["a"])
+    finally:
+        stamina.instrumentation.set_on_retry_hooks(hooks)
+    assert waits == [1.5]
