@@ -172,13 +172,7 @@ class Notifier:
             self._failed(notice, tries, "syncd stopped before it was delivered")
             raise
         metrics.notifications.labels(notice.event, "sent").inc()
-        log.info(
-            "notify.sent",
-            segment=printable(notice.segment),
-            notice=notice.event,
-            receiver=self.receiver,
-            attempts=tries,
-        )
+        log.info("notify.sent", **self._log_fields(notice, tries))
 
     async def _post(self, session: aiohttp.ClientSession, notice: Notice) -> None:
         """One attempt; raises ``_Undelivered`` unless the receiver answered 2xx."""
@@ -219,11 +213,12 @@ class Notifier:
 
     def _failed(self, notice: Notice, attempts: int, error: str) -> None:
         count_failed(notice.event)
-        log.error(
-            "notify.failed",
-            segment=printable(notice.segment),
-            notice=notice.event,
-            receiver=self.receiver,
-            attempts=attempts,
-            error=error,
-        )
+        log.error("notify.failed", **self._log_fields(notice, attempts), error=error)
+
+    def _log_fields(self, notice: Notice, attempts: int) -> dict[str, Any]:
+        return {
+            "segment": printable(notice.segment),
+            "notice": notice.event,
+            "receiver": self.receiver,
+            "attempts": attempts,
+        }

@@ -31,6 +31,7 @@ from syncd.sandbox import (
     WalkMeSandbox,
     run_sandbox_in_thread,
 )
+from syncd.sandbox import cli as sandbox_cli
 
 OTHER_SYSTEM = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
 UNKNOWN_GUID = "00000000-0000-4000-8000-000000000000"
@@ -647,10 +648,17 @@ def test_thread_runner_serves_sync_code() -> None:
         _http("GET", url + "/_sandbox/state")
 
 
+FAULT_OPTIONS = ["--seed", "7", "--error-rate", "0.25", "--throttle-rate", "0.5"]
+FAULT_OPTIONS += ["--retry-after", "2", "--drop-rate", "0.125", "--delay", "0.01"]
+FAULT_OPTIONS += ["--faults-on-token"]
+
+
 def test_command_line_runs_until_sigterm() -> None:
+    """``python -m syncd.sandbox`` serves with the faults its options give until SIGTERM."""
     pythonpath = [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
     command = [sys.executable, "-m", "syncd.sandbox", "--port", "0", "--token-lifetime", "5"]
+    command += FAULT_OPTIONS
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     ) as proc:
@@ -659,6 +667,17 @@ def test_command_line_runs_until_sigterm() -> None:
             line = proc.stdout.readline().strip()
             assert line.startswith("sandbox listening on http://127.0.0.1:")
             url = line.rsplit(" ", 1)[1]
+            assert _http("GET", url + "/_sandbox/faults")[1] == {
+                "seed": 7,
+                "error_rate": 0.25,
+                "throttle_rate": 0.5,
+                "retry_after": 2.0,
+                "retry_after_http_date": False,
+                "drop_rate": 0.125,
+                "delay": 0.01,
+                "faults_on_token": True,
+            }
+            _http("POST", url + "/_sandbox/faults", b"{}")  # no faults for the token below
             status, token = _http(
                 "POST",
                 url + TOKEN_PATH,
@@ -673,3 +692,9 @@ def test_command_line_runs_until_sigterm() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_command_line_refuses_a_fault_rate_out_of_range(capsys: pytest.CaptureFixture[str]) -> None:
+    """A rate outside [0, 1] is one line naming it, exit 2, and nothing served."""
+    assert sandbox_cli.main(["--port", "0", "--drop-rate", "1.5"]) == 2
+    assert capsys.readouterr().err == "sandbox: Faults.drop_rate must be within [0, 1], got 1.5\n"

@@ -14,6 +14,7 @@ a restart, a second replica or ``syncd sync`` beside the daemon never repeat it.
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,24 +103,16 @@ class RunNotices:
             self._notifier.send(Notice(name, event, message.body()))
 
 
+@dataclass(frozen=True, slots=True)
 class _Message:
     """One message's body: ``text`` for Slack and Teams, the same facts under ``syncd``."""
 
-    def __init__(
-        self,
-        event: NotifyEvent,
-        outcome: Outcome,
-        state: SegmentState | None,
-        seen: NoticeState,
-        new: NoticeState,
-        examples: list[tuple[str, str, str]],
-    ) -> None:
-        self.event = event
-        self.outcome = outcome
-        self.state = state
-        self.seen = seen
-        self.new = new
-        self.examples = examples
+    event: NotifyEvent
+    outcome: Outcome
+    state: SegmentState | None
+    seen: NoticeState
+    new: NoticeState
+    examples: list[tuple[str, str, str]]
 
     def body(self) -> dict[str, Any]:
         outcome = self.outcome

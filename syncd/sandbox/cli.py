@@ -64,6 +64,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# The options that are ``Faults`` fields, by their argparse names.
+_FAULT_OPTIONS = (
+    "seed",
+    "error_rate",
+    "throttle_rate",
+    "retry_after",
+    "drop_rate",
+    "delay",
+    "faults_on_token",
+)
+
+
 async def _serve(sandbox: WalkMeSandbox, host: str, port: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,15 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sandbox in the foreground until SIGTERM or SIGINT."""
     args = _parse_args(argv)
     try:
-        faults = Faults(
-            seed=args.seed,
-            error_rate=args.error_rate,
-            throttle_rate=args.throttle_rate,
-            retry_after=args.retry_after,
-            drop_rate=args.drop_rate,
-            delay=args.delay,
-            faults_on_token=args.faults_on_token,
-        )
+        faults = Faults.from_dict({name: getattr(args, name) for name in _FAULT_OPTIONS})
     except ValueError as exc:
         print(f"sandbox: {exc}", file=sys.stderr)
         return 2
