@@ -33,13 +33,13 @@ from syncd.settings import (
     ConfigError,
     SegmentMapping,
     Settings,
-    describe_url,
     load_settings,
     printable,
 )
 from syncd.snowflake_url import parse_snowflake_url
 from syncd.state import SegmentState, StateError, open_store
 from syncd.state.sqlite import sqlite_path
+from syncd.urls import describe_url
 from syncd.walkme import WalkMeError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2

@@ -37,7 +37,6 @@ from syncd.schedule import Schedule
 from syncd.snowflake_url import DRIVER_HINT, driver_installed, parse_snowflake_url
 from syncd.transforms import STEPS_ACCEPTED, IdTransform
 from syncd.urls import URL_HINT, unambiguous_url
-from syncd.urls import describe_url as describe_url  # where callers above still find it
 
 ENV_PREFIX = "SYNCD_"
 MAX_BATCH_SIZE = 25_000  # WalkMe's documented limit of user ids per request

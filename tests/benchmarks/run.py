@@ -20,7 +20,7 @@ Cases, each with a fresh sandbox process and a fresh state store:
   sandbox answering at loopback speed and once 50 ms late per segment request
   (``--many-latency``): on loopback there is little waiting to overlap.
 
-Targets: issue 12's (``targets``), at 1,000,000 and 10,000,000 members; every
+Targets: the steady-state targets (``targets``), at 1,000,000 and 10,000,000 members; every
 cycle must send exactly the minimum number of segment requests (the README's
 promise); a PostgreSQL row must take at most 1.5x its SQLite twin's wall time; a
 concurrency above 1 must beat 1. Missed targets are reported; the command exits
@@ -123,7 +123,7 @@ class Row:
 # --------------------------------------------------------------------------- targets
 
 
-# Issue 12's targets. Wall times are SQLite's (PostgreSQL's is "within 1.5x of
+# The steady-state targets. Wall times are SQLite's (PostgreSQL's is "within 1.5x of
 # SQLite's", checked by compare_stores); peak RSS applies to every file-source cycle.
 WALL_TARGETS_S = {
     (1_000_000, FIRST_SYNC): 3.0,
@@ -138,7 +138,7 @@ EXACT_CHECK_MAX = 1_000_000  # members of a segment compared id by id after its 
 
 
 def targets(cycle: str, size: int, row: Row) -> list[Check]:
-    """Issue 12's targets for this cycle; every cycle must send exactly the minimum
+    """The steady-state targets for this cycle; every cycle must send exactly the minimum
     (the peer too: it is checked, not targeted)."""
     m = row.measured
     checks = [
@@ -386,9 +386,7 @@ def run_many(
                 segments = dict(zip(names, steps, strict=True))
                 members = count * each
                 measure = _syncing(opts, env, case, title)
-                rows.append(
-                    _cycle(opts, sandbox, title, store, members, segments, None, measure)
-                )
+                rows.append(_cycle(opts, sandbox, title, store, members, segments, None, measure))
     finally:
         shutil.rmtree(case, ignore_errors=True)
     return rows
@@ -582,7 +580,7 @@ def report(
             f"- `{PEER}` rows: `tests/benchmarks/peer.py`, a careful hand-written script"
             " (Python sets, urllib, its JSON snapshot rewritten with fsync and rename after"
             " each acknowledged batch, no fingerprint shortcut) on the same source files,"
-            " against its own sandbox, measured the same way. \"syncd faster by\" = peer"
+            ' against its own sandbox, measured the same way. "syncd faster by" = peer'
             " wall / syncd wall."
         )
     if opts.webhook:

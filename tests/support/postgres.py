@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from syncd.settings import describe_url
+from syncd.urls import describe_url
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 URL_VARIABLE = "SYNCD_TEST_POSTGRES_URL"

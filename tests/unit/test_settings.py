@@ -11,7 +11,8 @@ import pytest
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncd.settings import ConfigError, FileSourceConfig, Settings, describe_url, load_settings
+from syncd.settings import ConfigError, FileSourceConfig, Settings, load_settings
+from syncd.urls import describe_url
 from tests.unit.conftest import SECRET, SYSTEM_GUID
 
 
