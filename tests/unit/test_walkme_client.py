@@ -12,7 +12,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import quote, quote_plus
 
 import aiohttp
@@ -44,6 +44,7 @@ CLIENT_ID = "client-1"
 SECRET = "TOPSECRET-9f8e7d6c5b4a"
 TOKEN_PATH = "/accounts/connect/token"
 SEGMENTS = f"/public/v1/user/system/{SYSTEM}/segment"
+E = TypeVar("E", bound=WalkMeError)
 
 
 @dataclass
@@ -201,12 +202,9 @@ async def answer_cut_short(request: web.Request, how: CutShort) -> web.StreamRes
 async def fake() -> AsyncIterator[FakeWalkMe]:
     walkme_fake = FakeWalkMe()
     server = TestServer(walkme_fake.app(), host="127.0.0.1")
-    await server.start_server()
-    walkme_fake.server = server
-    try:
+    async with server:
+        walkme_fake.server = server
         yield walkme_fake
-    finally:
-        await server.close()
 
 
 @pytest.fixture
@@ -252,6 +250,30 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 def bearer(seen: Seen) -> str:
     return seen.authorization.removeprefix("Bearer ")
+
+
+async def revoked_client(fake: FakeWalkMe, session: aiohttp.ClientSession) -> WalkMeClient:
+    """A client holding a token that WalkMe has since revoked."""
+    client = make_client(fake, session)
+    await client.access_token()
+    fake.revoke()
+    return client
+
+
+async def failure(
+    fake: FakeWalkMe,
+    session: aiohttp.ClientSession,
+    kind: str,
+    error: type[E],
+    *replies: Reply,
+    match: str | None = None,
+) -> E:
+    """What a ``kind`` call (as ``call`` makes it) raises, an ``error``, when WalkMe answers
+    ``replies`` first (for the token call: its token endpoint)."""
+    (fake.token_script if kind == "token" else fake.script).extend(replies)
+    with pytest.raises(error, match=match) as info:
+        await call(make_client(fake, session), kind)
+    return info.value
 
 
 # -- the token -----------------------------------------------------------------------
@@ -348,9 +370,8 @@ async def test_unsupported_token_type(fake: FakeWalkMe, session: aiohttp.ClientS
 async def test_token_answer_without_access_token(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(200, body='{"expires_in": 3600}'))
-    with pytest.raises(WalkMeError, match="access_token"):
-        await make_client(fake, session).access_token()
+    reply = Reply(200, body='{"expires_in": 3600}')
+    await failure(fake, session, "token", WalkMeError, reply, match="access_token")
 
 
 # -- 401 and 403 ---------------------------------------------------------------------
@@ -371,9 +392,7 @@ async def test_401_refreshes_once_and_retries(
 async def test_401_on_update_is_retried_with_the_same_body(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    client = make_client(fake, session)
-    await client.access_token()
-    fake.revoke()
+    client = await revoked_client(fake, session)
     await client.update_segment(SYSTEM, GUID.replace("-", ""), "remove", ["a", "b"])
     first, second = fake.calls
     assert first.body == second.body
@@ -383,21 +402,18 @@ async def test_401_on_update_is_retried_with_the_same_body(
 
 
 async def test_401_twice_is_an_auth_error(fake: FakeWalkMe, session: aiohttp.ClientSession) -> None:
-    fake.script.extend([Reply(401), Reply(401), Reply(200, body="[]")])
-    with pytest.raises(WalkMeAuthError) as info:
-        await make_client(fake, session).list_segments(SYSTEM)
-    assert info.value.status == 401
+    replies = [Reply(401), Reply(401), Reply(200, body="[]")]
+    error = await failure(fake, session, "list", WalkMeAuthError, *replies)
+    assert error.status == 401
     assert len(fake.calls) == 2  # one retry with a fresh token, no more
     assert len(fake.token_requests) == 2
-    assert SECRET not in str(info.value)
+    assert SECRET not in str(error)
 
 
 async def test_many_concurrent_401s_share_one_refresh(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    client = make_client(fake, session)
-    await client.access_token()
-    fake.revoke()
+    client = await revoked_client(fake, session)
     fake.token_delay = 0.05
     await asyncio.gather(*(client.list_segments(SYSTEM) for _ in range(20)))
     assert len(fake.token_requests) == 2
@@ -406,11 +422,11 @@ async def test_many_concurrent_401s_share_one_refresh(
 async def test_403_is_an_auth_error_naming_segments_api(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(403, body='{"error": "forbidden"}'))
-    with pytest.raises(WalkMeAuthError) as info:
-        await make_client(fake, session).list_segments(SYSTEM)
-    assert "Segments API" in str(info.value)
-    assert info.value.status == 403
+    error = await failure(
+        fake, session, "list", WalkMeAuthError, Reply(403, body='{"error": "forbidden"}')
+    )
+    assert "Segments API" in str(error)
+    assert error.status == 403
     assert len(fake.calls) == 1  # not retried
     assert len(fake.token_requests) == 1  # and no refresh: the token is fine
 
@@ -804,9 +820,8 @@ async def test_create_answer_wrapping_our_segment_is_read(
 async def test_token_answer_with_an_empty_access_token_is_no_token(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(200, body='{"access_token": ""}'))
-    with pytest.raises(WalkMeError, match="access_token"):
-        await make_client(fake, session).access_token()
+    reply = Reply(200, body='{"access_token": ""}')
+    await failure(fake, session, "token", WalkMeError, reply, match="access_token")
     assert fake.calls == []
 
 
@@ -983,15 +998,13 @@ async def test_each_refusal_says_what_it_was_and_keeps_the_body(
 async def test_a_404_listing_names_the_system_guid_setting(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(404, body="no system"))
-    with pytest.raises(WalkMeNotFound) as info:
-        await make_client(fake, session).list_segments(SYSTEM)
-    assert str(info.value) == (
+    error = await failure(fake, session, "list", WalkMeNotFound, Reply(404, body="no system"))
+    assert str(error) == (
         f"WalkMe has no system {SYSTEM} (HTTP 404 listing its segments): check"
         " SYNCD_WALKME_SYSTEM_GUID (or the mapping's system_guid), the GUID in"
         " cdn.walkme.com/users/<GUID>/; WalkMe said: no system"
     )
-    assert (info.value.status, info.value.body) == (404, "no system")
+    assert (error.status, error.body) == (404, "no system")
 
 
 @pytest.mark.parametrize(
@@ -1222,9 +1235,7 @@ async def test_the_lease_proof_comes_before_every_send_of_a_change(
     async def prove() -> None:
         proofs.append(len(fake.calls))
 
-    client = make_client(fake, session)
-    await client.access_token()
-    fake.revoke()
+    client = await revoked_client(fake, session)
     await client.update_segment(SYSTEM, GUID, "add", ["a"], prove)  # 401, fresh token, 200
     assert proofs == [0, 1]
     await client.create_segment(SYSTEM, "new", "ext-1", ["a"], prove)
