@@ -267,12 +267,13 @@ async def failure(
     error: type[E],
     *replies: Reply,
     match: str | None = None,
+    attempts: int = 4,
 ) -> E:
     """What a ``kind`` call (as ``call`` makes it) raises, an ``error``, when WalkMe answers
     ``replies`` first (for the token call: its token endpoint)."""
     (fake.token_script if kind == "token" else fake.script).extend(replies)
     with pytest.raises(error, match=match) as info:
-        await call(make_client(fake, session), kind)
+        await call(make_client(fake, session, attempts=attempts), kind)
     return info.value
 
 
@@ -527,19 +528,16 @@ async def test_server_errors_retried_then_success(
 
 
 async def test_attempts_exhausted(fake: FakeWalkMe, session: aiohttp.ClientSession) -> None:
-    fake.script.extend([Reply(503)] * 10)
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=3).list_segments(SYSTEM)
-    assert info.value.status == 503
+    error = await failure(fake, session, "list", WalkMeUnavailable, *[Reply(503)] * 10, attempts=3)
+    assert error.status == 503
     assert len(fake.calls) == 3
 
 
 async def test_throttled_until_attempts_exhausted(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.extend([Reply(429, {"Retry-After": "0.01"})] * 10)
-    with pytest.raises(WalkMeUnavailable):
-        await make_client(fake, session, attempts=4).update_segment(SYSTEM, GUID, "add", ["a"])
+    replies = [Reply(429, {"Retry-After": "0.01"})] * 10
+    await failure(fake, session, "update", WalkMeUnavailable, *replies, attempts=4)
     assert len(fake.calls) == 4
 
 
@@ -547,18 +545,15 @@ async def test_throttled_until_attempts_exhausted(
 async def test_client_errors_not_retried(
     fake: FakeWalkMe, session: aiohttp.ClientSession, status: int
 ) -> None:
-    fake.script.append(Reply(status, body='{"message": "userIds: bad"}'))
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
-    assert not isinstance(info.value, WalkMeUnavailable | WalkMeAuthError)
-    assert info.value.status == status
+    reply = Reply(status, body='{"message": "userIds: bad"}')
+    error = await failure(fake, session, "update", WalkMeError, reply)
+    assert not isinstance(error, WalkMeUnavailable | WalkMeAuthError)
+    assert error.status == status
     assert len(fake.calls) == 1
 
 
 async def test_404_not_retried(fake: FakeWalkMe, session: aiohttp.ClientSession) -> None:
-    fake.script.append(Reply(404))
-    with pytest.raises(WalkMeNotFound):
-        await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
+    await failure(fake, session, "update", WalkMeNotFound, Reply(404))
     assert len(fake.calls) == 1
 
 
@@ -678,12 +673,10 @@ NOT_ACKNOWLEDGEMENTS = [
 async def test_update_answer_that_is_not_an_acknowledgement_is_retried_then_fails(
     fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
 ) -> None:
-    fake.script.extend([reply] * 3)
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=3).update_segment(SYSTEM, GUID, "add", ["a"])
+    error = await failure(fake, session, "update", WalkMeUnavailable, *[reply] * 3, attempts=3)
     assert len(fake.calls) == 3
-    assert reply.body[:20] in str(info.value)  # the body's first bytes, for the operator
-    assert "not an acknowledgement" in str(info.value)
+    assert reply.body[:20] in str(error)  # the body's first bytes, for the operator
+    assert "not an acknowledgement" in str(error)
 
 
 @pytest.mark.parametrize("reply", NOT_ACKNOWLEDGEMENTS)
@@ -742,9 +735,7 @@ async def test_list_answer_without_a_list_is_not_an_empty_list(
     fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
 ) -> None:
     """A bogus list must not read as "no such segment": syncd would create or adopt."""
-    fake.script.extend([reply] * 2)
-    with pytest.raises(WalkMeUnavailable):
-        await make_client(fake, session, attempts=2).list_segments(SYSTEM)
+    await failure(fake, session, "list", WalkMeUnavailable, *[reply] * 2, attempts=2)
 
 
 async def test_empty_list_after_a_portal_page_is_an_empty_list(
@@ -837,9 +828,8 @@ async def test_token_answered_html_is_asked_again(
 async def test_413_is_too_large_and_not_retried(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(413, body='{"error": "payload too large"}'))
-    with pytest.raises(WalkMeTooLarge):
-        await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
+    reply = Reply(413, body='{"error": "payload too large"}')
+    await failure(fake, session, "update", WalkMeTooLarge, reply)
     assert len(fake.calls) == 1
 
 
@@ -985,13 +975,11 @@ async def test_each_refusal_says_what_it_was_and_keeps_the_body(
     status: int,
     message: str,
 ) -> None:
-    fake.script.extend(replies)
-    with pytest.raises(WalkMeError) as info:
-        await call(make_client(fake, session), kind)
-    assert type(info.value) is error_type
-    assert str(info.value) == message
-    assert info.value.status == status
-    assert info.value.body == excerpt_of(replies[-1].body)
+    error = await failure(fake, session, kind, WalkMeError, *replies)
+    assert type(error) is error_type
+    assert str(error) == message
+    assert error.status == status
+    assert error.body == excerpt_of(replies[-1].body)
     assert len(fake.calls) == len(replies)  # none of these is sent again
 
 
@@ -1036,11 +1024,9 @@ async def test_a_404_listing_names_the_system_guid_setting(
 async def test_token_refusals_say_what_to_fix(
     fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply, message: str
 ) -> None:
-    fake.token_script.append(reply)
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).access_token()
-    assert str(info.value) == message.format(url=fake.url)
-    assert (info.value.status, info.value.body) == (reply.status, reply.body)
+    error = await failure(fake, session, "token", WalkMeError, reply)
+    assert str(error) == message.format(url=fake.url)
+    assert (error.status, error.body) == (reply.status, reply.body)
     assert len(fake.token_requests) == 1
 
 
@@ -1083,19 +1069,16 @@ async def test_retries_exhausted_say_how_often_and_the_last_failure(
 async def test_retries_exhausted_name_the_call(
     fake: FakeWalkMe, session: aiohttp.ClientSession, kind: str
 ) -> None:
-    fake.script.extend([Reply(503)] * 2)
-    with pytest.raises(WalkMeUnavailable) as info:
-        await call(make_client(fake, session, attempts=1), kind)
-    assert str(info.value) == f"WalkMe {kind} call failed once; last: server error (HTTP 503)"
+    error = await failure(fake, session, kind, WalkMeUnavailable, *[Reply(503)] * 2, attempts=1)
+    assert str(error) == f"WalkMe {kind} call failed once; last: server error (HTTP 503)"
 
 
 async def test_token_answered_html_says_it_was_the_token_call(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(200, body="<p>portal</p>", content_type="text/html"))
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=1).access_token()
-    assert str(info.value) == (
+    portal = Reply(200, body="<p>portal</p>", content_type="text/html")
+    error = await failure(fake, session, "token", WalkMeUnavailable, portal, attempts=1)
+    assert str(error) == (
         "WalkMe token call failed once; last: token answered HTTP 200 with Content-Type"
         " text/html, not an acknowledgement: '<p>portal</p>'"
     )
@@ -1104,10 +1087,8 @@ async def test_token_answered_html_says_it_was_the_token_call(
 async def test_token_answer_without_access_token_says_so_with_its_status(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(201, body="{}"))
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).access_token()
-    assert (str(info.value), info.value.status) == (
+    error = await failure(fake, session, "token", WalkMeError, Reply(201, body="{}"))
+    assert (str(error), error.status) == (
         "token call answered without an access_token",
         201,
     )
@@ -1127,13 +1108,13 @@ async def test_token_endpoint_retry_after_is_honoured(
 async def test_token_call_unavailable_says_so(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.extend([Reply(502), Reply(502)])
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=2).access_token()
-    assert str(info.value) == (
+    error = await failure(
+        fake, session, "token", WalkMeUnavailable, Reply(502), Reply(502), attempts=2
+    )
+    assert str(error) == (
         "WalkMe token call failed 2 times; last: token endpoint unavailable (HTTP 502)"
     )
-    assert info.value.status == 502
+    assert error.status == 502
 
 
 async def test_create_conflicts_say_what_to_do(
@@ -1177,11 +1158,9 @@ async def test_create_conflict_on_our_key_held_by_no_listed_segment_has_no_guid(
 async def test_created_segment_that_cannot_be_found_says_so(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(201, body="{}"))
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).create_segment(SYSTEM, "new", "ext-1", ["a"])
-    assert str(info.value) == "created segment 'new' but cannot find its GUID"
-    assert (info.value.status, info.value.body) == (None, "")
+    error = await failure(fake, session, "create", WalkMeError, Reply(201, body="{}"))
+    assert str(error) == "created segment 'new' but cannot find its GUID"
+    assert (error.status, error.body) == (None, "")
 
 
 async def test_created_segment_is_found_by_its_key_when_the_answer_has_no_guid(
