@@ -46,6 +46,7 @@ def _env(
         state_url=url,
         segments_file=segments_file,
         work_dir=work,
+        admin_port=free_port(),
         lease_ttl=str(LEASE_TTL),
         max_remove_fraction="1.0",
         http_timeout="20",
