@@ -1,4 +1,5 @@
-"""Suite-wide hooks: the ``postgres`` marker's skip-or-fail rule."""
+"""Suite-wide hooks: the timed suites' xdist groups, and the ``postgres`` marker's
+skip-or-fail rule."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import pytest
 
 from tests.support.postgres import REQUIRE_VARIABLE, postgres_required, unreachable_reason
 
+# Suites timed against what syncd does: each runs on one xdist worker (its group),
+# one test after another, in file order (chaos's test_zz_secrets last).
+TIMED_SUITES = frozenset({"chaos", "replicas"})
 # Tests using one of these fixtures need the server, marked or not.
 POSTGRES_FIXTURES = frozenset({"pg_url", "fresh_database", "postgres", "pg_receiver"})
 _REASON = pytest.StashKey[str | None]()
@@ -20,9 +24,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m selects by markers
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before -m selects by markers, and xdist by groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = config.rootpath / "tests"
     for item in items:
+        suite = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else ""
+        if suite in TIMED_SUITES:
+            item.add_marker(pytest.mark.xdist_group(suite))
         callspec = getattr(item, "callspec", None)
         on_postgres = callspec is not None and "postgresql" in callspec.params.values()
         if on_postgres or POSTGRES_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -431,21 +431,28 @@ def _met(row: Row) -> str:
     return "**no**: " + "; ".join(misses)
 
 
+def _markdown_table(head: str, align: str, body: Iterable[str]) -> str:
+    """A Markdown table: its head row, its alignment row, then one line a row."""
+    return "\n".join([head, align, *body])
+
+
+def _table_line(row: Row) -> str:
+    m = row.measured
+    return (
+        f"| {row.case} | {row.store} | {row.members:,} | {m.wall_s:.2f} | {m.cpu_s:.2f}"
+        f" | {m.peak_rss_mb:.0f} | {row.requests} | {row.minimum} | {row.floor_s:.3f}"
+        f" | {row.ratio:.1f}x | {row.sandbox_cpu_s:.2f}"
+        f" | {', '.join(c.label for c in row.checks)} | {_met(row)} |"
+    )
+
+
 def table(rows: Sequence[Row]) -> str:
-    lines = [
+    return _markdown_table(
         "| case | store | members | wall s | cpu s | peak RSS MB | requests | minimum"
         " | floor s | ratio | sandbox cpu s | target | met? |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
-    ]
-    for row in rows:
-        m = row.measured
-        lines.append(
-            f"| {row.case} | {row.store} | {row.members:,} | {m.wall_s:.2f} | {m.cpu_s:.2f}"
-            f" | {m.peak_rss_mb:.0f} | {row.requests} | {row.minimum} | {row.floor_s:.3f}"
-            f" | {row.ratio:.1f}x | {row.sandbox_cpu_s:.2f}"
-            f" | {', '.join(c.label for c in row.checks)} | {_met(row)} |"
-        )
-    return "\n".join(lines)
+        map(_table_line, rows),
+    )
 
 
 def _cell(row: Row | None) -> str:
@@ -467,38 +474,41 @@ def comparison(rows: Sequence[Row]) -> str:
     cases: dict[tuple[int, str], dict[str, Row]] = {}
     for row in rows:
         cases.setdefault((row.members, row.case), {})[row.store] = row
-    lines = [
+    return _markdown_table(
         "| case | members | peer | syncd, sqlite | sqlite: syncd faster by"
         " | syncd, postgresql | postgresql: syncd faster by | postgresql / sqlite |",
         "|---|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for (members, case), by_store in cases.items():
-        peer, sqlite, pg = by_store.get(PEER), by_store.get("sqlite"), by_store.get("postgresql")
-        lines.append(
-            f"| {case} | {members:,} | {_cell(peer)} | {_cell(sqlite)} | {_ratio(peer, sqlite)}"
-            f" | {_cell(pg)} | {_ratio(peer, pg)} | {_ratio(pg, sqlite)} |"
-        )
-    return "\n".join(lines)
+        (_comparison_line(*key, by_store) for key, by_store in cases.items()),
+    )
+
+
+def _comparison_line(members: int, case: str, by_store: dict[str, Row]) -> str:
+    peer, sqlite, pg = by_store.get(PEER), by_store.get("sqlite"), by_store.get("postgresql")
+    return (
+        f"| {case} | {members:,} | {_cell(peer)} | {_cell(sqlite)} | {_ratio(peer, sqlite)}"
+        f" | {_cell(pg)} | {_ratio(peer, pg)} | {_ratio(pg, sqlite)} |"
+    )
 
 
 def webhook_table(rows: Sequence[Row]) -> str:
     """The webhook rows' timing split: the debounce set, and syncd's own run time."""
-    lines = [
+    return _markdown_table(
         "| case | store | members | debounce s | last page's 200 -> segment.synced s"
         " | the run's duration_s | requests | minimum |",
         "|---|---|--:|--:|--:|--:|--:|--:|",
-    ]
-    for row in rows:
-        if row.case.startswith(WEBHOOK_CYCLES):
-            outcome = row.measured.outcomes[0] if row.measured.outcomes else {}
-            duration = outcome.get("duration_s")
-            lines.append(
-                f"| {row.case} | {row.store} | {row.members:,} | {WEBHOOK_DEBOUNCE_S:g}"
-                f" | {row.measured.wall_s:.2f}"
-                f" | {'-' if duration is None else f'{float(duration):.2f}'}"
-                f" | {row.requests} | {row.minimum} |"
-            )
-    return "\n".join(lines)
+        (_webhook_line(row) for row in rows if row.case.startswith(WEBHOOK_CYCLES)),
+    )
+
+
+def _webhook_line(row: Row) -> str:
+    outcome = row.measured.outcomes[0] if row.measured.outcomes else {}
+    duration = outcome.get("duration_s")
+    return (
+        f"| {row.case} | {row.store} | {row.members:,} | {WEBHOOK_DEBOUNCE_S:g}"
+        f" | {row.measured.wall_s:.2f}"
+        f" | {'-' if duration is None else f'{float(duration):.2f}'}"
+        f" | {row.requests} | {row.minimum} |"
+    )
 
 
 def _load(values: Sequence[float]) -> str:

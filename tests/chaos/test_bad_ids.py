@@ -11,14 +11,9 @@ from __future__ import annotations
 import math
 import random
 
-import pytest
-
 from tests.support.chaos import ScenarioFactory
 from tests.support.ids import make_ids
 from tests.support.logs import parse_events
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 5_150
 BATCH = 25_000

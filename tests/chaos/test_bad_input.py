@@ -14,9 +14,6 @@ from tests.support.chaos import CLIENT_SECRET, ScenarioFactory
 from tests.support.ids import make_ids
 from tests.support.logs import parse_events
 
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
-
 SEED = 404
 
 

@@ -18,16 +18,11 @@ import re
 import time
 from collections import Counter
 
-import pytest
-
 from syncd.sandbox import Faults
-from tests.support.chaos import Scenario, ScenarioFactory
+from tests.support.chaos import Scenario, ScenarioFactory, storm
 from tests.support.ids import make_ids
 from tests.support.logs import run_endings
 from tests.support.waiting import wait_until
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 20_240_611
 BATCH = 2_000
@@ -45,15 +40,7 @@ def wait_converged(scenario: Scenario, expected: dict[str, list[str]], what: str
 
 def test_storm_of_faults_converges(make_scenario: ScenarioFactory) -> None:
     rng = random.Random(SEED)
-    faults = Faults(
-        seed=SEED,
-        error_rate=0.2,
-        throttle_rate=0.1,
-        retry_after=0.5,
-        retry_after_http_date=None,  # each 429 picks delta-seconds or an HTTP-date
-        drop_rate=0.1,
-        delay=0.01,
-    )
+    faults = storm(SEED, retry_after=0.5, drop_rate=0.1, delay=0.01)
     scenario = make_scenario(token_lifetime=3.0, faults=faults)
     sandbox = scenario.sandbox
     sandbox.drop_after_apply("create", 2)  # the first two creates: applied, never answered

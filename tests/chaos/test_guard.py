@@ -6,14 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from tests.support.chaos import Scenario, ScenarioFactory
 from tests.support.ids import make_ids
 from tests.support.logs import parse_events
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
 
 
 def sync(scenario: Scenario, env: dict[str, str], *args: str) -> tuple[int, list[dict[str, Any]]]:

@@ -22,16 +22,11 @@ import time
 from collections import Counter
 from typing import Any
 
-import pytest
-
 from syncd.sandbox import AppliedChange, Faults
 from tests.support.chaos import Scenario, ScenarioFactory
 from tests.support.ids import make_ids
 from tests.support.logs import parse_events, run_endings
 from tests.support.waiting import wait_until
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
 
 SEED = 4_242
 KILLS = 21  # plus the last, clean run: 22 restarts

@@ -7,31 +7,17 @@ from __future__ import annotations
 import math
 import subprocess
 
-import pytest
-
 from syncd.sandbox import Faults
-from tests.support.chaos import ScenarioFactory
+from tests.support.chaos import ScenarioFactory, storm
 from tests.support.ids import make_ids
 from tests.support.logs import run_endings
 from tests.support.waiting import wait_until
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
 
 BATCH = 5_000
 
 
 def test_sigterm_during_a_batch_exits_0_and_loses_nothing(make_scenario: ScenarioFactory) -> None:
-    faults = Faults(
-        seed=77,
-        error_rate=0.2,
-        throttle_rate=0.1,
-        retry_after=0.3,
-        retry_after_http_date=None,
-        drop_rate=0.05,
-        delay=0.02,
-    )
-    scenario = make_scenario(faults=faults)
+    scenario = make_scenario(faults=storm(77, retry_after=0.3, drop_rate=0.05, delay=0.02))
     sandbox = scenario.sandbox
     source = make_ids(60_000, "t")
     scenario.add_segment("Term", source)

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from tests.support.chaos import ScenarioFactory
 from tests.support.ids import make_ids
 from tests.support.logs import run_endings
 from tests.support.waiting import wait_until
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
 
 SLOW_S = 2.5  # every segment call answers after this long while WalkMe is slow
 TIMEOUT_S = 1  # SYNCD_HTTP_TIMEOUT

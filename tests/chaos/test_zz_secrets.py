@@ -15,9 +15,6 @@ import json
 import urllib.error
 import urllib.request
 
-import pytest
-
-from syncd.sandbox import Faults
 from tests.support.chaos import (
     CLIENT_SECRET,
     PG_PASSWORD,
@@ -25,13 +22,11 @@ from tests.support.chaos import (
     ScenarioFactory,
     Transcript,
     basic_auth,
+    storm,
 )
 from tests.support.ids import make_ids
 from tests.support.net import fetch_text, free_port
 from tests.support.waiting import wait_until
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("chaos")
 
 WRONG_SECRET = "chaos-wrong-S3cret-0b5e2d77"  # a rotated-away secret: refused, never shown
 
@@ -47,14 +42,7 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> int:
 
 
 def test_no_secret_in_any_output(make_scenario: ScenarioFactory, transcript: Transcript) -> None:
-    faults = Faults(
-        seed=31_337,
-        error_rate=0.2,
-        throttle_rate=0.1,
-        retry_after=0.3,
-        retry_after_http_date=None,
-        drop_rate=0.1,
-    )
+    faults = storm(31_337, retry_after=0.3, drop_rate=0.1)
     scenario = make_scenario(token_lifetime=2.0, faults=faults)
     sandbox = scenario.sandbox
     source = make_ids(6_000, "s")

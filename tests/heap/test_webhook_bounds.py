@@ -38,6 +38,8 @@ from tests.support.heap import (
     nothing_stored,
     now_ms,
     page,
+    page_with,
+    post_escaped,
     post_raw,
     post_signed,
     start_receiver,
@@ -222,43 +224,31 @@ async def test_nan_and_infinity_ids_are_400_never_sent(
     await assert_refused(receiver, answer, 400)
 
 
-def _with(path: str, value: Any) -> dict[str, Any]:
-    payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
-    *parents, last = path.split(".")
-    container: Any = payload
-    for key in parents:
-        container = container[key]
-    container[last] = value
-    return payload
-
-
 @pytest.mark.parametrize(
     ("path", "value"),
     [
-        ("data.segment.id", 2**63),
-        ("data.segment.id", 2**64),
-        ("data.sync_info", {"page_number": 2**63, "total_pages": 2**63, "sync_task_id": "t"}),
-        ("data.sync_info.total_pages", 2**31),
-        ("data.sync_info.total_pages", 2**64),
-        ("data.sync_info.total_pages", 1_000_001),
-        ("data.sync_info.sync_task_id", "t" * 1_000_000),
-        ("data.sync_info.sync_task_id", ""),
-        ("data.sync_info.sync_task_id", "task\nwith a newline"),
-        ("data.sync_info.sync_task_id", "\ud800"),
-        ("data.add", [{"id": 1.5}]),
-        ("data.add", [{"id": 1e400}]),
+        pytest.param("data.segment.id", 2**63, id="segment-id-2^63"),
+        pytest.param("data.segment.id", 2**64, id="segment-id-2^64"),
+        pytest.param(
+            "data.sync_info",
+            {"page_number": 2**63, "total_pages": 2**63, "sync_task_id": "t"},
+            id="page-2^63",
+        ),
+        pytest.param("data.sync_info.total_pages", 2**31, id="total-2^31"),
+        pytest.param("data.sync_info.total_pages", 2**64, id="total-2^64"),
+        pytest.param("data.sync_info.total_pages", 1_000_001, id="total-over-a-million"),
+        pytest.param("data.sync_info.sync_task_id", "t" * 1_000_000, id="task-id-1MB"),
+        pytest.param("data.sync_info.sync_task_id", "", id="task-id-empty"),
+        pytest.param("data.sync_info.sync_task_id", "task\nwith a newline", id="task-id-control"),
+        pytest.param("data.sync_info.sync_task_id", "\ud800", id="task-id-surrogate"),
+        pytest.param("data.add", [{"id": 1.5}], id="id-float"),
+        pytest.param("data.add", [{"id": 1e400}], id="id-float-overflow"),
     ],
-    ids=[
-        "segment-id-2^63", "segment-id-2^64", "page-2^63", "total-2^31", "total-2^64",
-        "total-over-a-million", "task-id-1MB", "task-id-empty", "task-id-control",
-        "task-id-surrogate", "id-float", "id-float-overflow",
-    ],
-)  # fmt: skip
+)
 async def test_out_of_range_or_wrong_typed_fields_are_400(
     roomy: Receiver, http: aiohttp.ClientSession, path: str, value: Any
 ) -> None:
-    # ASCII-escaped JSON: a lone surrogate can only be sent as "\ud800"
-    answer = await post_signed(http, roomy.url, json.dumps(_with(path, value)).encode())
+    answer = await post_escaped(http, roomy.url, page_with(path, value))
     assert answer.status == 400, answer.body
     assert len(json.dumps(answer.body)) < 300, "the answer echoes what was sent"
     await nothing_stored(roomy)
@@ -289,7 +279,7 @@ async def test_sender_controlled_text_in_log_lines_is_cut(
         ignored = await post_signed(
             http, roomy.url, page(task=new_task(), number=1, total=1, action=huge)
         )
-        refused = await post_signed(http, roomy.url, _with("data.sync_info.sync_task_id", huge))
+        refused = await post_signed(http, roomy.url, page_with("data.sync_info.sync_task_id", huge))
     assert (ignored.status, refused.status) == (200, 400)
     assert logged, "nothing was logged"
     for entry in logged:
@@ -302,27 +292,20 @@ async def test_sender_controlled_text_in_log_lines_is_cut(
 @pytest.mark.parametrize(
     ("sent", "stored"),
     [
-        ("N" * 199 + " tail", "N" * 199),
-        ("日本語 " * 60, ("日本語 " * 50).strip()),
-        ("Free\nCustomers", "Free Customers"),
-        ("Free\tCustomers\x00", "Free Customers"),
-        ("\x85Free\x9f", "Free"),
-        ("\x00\x01\x1f", str(FREE_CUSTOMERS)),
-        ("\ud800 lone surrogate", str(FREE_CUSTOMERS)),
+        pytest.param("N" * 199 + " tail", "N" * 199, id="cut-leaves-a-space"),
+        pytest.param("日本語 " * 60, ("日本語 " * 50).strip(), id="cut-leaves-a-space-non-ascii"),
+        pytest.param("Free\nCustomers", "Free Customers", id="newline"),
+        pytest.param("Free\tCustomers\x00", "Free Customers", id="tab-and-nul"),
+        pytest.param("\x85Free\x9f", "Free", id="c1-controls"),
+        pytest.param("\x00\x01\x1f", str(FREE_CUSTOMERS), id="only-controls"),
+        pytest.param("\ud800 lone surrogate", str(FREE_CUSTOMERS), id="surrogate"),
     ],
-    ids=[
-        "cut-leaves-a-space", "cut-leaves-a-space-non-ascii", "newline", "tab-and-nul",
-        "c1-controls", "only-controls", "surrogate",
-    ],
-)  # fmt: skip
+)
 async def test_segment_name_is_stored_as_a_valid_mapping_name(
     receiver: Receiver, http: aiohttp.ClientSession, sent: Any, stored: str
 ) -> None:
     """Whatever Heap calls a segment, the stored name makes a valid auto-mapping."""
-    payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
-    payload["data"]["segment"]["name"] = sent
-    # ASCII-escaped JSON: a lone surrogate can only be sent as "\ud800"
-    answer = await post_signed(http, receiver.url, json.dumps(payload).encode())
+    answer = await post_escaped(http, receiver.url, page_with("data.segment.name", sent))
     assert answer.status == 200, answer.body
     name, mapping_name, *_ = (await heap_state(receiver.store))[FREE_CUSTOMERS]
     assert (name, mapping_name) == (stored, stored)
@@ -330,9 +313,7 @@ async def test_segment_name_is_stored_as_a_valid_mapping_name(
     assert auto_mapping(FREE_CUSTOMERS, mapping_name).name == stored
 
 
-@pytest.mark.parametrize(
-    "name", ["Free\nCustomers", "tab\tname", "nul\x00", "mid\x85dle"]
-)  # fmt: skip
+@pytest.mark.parametrize("name", ["Free\nCustomers", "tab\tname", "nul\x00", "mid\x85dle"])
 def test_configured_segment_names_follow_the_same_rule(name: str) -> None:
     mapping = {"name": name, "source": {"type": "heap_webhook", "heap_segment_id": 1}}
     assert segment_name_problem(name) is not None

@@ -20,6 +20,7 @@ from syncd.webhook import sign
 from tests.support.heap import (
     FREE_CUSTOMERS,
     WEBHOOK_SECRET,
+    Answer,
     Receiver,
     assert_refused,
     encode,
@@ -30,6 +31,8 @@ from tests.support.heap import (
     nothing_stored,
     now_ms,
     page,
+    page_with,
+    page_without,
     post_raw,
     post_signed,
 )
@@ -351,44 +354,24 @@ async def test_json_that_is_not_an_object_is_400(
     await assert_refused(receiver, answer, 400)
 
 
-def _without(path: str) -> dict[str, Any]:
-    payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
-    *parents, last = path.split(".")
-    container: Any = payload
-    for key in parents:
-        container = container[key]
-    del container[last]
-    return payload
-
-
-def _with(path: str, value: Any) -> dict[str, Any]:
-    payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
-    *parents, last = path.split(".")
-    container: Any = payload
-    for key in parents:
-        container = container[key]
-    container[last] = value
-    return payload
-
-
 @pytest.mark.parametrize(
     "payload",
     [
-        _without("data"),
-        _without("data.segment"),
-        _without("data.segment.id"),
-        _without("data.sync_info"),
-        _without("data.sync_info.sync_task_id"),
-        _without("data.sync_info.page_number"),
-        _without("data.sync_info.total_pages"),
-        _with("data.segment.id", None),
-        _with("data.segment.id", True),
-        _with("data.sync_info.page_number", 0),
-        _with("data.sync_info.page_number", 3),  # total_pages is 1
-        _with("data.sync_info.total_pages", 0),
-        _with("data.add", {"id": "a@x.com"}),
-        _with("data.add", [{"user": "a@x.com"}]),
-        _with("data.remove", ["a@x.com"]),
+        page_without("data"),
+        page_without("data.segment"),
+        page_without("data.segment.id"),
+        page_without("data.sync_info"),
+        page_without("data.sync_info.sync_task_id"),
+        page_without("data.sync_info.page_number"),
+        page_without("data.sync_info.total_pages"),
+        page_with("data.segment.id", None),
+        page_with("data.segment.id", True),
+        page_with("data.sync_info.page_number", 0),
+        page_with("data.sync_info.page_number", 3),  # total_pages is 1
+        page_with("data.sync_info.total_pages", 0),
+        page_with("data.add", {"id": "a@x.com"}),
+        page_with("data.add", [{"user": "a@x.com"}]),
+        page_with("data.remove", ["a@x.com"]),
     ],
     ids=[
         "no-data", "no-segment", "no-segment-id", "no-sync-info", "no-sync-task-id",
@@ -434,13 +417,21 @@ def _one_page_body(n_ids: int) -> bytes:
     return encode(page(task=new_task(), number=1, total=1, add=ids))
 
 
+async def _post_one_page(
+    http: aiohttp.ClientSession, receiver: Receiver, n_ids: int, kib: tuple[int, int]
+) -> Answer:
+    """``_one_page_body(n_ids)``, its size checked to lie between ``kib`` KiB, signed
+    and posted."""
+    body = _one_page_body(n_ids)
+    assert kib[0] * 1024 < len(body) < kib[1] * 1024
+    return await post_signed(http, receiver.url, body)
+
+
 async def test_oversize_body_is_413_and_nothing_stored(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
     """max_body is 64 KiB in the fixture; this page is about 100 KiB, correctly signed."""
-    body = _one_page_body(3150)
-    assert 95 * 1024 < len(body) < 110 * 1024
-    answer = await post_signed(http, receiver.url, body)
+    answer = await _post_one_page(http, receiver, 3150, kib=(95, 110))
     await assert_refused(receiver, answer, 413)
 
 
@@ -467,9 +458,7 @@ async def test_oversize_chunked_body_without_length_is_413(
 async def test_body_just_under_the_limit_is_accepted(
     receiver: Receiver, http: aiohttp.ClientSession
 ) -> None:
-    body = _one_page_body(1950)
-    assert 60 * 1024 < len(body) < 64 * 1024
-    answer = await post_signed(http, receiver.url, body)
+    answer = await _post_one_page(http, receiver, 1950, kib=(60, 64))
     assert answer.status == 200, answer.body
     assert len(await heap_members(receiver.store, FREE_CUSTOMERS)) == 1950
 

@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import math
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -22,9 +23,7 @@ async def synced_then_changed(
 ) -> tuple[Settings, str, list[str]]:
     """A segment synced once (1,500 ids), then its source changed: +700 / -300."""
     source = make_ids(1_500)
-    settings = harness.settings([harness.mapping("Flaky", source)], batch_size=1_000, **overrides)
-    outcome = await harness.sync_one(settings)
-    assert outcome.result == "synced", outcome.error
+    settings = await harness.synced("Flaky", source, batch_size=1_000, **overrides)
     changed = source[300:] + make_ids(700, prefix="new")
     harness.source("Flaky", changed)
     harness.sandbox.clear_requests()
@@ -37,42 +36,43 @@ async def timed_sync(harness: Harness, settings: Settings) -> tuple[Outcome, flo
     return outcome, time.monotonic() - started
 
 
-async def test_429_retry_after_seconds_is_honoured(harness: Harness) -> None:
-    sandbox = harness.sandbox
-    settings, guid, changed = await synced_then_changed(harness, retry_max_wait=10.0)
-    sandbox.script(429, times=1, retry_after="2")
-
+async def throttled_sync(
+    harness: Harness, retry_max_wait: float, times: int, retry_after: Callable[[], str]
+) -> float:
+    """The segment of ``synced_then_changed`` synced again through ``times`` 429s, each
+    with the Retry-After ``retry_after()`` gives just before: the run must end synced, the
+    segment equal to its changed source. Returns the seconds the run took."""
+    settings, guid, changed = await synced_then_changed(harness, retry_max_wait=retry_max_wait)
+    harness.sandbox.script(429, times=times, retry_after=retry_after())
     outcome, elapsed = await timed_sync(harness, settings)
     assert outcome.result == "synced", outcome.error
+    assert harness.sandbox.members(guid) == set(changed)
+    return elapsed
+
+
+async def test_429_retry_after_seconds_is_honoured(harness: Harness) -> None:
+    sandbox = harness.sandbox
+    elapsed = await throttled_sync(harness, 10.0, times=1, retry_after=lambda: "2")
     assert sandbox.count(status=429) == 1
     assert 1.9 <= elapsed < 6, elapsed
-    assert sandbox.members(guid) == set(changed)
     applied = [r.action for r in segment_requests(sandbox) if r.applied]
     assert applied == ["remove", "add"]
 
 
-async def test_429_retry_after_http_date_is_honoured(harness: Harness) -> None:
-    sandbox = harness.sandbox
-    settings, guid, changed = await synced_then_changed(harness, retry_max_wait=10.0)
+def _in_3_seconds() -> str:
     # HTTP-dates carry whole seconds: this asks for a wait of more than 2 s.
-    sandbox.script(429, times=1, retry_after=email.utils.formatdate(time.time() + 3, usegmt=True))
+    return email.utils.formatdate(time.time() + 3, usegmt=True)
 
-    outcome, elapsed = await timed_sync(harness, settings)
-    assert outcome.result == "synced", outcome.error
-    assert sandbox.count(status=429) == 1
+
+async def test_429_retry_after_http_date_is_honoured(harness: Harness) -> None:
+    elapsed = await throttled_sync(harness, 10.0, times=1, retry_after=_in_3_seconds)
+    assert harness.sandbox.count(status=429) == 1
     assert 1.5 <= elapsed < 7, elapsed
-    assert sandbox.members(guid) == set(changed)
 
 
 async def test_retry_after_is_capped_by_retry_max_wait(harness: Harness) -> None:
-    sandbox = harness.sandbox
-    settings, guid, changed = await synced_then_changed(harness, retry_max_wait=0.5)
-    sandbox.script(429, times=2, retry_after="3600")
-
-    outcome, elapsed = await timed_sync(harness, settings)
-    assert outcome.result == "synced", outcome.error
+    elapsed = await throttled_sync(harness, 0.5, times=2, retry_after=lambda: "3600")
     assert elapsed < 5, elapsed
-    assert sandbox.members(guid) == set(changed)
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from syncd.sandbox import Faults, WalkMeSandbox
-from syncd.state import open_store
 from tests.support.harness import cli_env, parse_status, status_rows
 from tests.support.ids import make_ids, write_ids
 from tests.support.logs import parse_log_lines, run_endings
@@ -30,6 +29,7 @@ from tests.support.postgres import (
     url_for_database,
 )
 from tests.support.processes import REPO_ROOT, DaemonProcess, run_cli, syncd_command
+from tests.support.stores import create_store
 from tests.support.waiting import wait_until
 
 StartDaemon = Callable[[dict[str, str]], DaemonProcess]
@@ -59,18 +59,13 @@ def http_get(url: str) -> tuple[int, dict[str, Any]]:
 
 def store_bad_heap_rows(state_db: Path) -> None:
     """Heap segments written straight into the state database, past every check."""
-    asyncio.run(_create_store(state_db))
+    asyncio.run(create_store("sqlite:///" + str(state_db)))
     with sqlite3.connect(state_db) as conn:
         conn.executemany(
             "INSERT INTO heap_segments (heap_segment_id, name, mapping_name, updated_at)"
             " VALUES (?, ?, ?, '2026-01-01T00:00:00+00:00')",
             [(heap_id, name, name) for heap_id, name in BAD_HEAP_NAMES.items()],
         )
-
-
-async def _create_store(state_db: Path) -> None:
-    store = await open_store("sqlite:///" + str(state_db))
-    await store.close()
 
 
 def heap_env(sandbox: WalkMeSandbox, folder: Path, **extra: object) -> dict[str, str]:
@@ -165,7 +160,7 @@ def test_state_errors_taking_a_lease_fail_the_segment_and_finish_the_cycle(
     path = write_ids(tmp_path / "leased.txt", make_ids(50))
     mapping = {"name": "Leased", "source": {"type": "file", "path": str(path)}}
     env = cli_env(live_sandbox.url, tmp_path, [mapping], schedule="2s")
-    asyncio.run(_create_store(tmp_path / "state.db"))
+    asyncio.run(create_store("sqlite:///" + str(tmp_path / "state.db")))
     with sqlite3.connect(tmp_path / "state.db") as conn:
         conn.execute("DROP TABLE leases")
     daemon = daemons(env)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from syncd.sandbox import ListShape
-from tests.support.harness import HarnessFactory, delete_segment, segment_requests, segments_named
+from tests.support.harness import (
+    Harness,
+    HarnessFactory,
+    delete_segment,
+    segment_requests,
+    segments_named,
+)
 from tests.support.ids import make_ids
 
 SHAPES: list[ListShape] = ["bare", "data", "segments"]
@@ -65,13 +71,11 @@ async def test_adoption_by_name_reads_every_list_shape(
 
 
 async def test_segment_deleted_in_walkme_is_recreated_with_full_membership(
-    make_harness: HarnessFactory,
+    harness: Harness,
 ) -> None:
-    harness = await make_harness()
     sandbox = harness.sandbox
     source = make_ids(2_500)
-    settings = harness.settings([harness.mapping("Deleted", source)], batch_size=1_000)
-    assert (await harness.sync_one(settings)).result == "synced"
+    settings = await harness.synced("Deleted", source, batch_size=1_000)
     old_guid = harness.guid("Deleted")
 
     await delete_segment(sandbox, old_guid)
@@ -97,14 +101,10 @@ async def test_segment_deleted_in_walkme_is_recreated_with_full_membership(
     assert sandbox.members(new_guid) == set(changed[:-1])
 
 
-async def test_segment_deleted_in_walkme_before_an_add_only_change(
-    make_harness: HarnessFactory,
-) -> None:
-    harness = await make_harness()
+async def test_segment_deleted_in_walkme_before_an_add_only_change(harness: Harness) -> None:
     sandbox = harness.sandbox
     source = make_ids(30)
-    settings = harness.settings([harness.mapping("Gone", source)])
-    assert (await harness.sync_one(settings)).result == "synced"
+    settings = await harness.synced("Gone", source)
     await delete_segment(sandbox, harness.guid("Gone"))
 
     harness.source("Gone", [*source, "extra@example.com"])

@@ -10,17 +10,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from syncd.engine import IN_USE_INTERVALS
 from syncd.sandbox import Faults
-from tests.support.net import free_port
 from tests.support.processes import run_cli
 from tests.support.replicas import Replica, recording_sandbox, replica_env
 from tests.support.waiting import wait_until
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("replicas")
 
 SCHEDULE_S = 1
 
@@ -52,14 +46,11 @@ def test_replicas_mapping_different_segments_never_orphan_or_delete_each_others(
         replicas: dict[str, Replica] = {}
         try:
             for (label, path), api_port in zip(configurations.items(), sandbox.ports, strict=True):
-                work_dir = tmp_path / f"work-{label}"
-                work_dir.mkdir()
                 env = replica_env(
                     api_port=api_port,
                     state_url=url,
                     segments_file=path,
-                    admin_port=free_port(),
-                    work_dir=work_dir,
+                    work_dir=tmp_path / f"work-{label}",
                     schedule=f"{SCHEDULE_S}s",
                     lease_ttl="3",
                 )

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from syncd.sandbox import Faults
 from tests.support.heap import WEBHOOK_SECRET, new_task, page, post_signed
+from tests.support.ids import write_ids
 from tests.support.net import free_port
 from tests.support.replicas import (
     RecordingSandbox,
@@ -33,30 +33,20 @@ from tests.support.replicas import (
 )
 from tests.support.waiting import wait_until
 
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("replicas")
-
 LEASE_TTL = 2
 RETRY_AFTER_S = 4  # longer than the lease: the frozen replica's lease lapses meanwhile
 SEGMENT = "Fenced segment"
 
 
-def _write_members(path: Path, members: list[str]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(f"{m}\n" for m in members), encoding="utf-8")
-    os.replace(partial, path)
-
-
 def _env(
     sandbox_port: int, url: str, segments_file: Path, work: Path, **settings: str
 ) -> dict[str, str]:
-    work.mkdir(parents=True, exist_ok=True)
     return replica_env(
         api_port=sandbox_port,
         state_url=url,
         segments_file=segments_file,
-        admin_port=free_port(),
         work_dir=work,
+        admin_port=free_port(),
         lease_ttl=str(LEASE_TTL),
         max_remove_fraction="1.0",
         http_timeout="20",
@@ -96,7 +86,7 @@ def test_a_replica_frozen_past_its_lease_sends_nothing_after_waking(
     source = tmp_path / "members.txt"
     base = [f"user{n:04d}@example.com" for n in range(200)]
     late = [f"late{n:04d}@example.com" for n in range(50)]
-    _write_members(source, base)
+    write_ids(source, base)
     segments_file = tmp_path / "segments.json"
     mapping = {"name": SEGMENT, "source": {"type": "file", "path": str(source)}}
     segments_file.write_text(json.dumps([mapping]), encoding="utf-8")
@@ -110,7 +100,7 @@ def test_a_replica_frozen_past_its_lease_sends_nothing_after_waking(
         assert first.process.returncode == 0, first.tail()
 
         # The frozen replica's add of the 50 late ids is throttled; it waits, frozen.
-        _write_members(source, base + late)
+        write_ids(source, base + late)
         sandbox.script(429, retry_after=str(RETRY_AFTER_S))
         frozen = Replica.start(0, tmp_path / "frozen", frozen_env, frozen_port, 0, "sync")
         try:
@@ -118,7 +108,7 @@ def test_a_replica_frozen_past_its_lease_sends_nothing_after_waking(
             os.kill(frozen.pid, signal.SIGSTOP)
             try:
                 time.sleep(LEASE_TTL + 1)  # its lease lapses
-                _write_members(source, base)  # the late ids leave again
+                write_ids(source, base)  # the late ids leave again
                 other = _sync(2, tmp_path, other_env, other_port)
                 assert other.process.returncode == 0, other.tail()
                 assert other.count("segment.synced") == 1, other.tail()

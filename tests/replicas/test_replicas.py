@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import threading
 import time
@@ -55,6 +54,7 @@ from typing import Any
 import pytest
 
 from syncd.sandbox import Faults
+from tests.support.ids import write_ids
 from tests.support.net import free_port
 from tests.support.processes import run_cli
 from tests.support.replicas import (
@@ -68,9 +68,6 @@ from tests.support.replicas import (
     replica_env,
 )
 from tests.support.waiting import wait_until
-
-# Timed against what syncd does: one xdist worker runs these, one after another.
-pytestmark = pytest.mark.xdist_group("replicas")
 
 SEED = 20260601
 SEGMENTS = 30
@@ -102,10 +99,7 @@ class SourceFile:
     writes: int = 0
 
     def write(self) -> None:
-        # Readers never see half a file: write aside, then rename over it.
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text("".join(f"{m}\n" for m in sorted(self.members)), encoding="utf-8")
-        os.replace(partial, self.path)
+        write_ids(self.path, sorted(self.members))
         self.writes += 1
 
     def churn(self, rng: random.Random) -> None:
@@ -544,14 +538,12 @@ def _start_replicas(
     replicas = []
     for index, api_port in enumerate(sandbox.ports):
         admin_port = free_port()
-        work_dir = tmp_path / f"work-{index}"
-        work_dir.mkdir()
         env = replica_env(
             api_port=api_port,
             state_url=url,
             segments_file=segments_file,
+            work_dir=tmp_path / f"work-{index}",
             admin_port=admin_port,
-            work_dir=work_dir,
             schedule=SCHEDULE,
             lease_ttl=str(LEASE_TTL),
             batch_size=str(BATCH),

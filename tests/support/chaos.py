@@ -43,6 +43,22 @@ RETRY_MAX_WAIT = 1.0  # small: retries (and Retry-After, capped by it) stay fast
 # A run ends with one of these; a run skipped (another holder has the lease) is one line.
 
 
+def storm(seed: int, *, retry_after: float, drop_rate: float, delay: float = 0.0) -> Faults:
+    """The chaos tests' flaky WalkMe: a fifth of the segment calls answered with a server
+    error, a tenth throttled (each 429's Retry-After, of ``retry_after`` seconds, given as
+    delta-seconds or as an HTTP-date at random), ``drop_rate`` of the answers lost after
+    WalkMe applied the call, and every segment call answered after ``delay``."""
+    return Faults(
+        seed=seed,
+        error_rate=0.2,
+        throttle_rate=0.1,
+        retry_after=retry_after,
+        retry_after_http_date=None,
+        drop_rate=drop_rate,
+        delay=delay,
+    )
+
+
 class ChaosSandbox(WalkMeSandbox):
     """The sandbox with the chaos credentials, plus the fault its ``Faults`` cannot aim:
     ``slow_on_create = (delay, seconds)`` turns WalkMe slow (every segment call

@@ -123,6 +123,13 @@ class Harness:
         assert len(outcomes) == 1
         return outcomes[0]
 
+    async def synced(self, name: str, ids: Iterable[str], **overrides: Any) -> Settings:
+        """Settings of one file-source mapping, ``name`` holding ``ids``, synced once."""
+        settings = self.settings([self.mapping(name, ids)], **overrides)
+        outcome = await self.sync_one(settings)
+        assert outcome.result == "synced", outcome.error
+        return settings
+
     async def sync_changed(self, settings: Settings, name: str, ids: Iterable[str]) -> Outcome:
         """Write ``ids`` as segment ``name``'s source, forget the requests so far, sync once."""
         self.source(name, ids)

@@ -84,6 +84,31 @@ def page(
     }
 
 
+def _field_holder(payload: dict[str, Any], path: str) -> tuple[Any, str]:
+    """The object holding the field at the dotted ``path``, and the field's key."""
+    *parents, last = path.split(".")
+    holder: Any = payload
+    for key in parents:
+        holder = holder[key]
+    return holder, last
+
+
+def page_with(path: str, value: Any) -> dict[str, Any]:
+    """A one-page task adding one id, its field at the dotted ``path`` set to ``value``."""
+    payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
+    holder, key = _field_holder(payload, path)
+    holder[key] = value
+    return payload
+
+
+def page_without(path: str) -> dict[str, Any]:
+    """A one-page task adding one id, without its field at the dotted ``path``."""
+    payload = page(task=new_task(), number=1, total=1, add=["a@x.com"])
+    holder, key = _field_holder(payload, path)
+    del holder[key]
+    return payload
+
+
 def encode(payload: Any) -> bytes:
     """Compact JSON, raw UTF-8 (no \\u escapes), as Heap sends it."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -133,6 +158,12 @@ async def post_signed(
     body = payload if isinstance(payload, bytes) else encode(payload)
     ts = now_ms() if ts_ms is None else ts_ms
     return await post_raw(session, url, body, header=heap_hash(secret, ts, body))
+
+
+async def post_escaped(session: aiohttp.ClientSession, url: str, payload: Any) -> Answer:
+    """``post_signed`` with the payload as ASCII-escaped JSON: the only way to send a
+    lone surrogate (as "\\ud800")."""
+    return await post_signed(session, url, json.dumps(payload).encode())
 
 
 # ---------------------------------------------------------------------------- store views

@@ -24,6 +24,7 @@ from syncd.sandbox import (
     serve_in_thread,
 )
 from tests.support.logs import count_events, parse_events
+from tests.support.net import free_port
 from tests.support.settings import syncd_env
 
 CLIENT_ID = "replicas-client"
@@ -131,14 +132,17 @@ def replica_env(
     api_port: int,
     state_url: str,
     segments_file: Path,
-    admin_port: int,
     work_dir: Path,
+    admin_port: int | None = None,
     **settings: str,
 ) -> dict[str, str]:
+    """The environment of one replica: WalkMe at the sandbox's ``api_port``, JSON logs,
+    its own ``work_dir`` (made here) and admin port (a free one unless given)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
     defaults = {
         "state_url": state_url,
         "segments_file": segments_file,
-        "admin_port": admin_port,
+        "admin_port": free_port() if admin_port is None else admin_port,
         "work_dir": work_dir,
         "log_format": "json",
     }

@@ -43,6 +43,12 @@ async def write_schema_1_postgres(
         await conn.close()
 
 
+async def create_store(url: str) -> None:
+    """A store at ``url`` holding syncd's schema and nothing else."""
+    store = await open_store(url)
+    await store.close()
+
+
 async def with_store(url: str, action: Callable[[StateStore], Awaitable[object]]) -> None:
     """Open (and so migrate) the store at ``url``, run ``action`` on it, close it."""
     store = await open_store(url)

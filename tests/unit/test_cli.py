@@ -13,6 +13,7 @@ import pytest
 from syncd.cli import EXIT_CONFIG, main
 from syncd.ids import SkippedIds
 from syncd.state import open_store
+from tests.support.stores import create_store
 from tests.unit.conftest import FILE_MAPPING, SECRET, SYSTEM_GUID
 
 pytestmark = pytest.mark.usefixtures("restore_logging")
@@ -213,30 +214,27 @@ def test_a_start_up_error_is_one_json_line_when_logs_are_json(
     assert "timestamp" in event
 
 
+@pytest.fixture
+def empty_state(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty state database, named by SYNCD_STATE_URL; no other setting."""
+    url = f"sqlite:///{clean_env / 'state.db'}"
+    asyncio.run(create_store(url))
+    monkeypatch.setenv("SYNCD_STATE_URL", url)
+
+
+@pytest.mark.usefixtures("empty_state")
 def test_status_and_history_start_without_walkme_settings(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    state = clean_env / "state.db"
-    asyncio.run(_create_store(f"sqlite:///{state}"))
-    monkeypatch.setenv("SYNCD_STATE_URL", f"sqlite:///{state}")
     assert main(["status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"segments": [], "orphans": []}
     assert main(["history", "--segment", "vip"]) == 0
     assert "no runs recorded for 'vip'" in capsys.readouterr().out
 
 
-def test_explain_needs_the_mappings(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    state = clean_env / "state.db"
-    asyncio.run(_create_store(f"sqlite:///{state}"))
-    monkeypatch.setenv("SYNCD_STATE_URL", f"sqlite:///{state}")
+@pytest.mark.usefixtures("empty_state")
+def test_explain_needs_the_mappings(capsys: pytest.CaptureFixture[str]) -> None:
     assert "SYNCD_SEGMENTS" in run_config_error(["explain", "--id", "a"], capsys)
-
-
-async def _create_store(url: str) -> None:
-    store = await open_store(url)
-    await store.close()
 
 
 @pytest.mark.parametrize(

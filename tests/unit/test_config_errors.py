@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,25 @@ def _nothing_to_reach(env: pytest.MonkeyPatch) -> None:
 
 GUID = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
 OTHER_GUID = "11111111-2222-4333-8444-555555555555"
+
+
+def refused_line(
+    env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    words: Iterable[str] = (),
+    command: str = "check",
+) -> str:
+    """``syncd <command>`` with one file mapping and ``variable`` set to ``value`` (it may
+    be SYNCD_SEGMENTS itself): its one-line configuration error, holding each of ``words``."""
+    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
+    env.setenv(variable, value)
+    line = run_config_error([command], capsys)
+    for word in words:
+        assert word in line
+    return line
+
 
 # (variable, value, words the one line must hold)
 BAD_VARIABLES: list[tuple[str, str, tuple[str, ...]]] = [
@@ -122,12 +141,8 @@ def test_bad_variable_is_one_line_exit_2(
     value: str,
     words: tuple[str, ...],
 ) -> None:
-    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
-    env.setenv(variable, value)
-    line = run_config_error(["check"], capsys)
+    line = refused_line(env, capsys, variable, value, words)
     assert variable in line
-    for word in words:
-        assert word in line
 
 
 def _missing(folder: Path) -> str:
@@ -282,11 +297,8 @@ def test_bad_mapping_is_one_line_exit_2(
     mappings: object,
     words: tuple[str, ...],
 ) -> None:
-    env.setenv("SYNCD_SEGMENTS", json.dumps(mappings))
-    line = run_config_error(["check"], capsys)
+    line = refused_line(env, capsys, "SYNCD_SEGMENTS", json.dumps(mappings), words)
     assert "SYNCD_SEGMENTS" in line
-    for word in words:
-        assert word in line
     assert "\x1b" not in line
     assert "\x00" not in line
 
@@ -361,12 +373,8 @@ BAD_SNOWFLAKE_URLS: list[tuple[str, tuple[str, ...]]] = [
 def test_bad_snowflake_url_is_one_line_exit_2(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, words: tuple[str, ...]
 ) -> None:
-    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
-    env.setenv("SYNCD_WAREHOUSE_URL", url)
-    line = run_config_error(["check"], capsys)
+    line = refused_line(env, capsys, "SYNCD_WAREHOUSE_URL", url, words)
     assert line.startswith("syncd: configuration error: SYNCD_WAREHOUSE_URL: "), line
-    for word in words:
-        assert word in line
     assert SNOWFLAKE_PASSWORD not in line
 
 
@@ -462,12 +470,8 @@ def test_bad_snowflake_private_key_is_one_line_exit_2(
     url = f"{KEYLESS}?private_key_file={key}"
     if passphrase is not None:
         url += f"&private_key_passphrase_file={passphrase}"
-    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
-    env.setenv("SYNCD_WAREHOUSE_URL", url)
-    line = run_config_error(["check"], capsys)
+    line = refused_line(env, capsys, "SYNCD_WAREHOUSE_URL", url, words)
     assert line.startswith("syncd: configuration error: SYNCD_WAREHOUSE_URL: "), line
-    for word in words:
-        assert word in line
     assert PASSPHRASE not in line
     for path in tmp_path.rglob("*"):
         if path.is_file():
@@ -496,9 +500,7 @@ def test_snowflake_without_its_driver_is_one_line_exit_2(
 ) -> None:
     """Found at start, rather than as every run's failure."""
     env.setitem(sys.modules, "snowflake.connector", None)  # what an import then fails on
-    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
-    env.setenv("SYNCD_WAREHOUSE_URL", SNOWFLAKE)
-    line = run_config_error(["check"], capsys)
+    line = refused_line(env, capsys, "SYNCD_WAREHOUSE_URL", SNOWFLAKE)
     assert line.endswith("snowflake:// needs the Snowflake driver: pip install 'syncd[snowflake]'")
 
 
@@ -509,9 +511,8 @@ NOTIFY_TOKEN = "xoxb-hook-7d2e9f0a1b"  # the part of a webhook URL that is its c
 def test_a_bad_notify_url_stops_the_command_without_showing_it(
     env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
-    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
-    env.setenv("SYNCD_NOTIFY_URL", f"hooks.slack.com/services/{NOTIFY_TOKEN}")
-    line = run_config_error([command], capsys)
+    url = f"hooks.slack.com/services/{NOTIFY_TOKEN}"
+    line = refused_line(env, capsys, "SYNCD_NOTIFY_URL", url, command=command)
     assert "SYNCD_NOTIFY_URL" in line
     assert NOTIFY_TOKEN not in line
 
@@ -522,8 +523,6 @@ def test_a_bad_url_in_the_notify_url_file_names_the_file_not_the_url(
 ) -> None:
     path = tmp_path / "notify-url"
     path.write_text(f"ftp://hooks.slack.com/services/{NOTIFY_TOKEN}\n", encoding="utf-8")
-    env.setenv("SYNCD_SEGMENTS", FILE_MAPPING)
-    env.setenv("SYNCD_NOTIFY_URL_FILE", str(path))
-    line = run_config_error([command], capsys)
+    line = refused_line(env, capsys, "SYNCD_NOTIFY_URL_FILE", str(path), command=command)
     assert f"SYNCD_NOTIFY_URL_FILE: {path}: not an http(s) URL" in line
     assert NOTIFY_TOKEN not in line

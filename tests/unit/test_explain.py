@@ -58,31 +58,28 @@ def test_next_run(
         assert f"pending {batch.action} batch" in why  # the replay is told
 
 
-def test_a_rebuild_sends_a_quarantined_id_again() -> None:
-    """Only an update leaves quarantined ids out; a rebuild sends everything."""
-    found, _ = next_action(
+def quarantined_and_held(mode: Mode) -> tuple[NextAction, str]:
+    """The verdict on a wanted id, not a member, that WalkMe once rejected, in a run of
+    ``mode`` that the removal guard holds."""
+    return next_action(
         wanted=True,
         member=False,
-        mode="override",
+        mode=mode,
         pending=None,
         in_pending=False,
         quarantine=[REJECTED],
         held="1000 of 1000 members would be removed",
         error=None,
     )
+
+
+def test_a_rebuild_sends_a_quarantined_id_again() -> None:
+    """Only an update leaves quarantined ids out; a rebuild sends everything."""
+    found, _ = quarantined_and_held("override")
     assert found == "add"
 
 
 def test_quarantine_comes_before_the_guard() -> None:
-    found, why = next_action(
-        wanted=True,
-        member=False,
-        mode="update",
-        pending=None,
-        in_pending=False,
-        quarantine=[REJECTED],
-        held="1000 of 1000 members would be removed",
-        error=None,
-    )
+    found, why = quarantined_and_held("update")
     assert found == "quarantined"
     assert "400 invalid user id" in why

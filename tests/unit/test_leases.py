@@ -147,15 +147,22 @@ def test_dead_here_for_a_pid_that_is_gone() -> None:
     assert dead_here(f"{HOST}:{dead_pid()}:nonce-run")
 
 
+async def taken(store: StateStore, ttl_s: float = 30) -> tuple[LeaseKeeper, Lease]:
+    """A keeper of leases of ``ttl_s`` seconds for this process, and the lease on NAME it
+    took for run-1."""
+    keeper = LeaseKeeper(store, ME, ttl_s)
+    lease = await keeper.take(NAME, "run-1")
+    assert lease is not None
+    return keeper, lease
+
+
 # -- keeping and proving --------------------------------------------------------------
 
 
 async def test_the_lease_is_renewed_until_it_is_lost(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    keeper = LeaseKeeper(store, ME, 0.3)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store, 0.3)
     sleeps: list[float] = []
     sleep = asyncio.sleep
 
@@ -179,9 +186,7 @@ async def test_the_lease_is_renewed_until_it_is_lost(
 async def test_a_store_failing_to_renew_loses_the_lease(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    keeper = LeaseKeeper(store, ME, 0.03)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store, 0.03)
 
     async def failing(name: str, holder: str, ttl_s: float) -> bool:
         raise StateError("disk gone")
@@ -194,9 +199,7 @@ async def test_a_store_failing_to_renew_loses_the_lease(
 async def test_the_proof_renews_by_the_store_clock_and_fails_once_lost(
     store: StateStore,
 ) -> None:
-    keeper = LeaseKeeper(store, ME, 30)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store)
     prove = keeper.proof(lease)
     await prove()
     assert not lease.lost
@@ -213,9 +216,7 @@ async def test_the_proof_renews_by_the_store_clock_and_fails_once_lost(
 
 
 async def test_a_lease_known_lost_is_never_proven_again(store: StateStore) -> None:
-    keeper = LeaseKeeper(store, ME, 30)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store)
     lease.lost = True  # the keeper found it lapsed
     with pytest.raises(LeaseLost):
         await keeper.proof(lease)()
@@ -225,18 +226,14 @@ async def test_a_lease_known_lost_is_never_proven_again(store: StateStore) -> No
 
 
 async def test_a_finished_run_releases_the_lease(store: StateStore) -> None:
-    keeper = LeaseKeeper(store, ME, 30)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store)
     assert not await keeper.due_again(lease, await store.clock())
     assert lease.released
     assert await store.lease_holder(NAME) is None
 
 
 async def test_a_run_asked_for_again_keeps_the_lease_and_runs_again(store: StateStore) -> None:
-    keeper = LeaseKeeper(store, ME, 30)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store)
     read_started = await store.clock()
     await store.mark_due(NAME)
     with structlog.testing.capture_logs() as logs:
@@ -255,9 +252,7 @@ async def test_a_run_asked_for_again_keeps_the_lease_and_runs_again(store: State
 
 @pytest.mark.parametrize("why", ["lost", "never read"])
 async def test_a_lost_or_unread_run_is_not_run_again(store: StateStore, why: str) -> None:
-    keeper = LeaseKeeper(store, ME, 30)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store)
     read_started = await store.clock()
     await store.mark_due(NAME)
     lease.lost = why == "lost"
@@ -270,9 +265,7 @@ async def test_a_lost_or_unread_run_is_not_run_again(store: StateStore, why: str
 async def test_a_store_failing_at_release_is_logged_and_left_to_expire(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    keeper = LeaseKeeper(store, ME, 30)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store)
 
     async def failing(name: str, holder: str, read_started: float | None = None) -> bool:
         raise StateError("disk gone")
@@ -292,9 +285,7 @@ async def test_a_store_failing_at_release_is_logged_and_left_to_expire(
 async def test_a_released_lease_is_not_released_again(
     store: StateStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    keeper = LeaseKeeper(store, ME, 30)
-    lease = await keeper.take(NAME, "run-1")
-    assert lease is not None
+    keeper, lease = await taken(store)
     assert not await keeper.due_again(lease, await store.clock())
     assert await store.acquire_lease(NAME, OTHER, 30)  # the next tenure, elsewhere
     await keeper.release(lease)

@@ -3,8 +3,9 @@ that is down, refuses, redirects or hangs, and a shutdown that never waits long.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from syncd.notify import (
     redact_receiver,
 )
 from tests.support.net import free_port
-from tests.support.receiver import PATH, TOKEN, NotifyReceiver
+from tests.support.receiver import PATH, TOKEN, Answer, NotifyReceiver
 from tests.support.waiting import wait_until_async
 
 TIMEOUT_S = 0.5  # SYNCD_NOTIFY_TIMEOUT of these tests
@@ -49,6 +50,18 @@ def count(result: str) -> float:
 async def receiver() -> AsyncIterator[NotifyReceiver]:
     async with NotifyReceiver() as started:
         yield started
+
+
+@contextlib.contextmanager
+def sending_to(
+    receiver: NotifyReceiver, answer: Answer
+) -> Iterator[tuple[Notifier, list[MutableMapping[str, Any]]]]:
+    """A notifier to ``receiver``, which answers ``answer`` from now on, and the log
+    lines captured in the block."""
+    receiver.answer = answer
+    sender = notifier(receiver.url)
+    with structlog.testing.capture_logs() as logs:
+        yield sender, logs
 
 
 async def sent_and_closed(url: str, *notices: Notice) -> list[MutableMapping[str, Any]]:
@@ -85,9 +98,7 @@ def test_the_receiver_is_described_by_scheme_and_host_only() -> None:
 async def test_a_server_error_is_retried_until_the_receiver_answers(
     receiver: NotifyReceiver,
 ) -> None:
-    receiver.answer = "error"
-    sender = notifier(receiver.url)
-    with structlog.testing.capture_logs() as logs:
+    with sending_to(receiver, "error") as (sender, logs):
         sender.send(notice())
         await wait_until_async(lambda: len(receiver.posted()) >= 2, 10, "a retry")
         receiver.answer = "ok"
@@ -127,9 +138,7 @@ async def test_a_refusal_or_a_redirect_is_not_tried_again(
 async def test_sending_never_waits_and_a_hanging_receiver_holds_exit_only_so_long(
     receiver: NotifyReceiver,
 ) -> None:
-    receiver.answer = "hang"
-    sender = notifier(receiver.url)
-    with structlog.testing.capture_logs() as logs:
+    with sending_to(receiver, "hang") as (sender, logs):
         started = time.monotonic()
         for index in range(3):
             sender.send(notice(f"segment {index}"))
@@ -146,9 +155,7 @@ async def test_sending_never_waits_and_a_hanging_receiver_holds_exit_only_so_lon
 
 
 async def test_a_full_queue_drops_the_message_with_a_line(receiver: NotifyReceiver) -> None:
-    receiver.answer = "hang"
-    sender = notifier(receiver.url)
-    with structlog.testing.capture_logs() as logs:
+    with sending_to(receiver, "hang") as (sender, logs):
         sender.send(notice())
         await wait_until_async(lambda: bool(receiver.posted()), 10, "a post in flight")
         for _ in range(QUEUE_LIMIT):

@@ -234,12 +234,6 @@ def test_system_guid_any_case_and_system_for(env: pytest.MonkeyPatch) -> None:
     assert settings.system_for(mapping) == SYSTEM_GUID
 
 
-@pytest.mark.parametrize("value", ["5a1d0c2e3b4f4e6a8c7d9e0f1a2b3c4d", "xyz", SYSTEM_GUID + "0"])
-def test_bad_system_guid(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_WALKME_SYSTEM_GUID", value)
-    load_error("SYNCD_WALKME_SYSTEM_GUID")
-
-
 # -- schedule ------------------------------------------------------------------------
 
 
@@ -310,91 +304,92 @@ def test_schedule_cron(env: pytest.MonkeyPatch, value: str) -> None:
     assert isinstance(schedule.trigger(), CronTrigger)
 
 
-@pytest.mark.parametrize(
-    "value",
-    [
-        "",
-        "0s",
-        "0m",
-        "soon",
-        "15x",
-        "-5m",
-        "1.5h",
-        "* * * *",
-        "* * * * * *",
-        "61 * * * *",
-        "* 25 * * *",
-    ],
-)
-def test_bad_schedule(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_SCHEDULE", value)
-    load_error("SYNCD_SCHEDULE")
+# -- one variable's good and bad values ------------------------------------------------
 
 
-# -- numbers and choices -------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("500", 500), ("25000", 25_000)])
-def test_batch_size(env: pytest.MonkeyPatch, value: str, expected: int) -> None:
-    env.setenv("SYNCD_BATCH_SIZE", value)
-    assert load_settings().batch_size == expected
-
-
-@pytest.mark.parametrize("value", ["0", "-1", "25001", "1000000", "ten", "1.5", ""])
-def test_bad_batch_size(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_BATCH_SIZE", value)
-    load_error("SYNCD_BATCH_SIZE")
-
-
-@pytest.mark.parametrize(("value", "expected"), [("1", 1), ("16", 16), ("64", 64)])
-def test_concurrency(env: pytest.MonkeyPatch, value: str, expected: int) -> None:
-    env.setenv("SYNCD_CONCURRENCY", value)
-    assert load_settings().concurrency == expected
-
-
-@pytest.mark.parametrize("value", ["0", "-3", "65", "many"])
-def test_bad_concurrency(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_CONCURRENCY", value)
-    load_error("SYNCD_CONCURRENCY")
-
-
-@pytest.mark.parametrize("value", ["json", "console"])
-def test_log_format(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_LOG_FORMAT", value)
-    assert load_settings().log_format == value
-
-
-@pytest.mark.parametrize("value", ["xml", "text", ""])
-def test_bad_log_format(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_LOG_FORMAT", value)
-    load_error("SYNCD_LOG_FORMAT")
+# (variable, value, the setting read from it)
+GOOD_VALUES: list[tuple[str, str, object]] = [
+    ("SYNCD_BATCH_SIZE", "1", 1),
+    ("SYNCD_BATCH_SIZE", "500", 500),
+    ("SYNCD_BATCH_SIZE", "25000", 25_000),
+    ("SYNCD_CONCURRENCY", "1", 1),
+    ("SYNCD_CONCURRENCY", "16", 16),
+    ("SYNCD_CONCURRENCY", "64", 64),
+    ("SYNCD_LOG_FORMAT", "json", "json"),
+    ("SYNCD_LOG_FORMAT", "console", "console"),
+    ("SYNCD_LOG_LEVEL", "debug", "debug"),
+    ("SYNCD_LOG_LEVEL", "INFO", "info"),
+    ("SYNCD_LOG_LEVEL", "Warning", "warning"),
+    ("SYNCD_LOG_LEVEL", "ERROR", "error"),
+    ("SYNCD_ADMIN_PORT", "0", 0),
+    ("SYNCD_ADMIN_PORT", "8081", 8081),
+    ("SYNCD_ADMIN_PORT", "65535", 65535),
+    ("SYNCD_STATE_URL", "sqlite:///state/syncd.db", "sqlite:///state/syncd.db"),
+    ("SYNCD_STATE_URL", "sqlite:////var/lib/syncd.db", "sqlite:////var/lib/syncd.db"),
+]
 
 
 @pytest.mark.parametrize(
-    ("value", "expected"),
-    [("debug", "debug"), ("INFO", "info"), ("Warning", "warning"), ("ERROR", "error")],
+    ("variable", "value", "expected"), GOOD_VALUES, ids=[f"{v}={x!r}" for v, x, _ in GOOD_VALUES]
 )
-def test_log_level(env: pytest.MonkeyPatch, value: str, expected: str) -> None:
-    env.setenv("SYNCD_LOG_LEVEL", value)
-    assert load_settings().log_level == expected
+def test_a_good_value_is_read(
+    env: pytest.MonkeyPatch, variable: str, value: str, expected: object
+) -> None:
+    """A number is read as one, a log level in lower case, a choice or URL as given."""
+    env.setenv(variable, value)
+    assert getattr(load_settings(), variable.removeprefix("SYNCD_").lower()) == expected
 
 
-@pytest.mark.parametrize("value", ["loud", "trace", "5"])
-def test_bad_log_level(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_LOG_LEVEL", value)
-    load_error("SYNCD_LOG_LEVEL")
+BAD_VALUES: list[tuple[str, str]] = [
+    ("SYNCD_WALKME_SYSTEM_GUID", "5a1d0c2e3b4f4e6a8c7d9e0f1a2b3c4d"),
+    ("SYNCD_WALKME_SYSTEM_GUID", "xyz"),
+    ("SYNCD_WALKME_SYSTEM_GUID", SYSTEM_GUID + "0"),
+    ("SYNCD_SCHEDULE", ""),
+    ("SYNCD_SCHEDULE", "0s"),
+    ("SYNCD_SCHEDULE", "0m"),
+    ("SYNCD_SCHEDULE", "soon"),
+    ("SYNCD_SCHEDULE", "15x"),
+    ("SYNCD_SCHEDULE", "-5m"),
+    ("SYNCD_SCHEDULE", "1.5h"),
+    ("SYNCD_SCHEDULE", "* * * *"),
+    ("SYNCD_SCHEDULE", "* * * * * *"),
+    ("SYNCD_SCHEDULE", "61 * * * *"),
+    ("SYNCD_SCHEDULE", "* 25 * * *"),
+    ("SYNCD_BATCH_SIZE", "0"),
+    ("SYNCD_BATCH_SIZE", "-1"),
+    ("SYNCD_BATCH_SIZE", "25001"),
+    ("SYNCD_BATCH_SIZE", "1000000"),
+    ("SYNCD_BATCH_SIZE", "ten"),
+    ("SYNCD_BATCH_SIZE", "1.5"),
+    ("SYNCD_BATCH_SIZE", ""),
+    ("SYNCD_CONCURRENCY", "0"),
+    ("SYNCD_CONCURRENCY", "-3"),
+    ("SYNCD_CONCURRENCY", "65"),
+    ("SYNCD_CONCURRENCY", "many"),
+    ("SYNCD_LOG_FORMAT", "xml"),
+    ("SYNCD_LOG_FORMAT", "text"),
+    ("SYNCD_LOG_FORMAT", ""),
+    ("SYNCD_LOG_LEVEL", "loud"),
+    ("SYNCD_LOG_LEVEL", "trace"),
+    ("SYNCD_LOG_LEVEL", "5"),
+    ("SYNCD_ADMIN_PORT", "-1"),
+    ("SYNCD_ADMIN_PORT", "65536"),
+    ("SYNCD_ADMIN_PORT", "http"),
+    ("SYNCD_STATE_URL", "syncd.db"),
+    ("SYNCD_STATE_URL", "sqlite://syncd.db"),
+    ("SYNCD_STATE_URL", "nonsense://x"),
+]
 
 
-@pytest.mark.parametrize(("value", "expected"), [("0", 0), ("8081", 8081), ("65535", 65535)])
-def test_admin_port(env: pytest.MonkeyPatch, value: str, expected: int) -> None:
-    env.setenv("SYNCD_ADMIN_PORT", value)
-    assert load_settings().admin_port == expected
-
-
-@pytest.mark.parametrize("value", ["-1", "65536", "http"])
-def test_bad_admin_port(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_ADMIN_PORT", value)
-    load_error("SYNCD_ADMIN_PORT")
+@pytest.mark.parametrize(
+    ("variable", "value"), BAD_VALUES, ids=[f"{v}={x!r}" for v, x in BAD_VALUES]
+)
+def test_a_bad_value_is_one_line_naming_its_variable(
+    env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Refused at load, in one line naming the variable (and never the secret)."""
+    env.setenv(variable, value)
+    load_error(variable)
 
 
 @pytest.mark.parametrize("variable", ["SYNCD_ADMIN_HOST", "SYNCD_WEBHOOK_HOST"])
@@ -420,18 +415,6 @@ def test_listen_hosts(env: pytest.MonkeyPatch, variable: str, value: str) -> Non
 def test_bad_listen_hosts(env: pytest.MonkeyPatch, variable: str, value: str) -> None:
     env.setenv(variable, value)
     load_error(variable)
-
-
-@pytest.mark.parametrize("value", ["sqlite:///state/syncd.db", "sqlite:////var/lib/syncd.db"])
-def test_state_url(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_STATE_URL", value)
-    assert load_settings().state_url == value
-
-
-@pytest.mark.parametrize("value", ["syncd.db", "sqlite://syncd.db", "nonsense://x"])
-def test_bad_state_url(env: pytest.MonkeyPatch, value: str) -> None:
-    env.setenv("SYNCD_STATE_URL", value)
-    load_error("SYNCD_STATE_URL")
 
 
 # -- segment mappings ----------------------------------------------------------------

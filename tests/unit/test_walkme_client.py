@@ -13,7 +13,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 from urllib.parse import quote, quote_plus
 
 import aiohttp
@@ -46,6 +46,7 @@ CLIENT_ID = "client-1"
 SECRET = "TOPSECRET-9f8e7d6c5b4a"
 TOKEN_PATH = "/accounts/connect/token"
 SEGMENTS = f"/public/v1/user/system/{SYSTEM}/segment"
+E = TypeVar("E", bound=WalkMeError)
 
 
 @dataclass
@@ -203,12 +204,9 @@ async def answer_cut_short(request: web.Request, how: CutShort) -> web.StreamRes
 async def fake() -> AsyncIterator[FakeWalkMe]:
     walkme_fake = FakeWalkMe()
     server = TestServer(walkme_fake.app(), host="127.0.0.1")
-    await server.start_server()
-    walkme_fake.server = server
-    try:
+    async with server:
+        walkme_fake.server = server
         yield walkme_fake
-    finally:
-        await server.close()
 
 
 @pytest.fixture
@@ -254,6 +252,31 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 def bearer(seen: Seen) -> str:
     return seen.authorization.removeprefix("Bearer ")
+
+
+async def revoked_client(fake: FakeWalkMe, session: aiohttp.ClientSession) -> WalkMeClient:
+    """A client holding a token that WalkMe has since revoked."""
+    client = make_client(fake, session)
+    await client.access_token()
+    fake.revoke()
+    return client
+
+
+async def failure(
+    fake: FakeWalkMe,
+    session: aiohttp.ClientSession,
+    kind: str,
+    error: type[E],
+    *replies: Reply,
+    match: str | None = None,
+    attempts: int = 4,
+) -> E:
+    """What a ``kind`` call (as ``call`` makes it) raises, an ``error``, when WalkMe answers
+    ``replies`` first (for the token call: its token endpoint)."""
+    (fake.token_script if kind == "token" else fake.script).extend(replies)
+    with pytest.raises(error, match=match) as info:
+        await call(make_client(fake, session, attempts=attempts), kind)
+    return info.value
 
 
 # -- the token -----------------------------------------------------------------------
@@ -350,9 +373,8 @@ async def test_unsupported_token_type(fake: FakeWalkMe, session: aiohttp.ClientS
 async def test_token_answer_without_access_token(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(200, body='{"expires_in": 3600}'))
-    with pytest.raises(WalkMeError, match="access_token"):
-        await make_client(fake, session).access_token()
+    reply = Reply(200, body='{"expires_in": 3600}')
+    await failure(fake, session, "token", WalkMeError, reply, match="access_token")
 
 
 # -- 401 and 403 ---------------------------------------------------------------------
@@ -373,9 +395,7 @@ async def test_401_refreshes_once_and_retries(
 async def test_401_on_update_is_retried_with_the_same_body(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    client = make_client(fake, session)
-    await client.access_token()
-    fake.revoke()
+    client = await revoked_client(fake, session)
     await client.update_segment(SYSTEM, GUID.replace("-", ""), "remove", ["a", "b"])
     first, second = fake.calls
     assert first.body == second.body
@@ -385,21 +405,18 @@ async def test_401_on_update_is_retried_with_the_same_body(
 
 
 async def test_401_twice_is_an_auth_error(fake: FakeWalkMe, session: aiohttp.ClientSession) -> None:
-    fake.script.extend([Reply(401), Reply(401), Reply(200, body="[]")])
-    with pytest.raises(WalkMeAuthError) as info:
-        await make_client(fake, session).list_segments(SYSTEM)
-    assert info.value.status == 401
+    replies = [Reply(401), Reply(401), Reply(200, body="[]")]
+    error = await failure(fake, session, "list", WalkMeAuthError, *replies)
+    assert error.status == 401
     assert len(fake.calls) == 2  # one retry with a fresh token, no more
     assert len(fake.token_requests) == 2
-    assert SECRET not in str(info.value)
+    assert SECRET not in str(error)
 
 
 async def test_many_concurrent_401s_share_one_refresh(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    client = make_client(fake, session)
-    await client.access_token()
-    fake.revoke()
+    client = await revoked_client(fake, session)
     fake.token_delay = 0.05
     await asyncio.gather(*(client.list_segments(SYSTEM) for _ in range(20)))
     assert len(fake.token_requests) == 2
@@ -408,11 +425,11 @@ async def test_many_concurrent_401s_share_one_refresh(
 async def test_403_is_an_auth_error_naming_segments_api(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(403, body='{"error": "forbidden"}'))
-    with pytest.raises(WalkMeAuthError) as info:
-        await make_client(fake, session).list_segments(SYSTEM)
-    assert "Segments API" in str(info.value)
-    assert info.value.status == 403
+    error = await failure(
+        fake, session, "list", WalkMeAuthError, Reply(403, body='{"error": "forbidden"}')
+    )
+    assert "Segments API" in str(error)
+    assert error.status == 403
     assert len(fake.calls) == 1  # not retried
     assert len(fake.token_requests) == 1  # and no refresh: the token is fine
 
@@ -513,19 +530,16 @@ async def test_server_errors_retried_then_success(
 
 
 async def test_attempts_exhausted(fake: FakeWalkMe, session: aiohttp.ClientSession) -> None:
-    fake.script.extend([Reply(503)] * 10)
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=3).list_segments(SYSTEM)
-    assert info.value.status == 503
+    error = await failure(fake, session, "list", WalkMeUnavailable, *[Reply(503)] * 10, attempts=3)
+    assert error.status == 503
     assert len(fake.calls) == 3
 
 
 async def test_throttled_until_attempts_exhausted(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.extend([Reply(429, {"Retry-After": "0.01"})] * 10)
-    with pytest.raises(WalkMeUnavailable):
-        await make_client(fake, session, attempts=4).update_segment(SYSTEM, GUID, "add", ["a"])
+    replies = [Reply(429, {"Retry-After": "0.01"})] * 10
+    await failure(fake, session, "update", WalkMeUnavailable, *replies, attempts=4)
     assert len(fake.calls) == 4
 
 
@@ -533,18 +547,15 @@ async def test_throttled_until_attempts_exhausted(
 async def test_client_errors_not_retried(
     fake: FakeWalkMe, session: aiohttp.ClientSession, status: int
 ) -> None:
-    fake.script.append(Reply(status, body='{"message": "userIds: bad"}'))
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
-    assert not isinstance(info.value, WalkMeUnavailable | WalkMeAuthError)
-    assert info.value.status == status
+    reply = Reply(status, body='{"message": "userIds: bad"}')
+    error = await failure(fake, session, "update", WalkMeError, reply)
+    assert not isinstance(error, WalkMeUnavailable | WalkMeAuthError)
+    assert error.status == status
     assert len(fake.calls) == 1
 
 
 async def test_404_not_retried(fake: FakeWalkMe, session: aiohttp.ClientSession) -> None:
-    fake.script.append(Reply(404))
-    with pytest.raises(WalkMeNotFound):
-        await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
+    await failure(fake, session, "update", WalkMeNotFound, Reply(404))
     assert len(fake.calls) == 1
 
 
@@ -664,12 +675,10 @@ NOT_ACKNOWLEDGEMENTS = [
 async def test_update_answer_that_is_not_an_acknowledgement_is_retried_then_fails(
     fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
 ) -> None:
-    fake.script.extend([reply] * 3)
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=3).update_segment(SYSTEM, GUID, "add", ["a"])
+    error = await failure(fake, session, "update", WalkMeUnavailable, *[reply] * 3, attempts=3)
     assert len(fake.calls) == 3
-    assert reply.body[:20] in str(info.value)  # the body's first bytes, for the operator
-    assert "not an acknowledgement" in str(info.value)
+    assert reply.body[:20] in str(error)  # the body's first bytes, for the operator
+    assert "not an acknowledgement" in str(error)
 
 
 @pytest.mark.parametrize("reply", NOT_ACKNOWLEDGEMENTS)
@@ -728,9 +737,7 @@ async def test_list_answer_without_a_list_is_not_an_empty_list(
     fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply
 ) -> None:
     """A bogus list must not read as "no such segment": syncd would create or adopt."""
-    fake.script.extend([reply] * 2)
-    with pytest.raises(WalkMeUnavailable):
-        await make_client(fake, session, attempts=2).list_segments(SYSTEM)
+    await failure(fake, session, "list", WalkMeUnavailable, *[reply] * 2, attempts=2)
 
 
 async def test_empty_list_after_a_portal_page_is_an_empty_list(
@@ -806,9 +813,8 @@ async def test_create_answer_wrapping_our_segment_is_read(
 async def test_token_answer_with_an_empty_access_token_is_no_token(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(200, body='{"access_token": ""}'))
-    with pytest.raises(WalkMeError, match="access_token"):
-        await make_client(fake, session).access_token()
+    reply = Reply(200, body='{"access_token": ""}')
+    await failure(fake, session, "token", WalkMeError, reply, match="access_token")
     assert fake.calls == []
 
 
@@ -824,9 +830,8 @@ async def test_token_answered_html_is_asked_again(
 async def test_413_is_too_large_and_not_retried(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(413, body='{"error": "payload too large"}'))
-    with pytest.raises(WalkMeTooLarge):
-        await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
+    reply = Reply(413, body='{"error": "payload too large"}')
+    await failure(fake, session, "update", WalkMeTooLarge, reply)
     assert len(fake.calls) == 1
 
 
@@ -972,28 +977,24 @@ async def test_each_refusal_says_what_it_was_and_keeps_the_body(
     status: int,
     message: str,
 ) -> None:
-    fake.script.extend(replies)
-    with pytest.raises(WalkMeError) as info:
-        await call(make_client(fake, session), kind)
-    assert type(info.value) is error_type
-    assert str(info.value) == message
-    assert info.value.status == status
-    assert info.value.body == excerpt_of(replies[-1].body)
+    error = await failure(fake, session, kind, WalkMeError, *replies)
+    assert type(error) is error_type
+    assert str(error) == message
+    assert error.status == status
+    assert error.body == excerpt_of(replies[-1].body)
     assert len(fake.calls) == len(replies)  # none of these is sent again
 
 
 async def test_a_404_listing_names_the_system_guid_setting(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(404, body="no system"))
-    with pytest.raises(WalkMeNotFound) as info:
-        await make_client(fake, session).list_segments(SYSTEM)
-    assert str(info.value) == (
+    error = await failure(fake, session, "list", WalkMeNotFound, Reply(404, body="no system"))
+    assert str(error) == (
         f"WalkMe has no system {SYSTEM} (HTTP 404 listing its segments): check"
         " SYNCD_WALKME_SYSTEM_GUID (or the mapping's system_guid), the GUID in"
         " cdn.walkme.com/users/<GUID>/; WalkMe said: no system"
     )
-    assert (info.value.status, info.value.body) == (404, "no system")
+    assert (error.status, error.body) == (404, "no system")
 
 
 @pytest.mark.parametrize(
@@ -1025,11 +1026,9 @@ async def test_a_404_listing_names_the_system_guid_setting(
 async def test_token_refusals_say_what_to_fix(
     fake: FakeWalkMe, session: aiohttp.ClientSession, reply: Reply, message: str
 ) -> None:
-    fake.token_script.append(reply)
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).access_token()
-    assert str(info.value) == message.format(url=fake.url)
-    assert (info.value.status, info.value.body) == (reply.status, reply.body)
+    error = await failure(fake, session, "token", WalkMeError, reply)
+    assert str(error) == message.format(url=fake.url)
+    assert (error.status, error.body) == (reply.status, reply.body)
     assert len(fake.token_requests) == 1
 
 
@@ -1072,19 +1071,16 @@ async def test_retries_exhausted_say_how_often_and_the_last_failure(
 async def test_retries_exhausted_name_the_call(
     fake: FakeWalkMe, session: aiohttp.ClientSession, kind: str
 ) -> None:
-    fake.script.extend([Reply(503)] * 2)
-    with pytest.raises(WalkMeUnavailable) as info:
-        await call(make_client(fake, session, attempts=1), kind)
-    assert str(info.value) == f"WalkMe {kind} call failed once; last: server error (HTTP 503)"
+    error = await failure(fake, session, kind, WalkMeUnavailable, *[Reply(503)] * 2, attempts=1)
+    assert str(error) == f"WalkMe {kind} call failed once; last: server error (HTTP 503)"
 
 
 async def test_token_answered_html_says_it_was_the_token_call(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(200, body="<p>portal</p>", content_type="text/html"))
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=1).access_token()
-    assert str(info.value) == (
+    portal = Reply(200, body="<p>portal</p>", content_type="text/html")
+    error = await failure(fake, session, "token", WalkMeUnavailable, portal, attempts=1)
+    assert str(error) == (
         "WalkMe token call failed once; last: token answered HTTP 200 with Content-Type"
         " text/html, not an acknowledgement: '<p>portal</p>'"
     )
@@ -1093,10 +1089,8 @@ async def test_token_answered_html_says_it_was_the_token_call(
 async def test_token_answer_without_access_token_says_so_with_its_status(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.append(Reply(201, body="{}"))
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).access_token()
-    assert (str(info.value), info.value.status) == (
+    error = await failure(fake, session, "token", WalkMeError, Reply(201, body="{}"))
+    assert (str(error), error.status) == (
         "token call answered without an access_token",
         201,
     )
@@ -1116,13 +1110,13 @@ async def test_token_endpoint_retry_after_is_honoured(
 async def test_token_call_unavailable_says_so(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.token_script.extend([Reply(502), Reply(502)])
-    with pytest.raises(WalkMeUnavailable) as info:
-        await make_client(fake, session, attempts=2).access_token()
-    assert str(info.value) == (
+    error = await failure(
+        fake, session, "token", WalkMeUnavailable, Reply(502), Reply(502), attempts=2
+    )
+    assert str(error) == (
         "WalkMe token call failed 2 times; last: token endpoint unavailable (HTTP 502)"
     )
-    assert info.value.status == 502
+    assert error.status == 502
 
 
 async def test_create_conflicts_say_what_to_do(
@@ -1166,11 +1160,9 @@ async def test_create_conflict_on_our_key_held_by_no_listed_segment_has_no_guid(
 async def test_created_segment_that_cannot_be_found_says_so(
     fake: FakeWalkMe, session: aiohttp.ClientSession
 ) -> None:
-    fake.script.append(Reply(201, body="{}"))
-    with pytest.raises(WalkMeError) as info:
-        await make_client(fake, session).create_segment(SYSTEM, "new", "ext-1", ["a"])
-    assert str(info.value) == "created segment 'new' but cannot find its GUID"
-    assert (info.value.status, info.value.body) == (None, "")
+    error = await failure(fake, session, "create", WalkMeError, Reply(201, body="{}"))
+    assert str(error) == "created segment 'new' but cannot find its GUID"
+    assert (error.status, error.body) == (None, "")
 
 
 async def test_created_segment_is_found_by_its_key_when_the_answer_has_no_guid(
@@ -1224,9 +1216,7 @@ async def test_the_lease_proof_comes_before_every_send_of_a_change(
     async def prove() -> None:
         proofs.append(len(fake.calls))
 
-    client = make_client(fake, session)
-    await client.access_token()
-    fake.revoke()
+    client = await revoked_client(fake, session)
     await client.update_segment(SYSTEM, GUID, "add", ["a"], prove)  # 401, fresh token, 200
     assert proofs == [0, 1]
     await client.create_segment(SYSTEM, "new", "ext-1", ["a"], prove)
