@@ -421,7 +421,7 @@ async def test_two_replicas_claiming_the_same_change_only_one_wins(store_url: st
 
 async def test_a_claim_needs_the_holders_unexpired_lease(store: StateStore) -> None:
     assert await store.acquire_lease("vip", "replica-a", 30) is True
-    with pytest.raises(LeaseLost):
+    with pytest.raises(LeaseLost, match="segment 'vip': this run no longer holds its lease"):
         await store.claim_notice("vip", NoticeState(), NoticeState("failing", 2), "replica-b")
     assert await store.notice_state("vip") == NoticeState()
     assert await store.claim_notice("vip", NoticeState(), NoticeState("held"), "replica-a")
