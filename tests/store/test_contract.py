@@ -1139,6 +1139,16 @@ async def test_closed_store_raises_state_error(store: StateStore) -> None:
         await store.get("vip")
 
 
+async def test_calls_made_at_once_on_one_store_each_apply_whole(store: StateStore) -> None:
+    """Calls made at once on one store (a daemon runs segments concurrently) are each
+    one transaction of their own: none fails, none is lost or mixed with another."""
+    names = [f"segment-{number}" for number in range(100)]
+    await asyncio.gather(*(seed(store, name, [f"{name}-a", f"{name}-b"]) for name in names))
+    assert {s.name: s.members for s in await store.all()} == dict.fromkeys(names, 2)
+    snapshots = await asyncio.gather(*(members(store, name) for name in names))
+    assert [sorted(ids) for ids in snapshots] == [[f"{name}-a", f"{name}-b"] for name in names]
+
+
 # -- awkward ids and names ---------------------------------------------------------------------
 
 

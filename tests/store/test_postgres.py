@@ -17,6 +17,7 @@ import pytest
 import structlog
 
 from syncd.state import StateError, StateStore, open_store
+from syncd.state import postgres as postgres_store
 from syncd.state.base import HeapPage, StateRecreated
 from syncd.state.postgres import SCHEMA_VERSION
 from syncd.urls import describe_url
@@ -277,6 +278,23 @@ async def test_connection_errors_never_show_the_password(case: str) -> None:
         pytest.fail(f"{case}: open_store succeeded", pytrace=False)
     assert SECRET not in message, message
     assert "cannot connect" in message, message
+
+
+@pytest.mark.parametrize(
+    ("error", "told"),
+    [
+        (OSError("  refused\nthe detail below  "), "refused"),
+        (TimeoutError(), "TimeoutError"),
+        (OSError("x" * 400), "x" * 300),
+    ],
+    ids=["first-line", "no-text", "long"],
+)
+def test_a_database_error_is_told_by_its_first_line_or_its_type(
+    error: Exception, told: str
+) -> None:
+    """What a StateError says of the driver's error: its first line, at most 300
+    characters; an error without text by its type."""
+    assert postgres_store._reason(error) == told
 
 
 # -- several replicas on one database ----------------------------------------------------------
