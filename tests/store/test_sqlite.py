@@ -127,3 +127,50 @@ async def test_without_a_boot_id_the_lease_clock_is_the_wall_clock(
     monkeypatch.setattr(sqlite_store, "_BOOT_ID", "")
     monkeypatch.setattr(time, "time", lambda: 1234.5)
     assert await store.clock() == 1234.5
+
+
+def _newer_schema(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("CREATE TABLE kept (x)")
+        conn.execute("PRAGMA user_version = 99")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _not_sqlite(path: Path) -> None:
+    path.write_bytes(b"segment,member\n" * 400)
+
+
+@pytest.mark.parametrize(
+    ("make", "told"),
+    [
+        (
+            _newer_schema,
+            ": written by a newer syncd (schema 99, this one knows"
+            f" {sqlite_store.SCHEMA_VERSION}); upgrade syncd",
+        ),
+        (_not_sqlite, ": file is not a database (is it a syncd state file?)"),
+    ],
+    ids=["newer-schema", "not-sqlite"],
+)
+async def test_a_file_syncd_cannot_use_is_refused_saying_why(
+    path: Path, make: Callable[[Path], None], told: str
+) -> None:
+    """A state file written by a newer syncd, or not a SQLite file at all, is refused
+    with a StateError naming the file and why."""
+    make(path)
+    with pytest.raises(StateError) as raised:
+        await open_store(f"sqlite:///{path}")
+    assert str(raised.value) == f"state store {path}{told}"
+
+
+async def test_a_store_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
+    """A state file whose directory does not exist is refused, naming both, and
+    nothing is created."""
+    path = tmp_path / "missing" / "state.db"
+    with pytest.raises(StateError) as raised:
+        await open_store(f"sqlite:///{path}")
+    assert str(raised.value) == f"state store {path}: directory {path.parent} does not exist"
+    assert not path.parent.exists()
