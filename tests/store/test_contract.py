@@ -1131,11 +1131,12 @@ async def test_two_stores_opening_a_new_store_together(store_url: str) -> None:
 
 
 async def test_closed_store_raises_state_error(store: StateStore) -> None:
+    """A call on a closed store fails with a StateError saying it is closed."""
     await store.begin_run("vip", "r1", SYSTEM, None)
     await store.close()
-    with pytest.raises(StateError):
+    with pytest.raises(StateError, match=r"\bis clos(ed|ing)\b"):
         await store.ping()
-    with pytest.raises(StateError):
+    with pytest.raises(StateError, match=r"\bis clos(ed|ing)\b"):
         await store.get("vip")
 
 
