@@ -137,6 +137,17 @@ async def test_schema_is_created_on_an_empty_database(pg_url: str) -> None:
     assert await schema_versions(pg_url) == ALL_VERSIONS
 
 
+async def test_a_postgres_scheme_url_opens_the_postgresql_store(pg_url: str) -> None:
+    """``postgres://`` (as Heroku and others spell it) names PostgreSQL too, not a
+    SQLite file."""
+    store = await open_store(pg_url.replace("postgresql://", "postgres://", 1))
+    try:
+        await store.begin_run("vip", "r1", SYSTEM, None)
+    finally:
+        await store.close()
+    assert await tables(pg_url) == TABLES
+
+
 async def test_a_newer_schema_is_refused(pg_url: str) -> None:
     conn: asyncpg.Connection[Any] = await asyncpg.connect(pg_url)
     try:
