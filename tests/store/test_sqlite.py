@@ -152,14 +152,15 @@ def _not_sqlite(path: Path) -> None:
             f" {sqlite_store.SCHEMA_VERSION}); upgrade syncd",
         ),
         (_not_sqlite, ": file is not a database (is it a syncd state file?)"),
+        (Path.mkdir, ": unable to open database file"),
     ],
-    ids=["newer-schema", "not-sqlite"],
+    ids=["newer-schema", "not-sqlite", "a-directory"],
 )
 async def test_a_file_syncd_cannot_use_is_refused_saying_why(
     path: Path, make: Callable[[Path], None], told: str
 ) -> None:
-    """A state file written by a newer syncd, or not a SQLite file at all, is refused
-    with a StateError naming the file and why."""
+    """A state file written by a newer syncd, not a SQLite file, or not a file at all
+    is refused with a StateError naming the file and why."""
     make(path)
     with pytest.raises(StateError) as raised:
         await open_store(f"sqlite:///{path}")
