@@ -90,7 +90,12 @@ class _Databases:
         for done in self._drops:
             done.result(timeout=60)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        # Forgotten too: a second session in the same process (mutmut runs pytest
+        # several times in one) must not be handed the databases dropped above.
         self._loop = None
+        self._template = None
+        self._ready.clear()
+        self._drops.clear()
 
 
 _databases = _Databases()

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Literal
 from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 
 from syncd.diff import Quarantined
@@ -33,7 +31,7 @@ from syncd.state.base import (
 )
 from tests.store.conftest import GUID, OTHER_GUID, SYSTEM
 from tests.support.postgres import drop_database
-from tests.support.stores import opened_together
+from tests.support.stores import execute_sql, opened_together
 
 # Ids and names that trip up quoting, CSV, LIKE/format strings, JSON and collations.
 TRICKY_IDS = [
@@ -423,7 +421,7 @@ async def test_two_replicas_claiming_the_same_change_only_one_wins(store_url: st
 
 async def test_a_claim_needs_the_holders_unexpired_lease(store: StateStore) -> None:
     assert await store.acquire_lease("vip", "replica-a", 30) is True
-    with pytest.raises(LeaseLost):
+    with pytest.raises(LeaseLost, match="segment 'vip': this run no longer holds its lease"):
         await store.claim_notice("vip", NoticeState(), NoticeState("failing", 2), "replica-b")
     assert await store.notice_state("vip") == NoticeState()
     assert await store.claim_notice("vip", NoticeState(), NoticeState("held"), "replica-a")
@@ -561,20 +559,7 @@ async def test_history_is_newest_first_and_limited(store: StateStore) -> None:
 
 async def _start_runs_together(store_url: str) -> None:
     """Every run's start time made the same, as runs begun in one instant have."""
-    same = "UPDATE runs SET started_at = (SELECT min(started_at) FROM runs)"
-    if store_url.startswith("sqlite:"):
-        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"))
-        try:
-            conn.execute(same)
-            conn.commit()
-        finally:
-            conn.close()
-        return
-    pg: asyncpg.Connection[Any] = await asyncpg.connect(store_url)
-    try:
-        await pg.execute(same)
-    finally:
-        await pg.close()
+    await execute_sql(store_url, "UPDATE runs SET started_at = (SELECT min(started_at) FROM runs)")
 
 
 async def test_history_ties_put_the_run_begun_last_first(
@@ -729,6 +714,22 @@ async def test_quarantine_examples_newest_first(store: StateStore) -> None:
         ("aaa-older", "add", "first answer"),
     ]
     assert await store.quarantine_examples("vip", 1) == [("zzz-newer", "remove", "second answer")]
+
+
+@pytest.mark.parametrize("action", ["add", "remove"])
+async def test_release_quarantine_of_one_action_alone(
+    store: StateStore, action: Literal["add", "remove"]
+) -> None:
+    """Ids of one action are released even when the other action releases none."""
+    await store.quarantine("vip", action, [("a", "400"), ("b", "400")])
+    one, rest = frozenset({"a"}), frozenset({"b"})
+    released, kept = (
+        (Quarantined(add=one), Quarantined(add=rest))
+        if action == "add"
+        else (Quarantined(remove=one), Quarantined(remove=rest))
+    )
+    await store.release_quarantine("vip", released)
+    assert await store.quarantined("vip") == kept
 
 
 # -- Heap pages --------------------------------------------------------------------------------
@@ -921,6 +922,17 @@ async def test_batch_writes_need_the_holders_unexpired_lease(store: StateStore) 
     assert (state.members, state.last_result, state.last_error) == (3, None, None)
 
 
+async def test_the_lease_holder_may_begin_and_clear_its_batch(store: StateStore) -> None:
+    """The fence lets the holder of this segment's unexpired lease through: it
+    remembers a batch and, after a 4xx, clears it."""
+    await store.begin_run("vip", "r1", SYSTEM, None)
+    assert await store.acquire_lease("vip", "replica-a", 30) is True
+    await store.begin_batch("vip", "add", ["a"], "replica-a")
+    assert await store.pending_batch("vip") == PendingBatch("add", ["a"])
+    await store.clear_pending("vip", "replica-a")
+    assert await store.pending_batch("vip") is None
+
+
 async def test_a_due_mark_since_the_read_keeps_the_lease(store: StateStore) -> None:
     assert await store.acquire_lease("vip", "replica-a", 30) is True
     await store.mark_due("vip")  # asked for before the run began reading: served by it
@@ -1003,6 +1015,16 @@ async def test_forget_replica_drops_only_that_one(store: StateStore) -> None:
     await store.forget_replica("a:1:x")
     await store.forget_replica("nobody:3:z")  # unknown: fine
     assert [r.replica_id for r in await store.live_replicas()] == ["b:2:y"]
+
+
+async def test_a_heartbeat_stamped_ahead_of_the_store_clock_was_seen_just_now(
+    store_url: str, store: StateStore
+) -> None:
+    """A heartbeat stamped later than the store's clock now reads (the wall clock
+    stepped back since) counts as seen 0 s ago: never negative, never more."""
+    await store.heartbeat("a:1:x", ["one"], 30)
+    await execute_sql(store_url, "UPDATE replicas SET seen_at = seen_at + 3600")
+    assert [r.seen_s_ago for r in await store.live_replicas()] == [0.0]
 
 
 async def test_heartbeats_are_seen_by_another_store_on_the_same_state(
@@ -1109,12 +1131,23 @@ async def test_two_stores_opening_a_new_store_together(store_url: str) -> None:
 
 
 async def test_closed_store_raises_state_error(store: StateStore) -> None:
+    """A call on a closed store fails with a StateError saying it is closed."""
     await store.begin_run("vip", "r1", SYSTEM, None)
     await store.close()
-    with pytest.raises(StateError):
+    with pytest.raises(StateError, match=r"\bis clos(ed|ing)\b"):
         await store.ping()
-    with pytest.raises(StateError):
+    with pytest.raises(StateError, match=r"\bis clos(ed|ing)\b"):
         await store.get("vip")
+
+
+async def test_calls_made_at_once_on_one_store_each_apply_whole(store: StateStore) -> None:
+    """Calls made at once on one store (a daemon runs segments concurrently) are each
+    one transaction of their own: none fails, none is lost or mixed with another."""
+    names = [f"segment-{number}" for number in range(100)]
+    await asyncio.gather(*(seed(store, name, [f"{name}-a", f"{name}-b"]) for name in names))
+    assert {s.name: s.members for s in await store.all()} == dict.fromkeys(names, 2)
+    snapshots = await asyncio.gather(*(members(store, name) for name in names))
+    assert [sorted(ids) for ids in snapshots] == [[f"{name}-a", f"{name}-b"] for name in names]
 
 
 # -- awkward ids and names ---------------------------------------------------------------------

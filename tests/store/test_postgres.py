@@ -14,10 +14,13 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+import structlog
 
 from syncd.state import StateError, StateStore, open_store
-from syncd.state.base import HeapPage
+from syncd.state import postgres as postgres_store
+from syncd.state.base import HeapPage, StateRecreated
 from syncd.state.postgres import SCHEMA_VERSION
+from syncd.urls import describe_url
 from tests.store.conftest import GUID, SYSTEM
 from tests.support.net import free_port
 from tests.support.postgres import (
@@ -27,7 +30,7 @@ from tests.support.postgres import (
     postgres_url,
     url_for_database,
 )
-from tests.support.stores import opened_together
+from tests.support.stores import execute_sql, opened_together
 
 pytestmark = pytest.mark.postgres
 
@@ -134,6 +137,17 @@ async def test_schema_is_created_on_an_empty_database(pg_url: str) -> None:
     assert await schema_versions(pg_url) == ALL_VERSIONS
 
 
+async def test_a_postgres_scheme_url_opens_the_postgresql_store(pg_url: str) -> None:
+    """``postgres://`` (as Heroku and others spell it) names PostgreSQL too, not a
+    SQLite file."""
+    store = await open_store(pg_url.replace("postgresql://", "postgres://", 1))
+    try:
+        await store.begin_run("vip", "r1", SYSTEM, None)
+    finally:
+        await store.close()
+    assert await tables(pg_url) == TABLES
+
+
 async def test_a_newer_schema_is_refused(pg_url: str) -> None:
     conn: asyncpg.Connection[Any] = await asyncpg.connect(pg_url)
     try:
@@ -163,6 +177,55 @@ async def test_replicas_opening_together_both_succeed(pg_url: str) -> None:
         assert state.name == "vip"
     assert await schema_versions(pg_url) == ALL_VERSIONS
     assert await tables(pg_url) == TABLES
+
+
+async def test_tables_lost_under_a_running_store_are_created_again(pg_url: str) -> None:
+    """The database emptied under a running store (dropped and created again): the
+    call fails with StateRecreated, logged as ``state.recreated`` with what happens
+    next; the tables are back, empty, and the next call works on them."""
+    store = await open_store(pg_url)
+    try:
+        await store.begin_run("vip", "r1", SYSTEM, None)
+        await execute_sql(pg_url, "DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        with structlog.testing.capture_logs() as logs, pytest.raises(StateRecreated) as raised:
+            await store.get("vip")
+        where = f"state store {describe_url(pg_url)}"
+        assert str(raised.value) == (
+            f"{where}: the database had lost syncd's tables (dropped and created again?);"
+            " created them again: segments are rebuilt from their sources"
+        )
+        assert logs == [
+            {
+                "event": "state.recreated",
+                "log_level": "error",
+                "store": where,
+                "hint": "the database lost syncd's tables and they were created again; each"
+                " segment is found again in WalkMe and rebuilt from its source with override",
+            }
+        ]
+        assert await tables(pg_url) == TABLES
+        assert await store.get("vip") is None
+    finally:
+        await store.close()
+
+
+async def test_one_table_lost_under_a_running_store_is_not_made_again(pg_url: str) -> None:
+    """One table gone, the schema's record still there: not a database made again,
+    so nothing is created; the call fails saying a table is missing and what to do."""
+    store = await open_store(pg_url)
+    try:
+        await execute_sql(pg_url, "DROP TABLE notices")
+        with structlog.testing.capture_logs() as logs, pytest.raises(StateError) as raised:
+            await store.notice_state("vip")
+        assert not isinstance(raised.value, StateRecreated)
+        assert str(raised.value) == (
+            f"state store {describe_url(pg_url)}: a table is missing; if this repeats, the"
+            " database was damaged: restore it, or empty it and restart syncd"
+        )
+        assert logs == []
+        assert await tables(pg_url) == TABLES - {"notices"}
+    finally:
+        await store.close()
 
 
 # -- connection errors -----------------------------------------------------------------------
@@ -226,6 +289,23 @@ async def test_connection_errors_never_show_the_password(case: str) -> None:
         pytest.fail(f"{case}: open_store succeeded", pytrace=False)
     assert SECRET not in message, message
     assert "cannot connect" in message, message
+
+
+@pytest.mark.parametrize(
+    ("error", "told"),
+    [
+        (OSError("  refused\nthe detail below  "), "refused"),
+        (TimeoutError(), "TimeoutError"),
+        (OSError("x" * 400), "x" * 300),
+    ],
+    ids=["first-line", "no-text", "long"],
+)
+def test_a_database_error_is_told_by_its_first_line_or_its_type(
+    error: Exception, told: str
+) -> None:
+    """What a StateError says of the driver's error: its first line, at most 300
+    characters; an error without text by its type."""
+    assert postgres_store._reason(error) == told
 
 
 # -- several replicas on one database ----------------------------------------------------------

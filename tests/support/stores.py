@@ -49,6 +49,24 @@ async def create_store(url: str) -> None:
     await store.close()
 
 
+async def execute_sql(url: str, sql: str) -> None:
+    """Run one statement on the store's database directly, behind the store's back
+    (what no store call can do: make an instant shared, a clock step)."""
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(sqlite_store.sqlite_path(url))
+        try:
+            conn.execute(sql)
+            conn.commit()
+        finally:
+            conn.close()
+        return
+    pg: asyncpg.Connection[Any] = await asyncpg.connect(url)
+    try:
+        await pg.execute(sql)
+    finally:
+        await pg.close()
+
+
 async def with_store(url: str, action: Callable[[StateStore], Awaitable[object]]) -> None:
     """Open (and so migrate) the store at ``url``, run ``action`` on it, close it."""
     store = await open_store(url)
