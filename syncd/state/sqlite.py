@@ -96,6 +96,17 @@ def _set_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.05)
 
 
+def _refuse_newer(conn: sqlite3.Connection, where: str) -> int:
+    """The file's schema version, unless a newer syncd wrote it."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"{where}: written by a newer syncd (schema {version}, this one knows"
+            f" {SCHEMA_VERSION}); upgrade syncd"
+        )
+    return version
+
+
 def sqlite_path(url: str) -> Path:
     """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db`` not."""
     return Path(url.removeprefix("sqlite:///"))
@@ -216,6 +227,8 @@ class SqliteStore(StateStore):
             conn.create_function("syncd_now_precise", 0, lambda: self._began.isoformat())
             conn.create_function("syncd_wall_clock", 0, lambda: time.time())
             conn.execute("PRAGMA busy_timeout = 10000")
+            # Before anything is written: a file refused is left exactly as it was.
+            _refuse_newer(conn, where)
             # WAL: readers (syncd status) never block the daemon; NORMAL sync is
             # durable across process crashes, which is what the snapshot needs.
             _set_wal(conn)
@@ -247,12 +260,7 @@ class SqliteStore(StateStore):
         # together must not both create the tables.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StateError(
-                    f"{where}: written by a newer syncd (schema {version}, this one knows"
-                    f" {SCHEMA_VERSION}); upgrade syncd"
-                )
+            version = _refuse_newer(conn, where)
             for number in range(version, SCHEMA_VERSION):
                 for statement in filter(str.strip, _MIGRATIONS[number].split(";")):
                     conn.execute(statement)

@@ -139,6 +139,10 @@ def _newer_schema(path: Path) -> None:
         conn.close()
 
 
+def _contents(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
 def _not_sqlite(path: Path) -> None:
     path.write_bytes(b"segment,member\n" * 400)
 
@@ -160,11 +164,13 @@ async def test_a_file_syncd_cannot_use_is_refused_saying_why(
     path: Path, make: Callable[[Path], None], told: str
 ) -> None:
     """A state file written by a newer syncd, not a SQLite file, or not a file at all
-    is refused with a StateError naming the file and why."""
+    is refused with a StateError naming the file and why, and left as it was."""
     make(path)
+    before = _contents(path)
     with pytest.raises(StateError) as raised:
         await open_store(f"sqlite:///{path}")
     assert str(raised.value) == f"state store {path}{told}"
+    assert _contents(path) == before
 
 
 async def test_a_store_in_a_missing_directory_is_refused(tmp_path: Path) -> None:
