@@ -1,0 +1,423 @@
+"""One segment run (``SegmentRun``) in this process, against the sandbox and a SQLite
+state store: the dry run's plan, what a run reports (transform examples, collapsed
+and skipped ids, the shortcuts' counts), the removal guard's settings, the pending
+batch of a rebuilt segment, and how a run that goes wrong ends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import structlog
+
+from syncd.diff import Quarantined
+from syncd.engine.control import Interrupted
+from syncd.engine.guard import Hold
+from syncd.engine.outcome import Outcome, Plan
+from syncd.settings import Settings
+from syncd.sources import file as file_source
+from syncd.sources.base import Chunk, SourceError
+from syncd.sources.file import FileSource
+from syncd.state import StateStore
+from syncd.state.base import LeaseLost, StateError
+from syncd.state.runs import RunLog
+from tests.integration.conftest import RuntimeFactory
+from tests.support.harness import Harness, HarnessFactory, seed_segment, segment_requests
+from tests.support.ids import make_ids
+
+NAME = "Run"
+
+
+async def dry_run(runtime_of: RuntimeFactory, settings: Settings) -> Outcome:
+    """``syncd sync --dry-run`` of the one mapping, in this process."""
+    runtime = await runtime_of(settings)
+    [outcome] = await runtime.engine.sync_all(dry_run=True)
+    return outcome
+
+
+async def forced(runtime_of: RuntimeFactory, settings: Settings) -> Outcome:
+    """``syncd sync --segment NAME --force``, in this process."""
+    runtime = await runtime_of(settings)
+    [outcome] = await runtime.engine.sync_all([NAME], force=True)
+    return outcome
+
+
+async def store_of(runtime_of: RuntimeFactory, settings: Settings) -> StateStore:
+    """The state store of ``settings``, opened beside the runs' own."""
+    return (await runtime_of(settings)).store
+
+
+def events(logs: list[Any], event: str) -> list[Any]:
+    return [entry for entry in logs if entry["event"] == event]
+
+
+# -- the dry run -------------------------------------------------------------------------
+
+
+async def test_a_dry_run_of_a_new_segment_plans_a_create_and_stores_nothing(
+    harness: Harness, runtime_of: RuntimeFactory
+) -> None:
+    """A dry run reads the source and says what a run would send (a create, with the
+    first ids in order), contacts no segment and leaves the state store without it."""
+    ids = make_ids(8)
+    settings = harness.settings([harness.mapping(NAME, [*ids[::-1], ids[0]])])
+    outcome = await dry_run(runtime_of, settings)
+    assert (outcome.result, outcome.error) == ("planned", None)
+    assert outcome.plan == Plan(
+        mode="create",
+        staged=8,
+        adds=8,
+        removes=0,
+        add_examples=ids[:5],
+        remove_examples=[],
+        held=None,
+    )
+    assert outcome.collapsed == 1
+    assert segment_requests(harness.sandbox) == []
+    assert await (await store_of(runtime_of, settings)).get(NAME) is None
+
+
+async def test_a_dry_run_of_an_update_names_the_guards_hold_and_changes_nothing(
+    harness: Harness, runtime_of: RuntimeFactory
+) -> None:
+    """Against a synced segment, the plan counts adds and removes, shows the first of
+    each and the hold the removal guard would put on it; nothing is sent or stored."""
+    ids = make_ids(150)
+    settings = harness.settings([harness.mapping(NAME, ids)])
+    assert (await harness.sync_one(settings)).result == "synced"
+    new = make_ids(2, prefix="new")
+    harness.source(NAME, [*ids[100:], *new])
+    harness.sandbox.clear_requests()
+
+    outcome = await dry_run(runtime_of, settings)
+    assert outcome.result == "planned"
+    reason = "100 of 150 members would be removed (67%, more than max_remove_fraction 0.5)"
+    assert outcome.plan == Plan(
+        mode="update",
+        staged=52,
+        adds=2,
+        removes=100,
+        add_examples=new,
+        remove_examples=ids[:5],
+        held=Hold(reason, 100, 150, 52, 0.5),
+    )
+    assert segment_requests(harness.sandbox) == []
+    store = await store_of(runtime_of, settings)
+    state = await store.get(NAME)
+    assert state is not None
+    assert (state.members, state.last_result) == (150, "synced")
+    assert len(await store.history(NAME, 10)) == 1
+
+
+# -- what a run reports ----------------------------------------------------------------------
+
+
+async def test_transform_examples_are_the_first_source_ids_across_chunks(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome shows the first three source ids before and after the transform,
+    however the source cuts its chunks, and counts the ids it made one."""
+    monkeypatch.setattr(file_source, "CHUNK_SIZE", 2)
+    path = harness.folder / "people.csv"
+    path.write_text("id\nA@x.io\na@x.io\nB@x.io\nC@x.io\nD@x.io\n", encoding="utf-8")
+    source = {"type": "file", "path": str(path), "column": "id"}
+    mapping = {"name": NAME, "source": source, "transform": ["lower"]}
+    outcome = await harness.sync_one(harness.settings([mapping]))
+    assert (outcome.result, outcome.added, outcome.collapsed) == ("synced", 4, 1)
+    assert outcome.transform_examples == [
+        "'A@x.io' -> 'a@x.io'",
+        "'a@x.io' -> 'a@x.io'",
+        "'B@x.io' -> 'b@x.io'",
+    ]
+
+
+@pytest.mark.parametrize("column", [None, "id"], ids=["plain", "csv"])
+async def test_repeated_source_ids_are_counted_as_collapsed_and_stored(
+    harness: Harness,
+    runtime_of: RuntimeFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    column: str | None,
+) -> None:
+    """Without a transform, an id the source gives twice is sent once and counted as
+    collapsed, whether the source hands over text or values; the count is stored."""
+    monkeypatch.setattr(file_source, "CHUNK_SIZE", 2)
+    ids = ["a@x.io", "b@x.io", "a@x.io", "c@x.io", "a@x.io"]
+    path = harness.source(NAME, ["id", *ids] if column else ids)
+    source: dict[str, Any] = {"type": "file", "path": str(path)}
+    if column:
+        source["column"] = column
+    settings = harness.settings([{"name": NAME, "source": source}])
+    outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.added, outcome.collapsed) == ("synced", 3, 2)
+    assert outcome.transform_examples == []
+    state = await (await store_of(runtime_of, settings)).get(NAME)
+    assert state is not None
+    assert state.collapsed == 2
+
+
+async def test_a_changed_transform_is_noted_only_against_a_successful_run(
+    harness: Harness, runtime_of: RuntimeFactory
+) -> None:
+    """A first run (even one with a transform) has nothing to differ from; after a
+    synced run, other steps are noted with the old ones, in the dry run and the run;
+    once synced with the new steps, nothing is noted."""
+    ids = ["A@x.io", "b@x.io"]
+    first = await harness.sync_one(harness.settings([harness.mapping(NAME, ids)]))
+    assert (first.result, first.previous_transform) == ("synced", None)
+    lowered = harness.settings([harness.mapping(NAME, ids, transform=["lower"])])
+    assert (await dry_run(runtime_of, lowered)).previous_transform == []
+    with structlog.testing.capture_logs() as logs:
+        changed = await harness.sync_one(lowered)
+    assert (changed.result, changed.previous_transform) == ("synced", [])
+    [line] = events(logs, "segment.transform_changed")
+    assert (line["old_transform"], line["transform"]) == ([], ["lower"])
+    harness.source(NAME, [*ids, "c@x.io"])  # new bytes: the run reads them
+    with structlog.testing.capture_logs() as logs:
+        again = await harness.sync_one(lowered)
+    assert (again.result, again.unchanged, again.previous_transform) == ("synced", False, None)
+    assert events(logs, "segment.transform_changed") == []
+
+    other = harness.settings([harness.mapping("Other", ids, transform=["lower"])])
+    assert (await harness.sync_one(other)).previous_transform is None
+
+
+async def test_an_empty_source_is_warned_of_only_against_members(harness: Harness) -> None:
+    """A source that gives no ids while WalkMe holds members looks like a half-loaded
+    table: the run says so. A new segment's empty source is no such sign."""
+    settings = harness.settings([harness.mapping(NAME, make_ids(3), max_remove_fraction=1.0)])
+    with structlog.testing.capture_logs() as logs:
+        assert (await harness.sync_one(settings)).result == "synced"
+        empty = harness.settings([harness.mapping("Empty", [])])
+        assert (await harness.sync_one(empty)).result == "synced"
+    assert events(logs, "segment.source_empty") == []
+
+    harness.source(NAME, [])
+    with structlog.testing.capture_logs() as logs:
+        outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.removed) == ("synced", 3)
+    [line] = events(logs, "segment.source_empty")
+    path = harness.folder / f"{NAME}.txt"
+    assert (line["source"], line["source_ids"], line["snapshot_members"]) == (
+        FileSource(path).describe(),
+        0,
+        3,
+    )
+
+
+@pytest.mark.parametrize("reordered", [False, True], ids=["same-bytes", "same-ids"])
+async def test_an_unchanged_source_reports_the_last_runs_counts(
+    harness: Harness, reordered: bool
+) -> None:
+    """A run that skips its source (same bytes) or the snapshot (same ids in another
+    order) still reports the ids skipped and collapsed, and keeps the fingerprint and
+    digest for the next run."""
+    ids = [*make_ids(5), make_ids(1)[0], "x" * 101]  # one repeated, one too long
+    settings = harness.settings([harness.mapping(NAME, ids)])
+    first = await harness.sync_one(settings)
+    assert (first.result, first.skipped.count, first.collapsed) == ("synced", 1, 1)
+    if reordered:
+        harness.source(NAME, ids[::-1])
+    harness.sandbox.clear_requests()
+    again = await harness.sync_one(settings)
+    assert (again.result, again.unchanged, again.requests) == ("synced", True, 0)
+    assert (again.skipped, again.collapsed) == (first.skipped, 1)
+    assert again.source_digest == first.source_digest
+    assert again.source_fingerprint is not None
+    assert (again.source_fingerprint == first.source_fingerprint) is not reordered
+    # Both kept: the next run takes the byte-for-byte shortcut.
+    assert (await harness.sync_one(settings)).unchanged is True
+    assert harness.sandbox.requests == []
+
+
+# -- the removal guard ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mapping_fraction", "overrides", "held_at"),
+    [
+        (None, {}, None),  # 10 members: below guard_min_members (100)
+        (None, {"guard_min_members": 11}, None),
+        (None, {"guard_min_members": 10}, 0.5),
+        (None, {"guard_min_members": 10, "max_remove_fraction": 0.7}, None),
+        (0.7, {"guard_min_members": 10}, None),
+        (0.5, {"guard_min_members": 10, "max_remove_fraction": 0.7}, 0.5),  # the mapping's
+    ],
+)
+async def test_the_removal_guard_takes_its_limits_from_the_mapping_then_the_settings(
+    harness: Harness,
+    mapping_fraction: float | None,
+    overrides: dict[str, Any],
+    held_at: float | None,
+) -> None:
+    """Six of ten members removed: held by a limit below 60% once the segment has
+    ``guard_min_members``, the mapping's limit before the settings'."""
+    ids = make_ids(10)
+    extra = {} if mapping_fraction is None else {"max_remove_fraction": mapping_fraction}
+    settings = harness.settings([harness.mapping(NAME, ids, **extra)], **overrides)
+    assert (await harness.sync_one(settings)).result == "synced"
+    outcome = await harness.sync_changed(settings, NAME, ids[6:])
+    if held_at is None:
+        assert (outcome.result, outcome.hold, outcome.removed) == ("synced", None, 6)
+        return
+    assert (outcome.result, outcome.removed) == ("held", 0)
+    reason = f"6 of 10 members would be removed (60%, more than max_remove_fraction {held_at})"
+    assert outcome.hold == Hold(reason, 6, 10, 4, held_at)
+    assert outcome.error == reason
+    assert segment_requests(harness.sandbox) == []
+
+
+async def test_force_applies_a_plan_the_guard_holds(
+    harness: Harness, runtime_of: RuntimeFactory
+) -> None:
+    """``--force`` sends the held plan: the emptied source empties the segment."""
+    settings = harness.settings([harness.mapping(NAME, make_ids(3))])
+    assert (await harness.sync_one(settings)).result == "synced"
+    assert (await harness.sync_changed(settings, NAME, [])).result == "held"
+    outcome = await forced(runtime_of, settings)
+    assert (outcome.result, outcome.hold, outcome.removed) == ("synced", None, 3)
+    assert harness.sandbox.members(harness.guid(NAME)) == set()
+
+
+# -- pending batches, quarantine, a segment deleted in WalkMe -------------------------------
+
+
+async def test_a_pending_batch_of_a_segment_to_rebuild_is_dropped_not_replayed(
+    harness: Harness, runtime_of: RuntimeFactory
+) -> None:
+    """After a reset the run rebuilds the segment with ``override``: the batch left
+    pending is not sent again, and no longer pending."""
+    ids = make_ids(4)
+    settings = harness.settings([harness.mapping(NAME, ids)])
+    assert (await harness.sync_one(settings)).result == "synced"
+
+    store = await store_of(runtime_of, settings)
+    await store.reset(NAME)
+    await store.begin_batch(NAME, "add", ["late@x.io"])
+    harness.sandbox.clear_requests()
+    outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.added) == ("synced", 4)
+    assert [(r.action, r.n_ids) for r in segment_requests(harness.sandbox)] == [("override", 4)]
+    assert harness.sandbox.members(harness.guid(NAME)) == set(ids)
+    assert await store.pending_batch(NAME) is None
+
+
+async def test_a_quarantined_id_gone_from_the_source_is_released(
+    make_harness: HarnessFactory, runtime_of: RuntimeFactory
+) -> None:
+    """An id WalkMe refused stays quarantined while the source still has it; once
+    the source drops it, the run releases it."""
+    harness = await make_harness(rejected_ids=["bad@x.io"])
+    settings = harness.settings([harness.mapping(NAME, ["a@x.io", "bad@x.io"])])
+    assert (await harness.sync_one(settings)).quarantined == 1
+    harness.source(NAME, ["a@x.io", "bad@x.io", "b@x.io"])
+    assert (await harness.sync_one(settings)).added == 1
+    store = await store_of(runtime_of, settings)
+    assert await store.quarantined(NAME) == Quarantined(add=frozenset({"bad@x.io"}))
+    assert (await harness.sync_changed(settings, NAME, ["a@x.io", "b@x.io"])).result == "synced"
+    assert await store.quarantined(NAME) == Quarantined()
+
+
+async def test_a_segment_walkme_keeps_answering_404_for_fails_the_run(harness: Harness) -> None:
+    """Deleted behind syncd's back, the segment is written again once (here the
+    mapping's own GUID, adopted again); when that answers 404 too, the run fails
+    with WalkMe's answer rather than claiming it synced."""
+    guid = await seed_segment(harness.sandbox, NAME, [])
+    settings = harness.settings([harness.mapping(NAME, make_ids(3), segment_guid=guid)])
+    assert (await harness.sync_one(settings)).result == "synced"
+    harness.sandbox.script(404, times=2)
+    with structlog.testing.capture_logs() as logs:
+        outcome = await harness.sync_changed(settings, NAME, make_ids(4))
+    assert (outcome.result, outcome.error) == (
+        "failed",
+        'WalkMe answered 404 for update: {"error": "scripted_404"}',
+    )
+    assert [(r.kind, r.status) for r in segment_requests(harness.sandbox)] == [("update", 404)] * 2
+    assert len(events(logs, "segment.recreating")) == 1
+
+
+# -- how a run that goes wrong ends -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raised", "error", "interrupted"),
+    [
+        (SourceError("the table is locked"), "the table is locked", False),
+        (SourceError(""), "SourceError", False),
+        (StateError("the store is read-only"), "the store is read-only", False),
+        (RuntimeError("a bug"), "internal error: RuntimeError: a bug", False),
+        (SourceError("sent Bearer abcdef123456"), "sent Bearer [redacted]", False),
+        (Interrupted("stopped by shutdown"), "stopped by shutdown", True),
+        (LeaseLost(NAME), str(LeaseLost(NAME)), True),
+    ],
+    ids=["source", "source-no-text", "store", "bug", "secret", "shutdown", "lease"],
+)
+async def test_a_failure_while_reading_fails_only_that_run_and_is_stored(
+    harness: Harness,
+    runtime_of: RuntimeFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    raised: Exception,
+    error: str,
+    interrupted: bool,
+) -> None:
+    """Whatever the source's read raises ends the run failed with its error (never a
+    credential), stored in the history; a shutdown or a lost lease is an interruption,
+    and only a bug is logged as an internal error."""
+
+    async def failing(self: FileSource) -> AsyncIterator[Chunk]:
+        raise raised
+        yield ""  # an async generator
+
+    monkeypatch.setattr(FileSource, "chunks", failing)
+    settings = harness.settings([harness.mapping(NAME, make_ids(2))])
+    with structlog.testing.capture_logs() as logs:
+        outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.error, outcome.interrupted) == ("failed", error, interrupted)
+    bug = isinstance(raised, RuntimeError)
+    assert len(events(logs, "segment.internal_error")) == int(bug)
+    assert segment_requests(harness.sandbox) == []
+    [run] = await (await store_of(runtime_of, settings)).history(NAME, 10)
+    assert (run.result, run.error) == ("failed", error)
+
+
+@pytest.mark.parametrize("transform", [[], ["lower"]], ids=["plain", "transformed"])
+async def test_a_value_that_is_no_id_fails_the_run_naming_the_source(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, transform: list[str]
+) -> None:
+    """A source value that is neither text nor an integer is a source error that
+    names the source, not a bug, with or without a transform."""
+
+    async def with_a_float(self: FileSource) -> AsyncIterator[Chunk]:
+        yield ["a@x.io", 1.5]
+
+    monkeypatch.setattr(FileSource, "chunks", with_a_float)
+    settings = harness.settings([harness.mapping(NAME, ["a@x.io"], transform=transform)])
+    with structlog.testing.capture_logs() as logs:
+        outcome = await harness.sync_one(settings)
+    assert outcome.result == "failed"
+    assert outcome.error is not None
+    assert outcome.error.startswith(FileSource(harness.folder / f"{NAME}.txt").describe() + ": ")
+    assert events(logs, "segment.internal_error") == []
+
+
+async def test_a_store_that_cannot_close_the_run_fails_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A synced run whose result the store cannot record is failed, with the store's
+    error; a run that failed already keeps its own error."""
+
+    async def cannot_finish(self: RunLog, *args: object, **kwargs: object) -> None:
+        raise StateError("disk full")
+
+    monkeypatch.setattr(RunLog, "finish_run", cannot_finish)
+    settings = harness.settings([harness.mapping(NAME, make_ids(2))])
+    outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.error, outcome.added) == ("failed", "disk full", 2)
+
+    async def failing(self: FileSource) -> AsyncIterator[Chunk]:
+        raise SourceError("unreadable")
+        yield ""  # an async generator
+
+    monkeypatch.setattr(FileSource, "chunks", failing)
+    outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.error) == ("failed", "unreadable")
