@@ -5,6 +5,7 @@ batch of a rebuilt segment, and how a run that goes wrong ends."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,8 @@ from syncd.state.runs import RunLog
 from tests.integration.conftest import RuntimeFactory
 from tests.support.harness import Harness, HarnessFactory, seed_segment, segment_requests
 from tests.support.ids import make_ids
+from tests.support.receiver import NotifyReceiver
+from tests.support.waiting import wait_until_async
 
 NAME = "Run"
 
@@ -228,6 +231,35 @@ async def test_an_unchanged_source_reports_the_last_runs_counts(
     # Both kept: the next run takes the byte-for-byte shortcut.
     assert (await harness.sync_one(settings)).unchanged is True
     assert harness.sandbox.requests == []
+
+
+async def test_a_run_reports_how_long_it_took(harness: Harness) -> None:
+    """The outcome's duration is the run's own, in seconds to the millisecond: within
+    the time the caller waited for it."""
+    settings = harness.settings([harness.mapping(NAME, make_ids(3))])
+    waited = time.monotonic()
+    outcome = await harness.sync_one(settings)
+    waited = time.monotonic() - waited
+    assert isinstance(outcome.duration_s, float)
+    assert 0 <= outcome.duration_s <= waited
+    assert outcome.duration_s == round(outcome.duration_s, 3)
+
+
+async def test_the_notices_hear_of_each_run_with_the_segment_it_left(harness: Harness) -> None:
+    """After each run the notices decide what to tell: a failing segment once its
+    failures reach the limit, then its recovery with the members the run left."""
+    async with NotifyReceiver() as receiver:
+        settings = harness.settings(
+            [harness.mapping(NAME, ["\x00"])],  # a file of NUL bytes fails every run
+            notify_url=receiver.url,
+            notify_after_failures=1,
+        )
+        assert (await harness.sync_one(settings)).result == "failed"
+        harness.source(NAME, make_ids(4))
+        assert (await harness.sync_one(settings)).result == "synced"
+        await wait_until_async(lambda: len(receiver.delivered()) == 2, 10, "two messages")
+        assert receiver.events() == [(NAME, "failing"), (NAME, "recovered")]
+        assert receiver.delivered()[1]["syncd"]["members"] == 4
 
 
 # -- the removal guard ---------------------------------------------------------------------

@@ -342,6 +342,24 @@ async def test_ids_read_back_whole_across_read_blocks(
         diff.close()
 
 
+async def test_ids_picked_from_spill_files_read_in_many_blocks_are_the_right_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sides keyed whole are read back from their spill files a block at a time:
+    each block is matched to its own stretch of the comparison, so the ids picked
+    from every block (adds from the source's, removes from the snapshot's) are
+    exactly the ones that differ."""
+    monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)  # 8 ids of 4 characters a block
+    old = [f"o{i:03}" for i in range(60)]
+    source = [member if i % 3 == 0 else f"n{i:03}" for i, member in enumerate(old)]
+    diff = await diff_of([source[:25], source[25:]], [old[:30], old[30:]], tmp_path)
+    try:
+        assert everything(diff, "add") == sorted(set(source) - set(old))
+        assert everything(diff, "remove") == sorted(set(old) - set(source))
+    finally:
+        diff.close()
+
+
 async def test_work_directory_is_named_for_this_process(tmp_path: Path) -> None:
     """The spill folder carries the prefix and this pid, so a later start can tell a
     dead process's spill from a live one's and remove it."""
@@ -584,6 +602,25 @@ async def test_a_digest_of_other_seeds_or_another_polars_is_not_trusted(tmp_path
     assert fresh.digest != first.digest  # seeds drawn anew without a stored digest
     assert repr(syncd.diff.SourceDigest(first.digest)) == "SourceDigest(...)"
     assert first.digest not in repr(first)
+
+
+async def test_the_digest_is_the_count_and_the_sums_of_both_seeded_hashes(
+    tmp_path: Path,
+) -> None:
+    """The digest holds the seeds it was given, the ids' count (repeats included) and
+    each seeded hash's sum modulo 2^64 (carried across the halves it is summed in),
+    however the ids were cut into chunks: the same ids give it in any later run."""
+    import polars as pl
+
+    ids = [f"user-{i}" for i in range(300)] + ["user-7", "日本", "🎉"]
+    seeds = (11, 2**63 - 25)
+    stored = f"set1:{pl.__version__}:{seeds[0]}:{seeds[1]}:0:0:0"
+    sums = [sum(pl.Series(ids).hash(seed).to_list()) % (1 << 64) for seed in seeds]
+    assert all(total.bit_length() > 60 for total in sums)  # the high halves carry
+    expected = f"set1:{pl.__version__}:{seeds[0]}:{seeds[1]}:{len(ids)}:{sums[0]}:{sums[1]}"
+    for cut in (1, 7, len(ids)):
+        chunked = [ids[i : i + cut] for i in range(0, len(ids), cut)]
+        assert (await digest_of(chunked, tmp_path, stored)).digest == expected
 
 
 async def test_a_large_plan_is_written_block_by_block_each_block_sorted(
