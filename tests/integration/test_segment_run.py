@@ -5,6 +5,7 @@ batch of a rebuilt segment, and how a run that goes wrong ends."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
+from syncd import metrics
 from syncd.diff import Quarantined
 from syncd.engine.control import Interrupted
 from syncd.engine.guard import Hold
@@ -208,19 +210,26 @@ async def test_an_empty_source_is_warned_of_only_against_members(harness: Harnes
     )
 
 
+async def never_read(self: FileSource) -> AsyncIterator[Chunk]:
+    raise AssertionError("the source was read")
+    yield ""  # an async generator
+
+
 @pytest.mark.parametrize("reordered", [False, True], ids=["same-bytes", "same-ids"])
 async def test_an_unchanged_source_reports_the_last_runs_counts(
-    harness: Harness, reordered: bool
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, reordered: bool
 ) -> None:
-    """A run that skips its source (same bytes) or the snapshot (same ids in another
-    order) still reports the ids skipped and collapsed, and keeps the fingerprint and
-    digest for the next run."""
+    """A run that skips its source (same bytes: not even read) or the snapshot (same
+    ids in another order) still reports the ids skipped and collapsed, and keeps the
+    fingerprint and digest, so the next run does not read the source either."""
     ids = [*make_ids(5), make_ids(1)[0], "x" * 101]  # one repeated, one too long
     settings = harness.settings([harness.mapping(NAME, ids)])
     first = await harness.sync_one(settings)
     assert (first.result, first.skipped.count, first.collapsed) == ("synced", 1, 1)
     if reordered:
         harness.source(NAME, ids[::-1])
+    else:
+        monkeypatch.setattr(FileSource, "chunks", never_read)
     harness.sandbox.clear_requests()
     again = await harness.sync_one(settings)
     assert (again.result, again.unchanged, again.requests) == ("synced", True, 0)
@@ -228,9 +237,45 @@ async def test_an_unchanged_source_reports_the_last_runs_counts(
     assert again.source_digest == first.source_digest
     assert again.source_fingerprint is not None
     assert (again.source_fingerprint == first.source_fingerprint) is not reordered
-    # Both kept: the next run takes the byte-for-byte shortcut.
-    assert (await harness.sync_one(settings)).unchanged is True
+
+    monkeypatch.setattr(FileSource, "chunks", never_read)
+    last = await harness.sync_one(settings)
+    assert (last.result, last.unchanged, last.skipped) == ("synced", True, first.skipped)
     assert harness.sandbox.requests == []
+
+
+async def test_a_fingerprint_that_hangs_fails_the_run_naming_the_source(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source's cheap check is bounded like its read: one that never answers
+    fails the run within SYNCD_SOURCE_TIMEOUT, naming the source."""
+    settings = harness.settings([harness.mapping(NAME, make_ids(2))], source_timeout=0.3)
+    assert (await harness.sync_one(settings)).result == "synced"
+
+    async def hangs(self: FileSource) -> str | None:
+        await asyncio.Event().wait()
+        return None
+
+    monkeypatch.setattr(FileSource, "fingerprint", hangs)
+    outcome = await harness.sync_one(settings)
+    described = FileSource(harness.folder / f"{NAME}.txt").describe()
+    assert (outcome.result, outcome.error) == (
+        "failed",
+        f"{described} did not answer within 0.3 s (SYNCD_SOURCE_TIMEOUT);"
+        " the next run reads it again",
+    )
+
+
+async def test_a_run_sets_the_segments_gauges(harness: Harness) -> None:
+    """The run's report sets the segment's members and last success as the run left
+    them, for ``/metrics``."""
+    settings = harness.settings([harness.mapping("Gauged", make_ids(7))])  # its own gauges
+    assert (await harness.sync_one(settings)).result == "synced"
+    labels = {"segment": "Gauged"}
+    assert metrics.REGISTRY.get_sample_value("syncd_segment_members", labels) == 7
+    success = metrics.REGISTRY.get_sample_value("syncd_last_success_timestamp_seconds", labels)
+    assert success is not None
+    assert success > 0
 
 
 async def test_a_run_reports_how_long_it_took(harness: Harness) -> None:
