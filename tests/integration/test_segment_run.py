@@ -64,9 +64,12 @@ async def test_a_dry_run_of_a_new_segment_plans_a_create_and_stores_nothing(
     harness: Harness, runtime_of: RuntimeFactory
 ) -> None:
     """A dry run reads the source and says what a run would send (a create, with the
-    first ids in order), contacts no segment and leaves the state store without it."""
+    first ids in order), contacts no segment, leaves the state store without it and
+    no spill files behind."""
     ids = make_ids(8)
-    settings = harness.settings([harness.mapping(NAME, [*ids[::-1], ids[0]])])
+    work = harness.folder / "work"
+    work.mkdir()
+    settings = harness.settings([harness.mapping(NAME, [*ids[::-1], ids[0]])], work_dir=str(work))
     outcome = await dry_run(runtime_of, settings)
     assert (outcome.result, outcome.error) == ("planned", None)
     assert outcome.plan == Plan(
@@ -80,6 +83,7 @@ async def test_a_dry_run_of_a_new_segment_plans_a_create_and_stores_nothing(
     )
     assert outcome.collapsed == 1
     assert segment_requests(harness.sandbox) == []
+    assert list(work.iterdir()) == []  # the plan's spill files are gone
     assert await (await store_of(runtime_of, settings)).get(NAME) is None
 
 
@@ -122,19 +126,18 @@ async def test_transform_examples_are_the_first_source_ids_across_chunks(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The outcome shows the first three source ids before and after the transform,
-    however the source cuts its chunks, and counts the ids it made one."""
+    however the source cuts its chunks, counts the ids it made one and those it could
+    not take."""
     monkeypatch.setattr(file_source, "CHUNK_SIZE", 2)
     path = harness.folder / "people.csv"
-    path.write_text("id\nA@x.io\na@x.io\nB@x.io\nC@x.io\nD@x.io\n", encoding="utf-8")
+    path.write_text("id\nA@x.io\na@x.io\nB@x.io\nC@x.io\nD@x.io\nnot-mail\n", encoding="utf-8")
     source = {"type": "file", "path": str(path), "column": "id"}
-    mapping = {"name": NAME, "source": source, "transform": ["lower"]}
+    mapping = {"name": NAME, "source": source, "transform": ["lower", r"regex:(.*)@x\.io"]}
     outcome = await harness.sync_one(harness.settings([mapping]))
     assert (outcome.result, outcome.added, outcome.collapsed) == ("synced", 4, 1)
-    assert outcome.transform_examples == [
-        "'A@x.io' -> 'a@x.io'",
-        "'a@x.io' -> 'a@x.io'",
-        "'B@x.io' -> 'b@x.io'",
-    ]
+    assert outcome.transform_examples == ["'A@x.io' -> 'a'", "'a@x.io' -> 'a'", "'B@x.io' -> 'b'"]
+    assert outcome.skipped.count == 1  # the regex does not take it
+    assert outcome.skipped.examples[0].startswith("'not-mail': does not match")
 
 
 @pytest.mark.parametrize("column", [None, "id"], ids=["plain", "csv"])
@@ -231,9 +234,11 @@ async def test_an_unchanged_source_reports_the_last_runs_counts(
     else:
         monkeypatch.setattr(FileSource, "chunks", never_read)
     harness.sandbox.clear_requests()
-    again = await harness.sync_one(settings)
+    with structlog.testing.capture_logs() as logs:
+        again = await harness.sync_one(settings)
     assert (again.result, again.unchanged, again.requests) == ("synced", True, 0)
     assert (again.skipped, again.collapsed) == (first.skipped, 1)
+    assert events(logs, "segment.source_empty") == []  # nothing compared: no false alarm
     assert again.source_digest == first.source_digest
     assert again.source_fingerprint is not None
     assert (again.source_fingerprint == first.source_fingerprint) is not reordered
@@ -276,6 +281,58 @@ async def test_a_run_sets_the_segments_gauges(harness: Harness) -> None:
     success = metrics.REGISTRY.get_sample_value("syncd_last_success_timestamp_seconds", labels)
     assert success is not None
     assert success > 0
+
+
+async def test_a_run_stores_its_counts_and_the_steps_it_synced_with(
+    make_harness: HarnessFactory, runtime_of: RuntimeFactory
+) -> None:
+    """The run's record holds what the outcome says (adds, requests, ids skipped and
+    quarantined), and the segment the ids collapsed, the examples skipped and the
+    transform the snapshot now follows."""
+    harness = await make_harness(rejected_ids=["bad@x.io"])
+    ids = ["A@x.io", "a@x.io", "bad@x.io", "b@x.io", "x" * 101]
+    settings = harness.settings([harness.mapping(NAME, ids, transform=["lower"])])
+    outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.added, outcome.quarantined) == ("synced", 2, 1)
+    store = await store_of(runtime_of, settings)
+    [run] = await store.history(NAME, 10)
+    assert (run.result, run.error, run.added, run.requests, run.skipped, run.quarantined) == (
+        "synced",
+        None,
+        2,
+        outcome.requests,
+        1,
+        1,
+    )
+    assert outcome.requests > 0
+    state = await store.get(NAME)
+    assert state is not None
+    assert (state.collapsed, state.skipped, state.id_transform) == (1, 1, '["lower"]')
+    assert state.skipped_examples == outcome.skipped.examples != []
+
+
+async def test_a_segment_asked_for_while_its_source_is_read_runs_again(
+    harness: Harness, runtime_of: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run notes when it began reading: a sync asked for after that instant may
+    not be in what it read, so the segment runs once more before the lease goes."""
+    settings = harness.settings([harness.mapping(NAME, make_ids(3))])
+    store = await store_of(runtime_of, settings)
+    read = FileSource.chunks
+    asked: list[bool] = []
+
+    async def asked_for_while_read(self: FileSource) -> AsyncIterator[Chunk]:
+        if not asked:
+            await store.mark_due(NAME)
+            asked.append(True)
+        async for chunk in read(self):
+            yield chunk
+
+    monkeypatch.setattr(FileSource, "chunks", asked_for_while_read)
+    with structlog.testing.capture_logs() as logs:
+        assert (await harness.sync_one(settings)).result == "synced"
+    assert len(events(logs, "segment.rerun")) == 1
+    assert [run.result for run in await store.history(NAME, 10)] == ["synced", "synced"]
 
 
 async def test_a_run_reports_how_long_it_took(harness: Harness) -> None:
@@ -347,10 +404,17 @@ async def test_the_removal_guard_takes_its_limits_from_the_mapping_then_the_sett
 async def test_force_applies_a_plan_the_guard_holds(
     harness: Harness, runtime_of: RuntimeFactory
 ) -> None:
-    """``--force`` sends the held plan: the emptied source empties the segment."""
-    settings = harness.settings([harness.mapping(NAME, make_ids(3))])
+    """A held run is stored as held, its plan's spill files removed; ``--force``
+    sends the plan: the emptied source empties the segment."""
+    work = harness.folder / "work"
+    work.mkdir()
+    settings = harness.settings([harness.mapping(NAME, make_ids(3))], work_dir=str(work))
     assert (await harness.sync_one(settings)).result == "synced"
     assert (await harness.sync_changed(settings, NAME, [])).result == "held"
+    state = await (await store_of(runtime_of, settings)).get(NAME)
+    assert state is not None
+    assert (state.last_result, state.members) == ("held", 3)
+    assert list(work.iterdir()) == []  # the held plan's spill files are gone
     outcome = await forced(runtime_of, settings)
     assert (outcome.result, outcome.hold, outcome.removed) == ("synced", None, 3)
     assert harness.sandbox.members(harness.guid(NAME)) == set()
