@@ -287,11 +287,12 @@ async def test_a_run_stores_its_counts_and_the_steps_it_synced_with(
     make_harness: HarnessFactory, runtime_of: RuntimeFactory
 ) -> None:
     """The run's record holds what the outcome says (adds, requests, ids skipped and
-    quarantined), and the segment the ids collapsed, the examples skipped and the
-    transform the snapshot now follows."""
+    quarantined), and the segment its external id, the ids collapsed, the examples
+    skipped and the transform the snapshot now follows."""
     harness = await make_harness(rejected_ids=["bad@x.io"])
     ids = ["A@x.io", "a@x.io", "bad@x.io", "b@x.io", "x" * 101]
-    settings = harness.settings([harness.mapping(NAME, ids, transform=["lower"])])
+    mapping = harness.mapping(NAME, ids, transform=["lower"], external_id="crm-vip")
+    settings = harness.settings([mapping])
     outcome = await harness.sync_one(settings)
     assert (outcome.result, outcome.added, outcome.quarantined) == ("synced", 2, 1)
     store = await store_of(runtime_of, settings)
@@ -308,6 +309,7 @@ async def test_a_run_stores_its_counts_and_the_steps_it_synced_with(
     state = await store.get(NAME)
     assert state is not None
     assert (state.collapsed, state.skipped, state.id_transform) == (1, 1, '["lower"]')
+    assert state.external_id == "crm-vip"
     assert state.skipped_examples == outcome.skipped.examples != []
 
 
