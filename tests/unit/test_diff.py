@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import syncd.diff
 from syncd.diff import Diff, Kind, Quarantined, compute_diff
 from syncd.ids import MAX_ID_LENGTH, IdText, SkippedIds, clean_ids
+from syncd.idtext import column
 
 
 async def chunks(*parts: Iterable[str]) -> AsyncIterator[IdText]:
@@ -62,6 +63,17 @@ async def test_adds_removes_and_distinct(tmp_path: Path) -> None:
         assert sorted(everything(diff, "add")) == ["a", "b"]
         assert sorted(everything(diff, "remove")) == ["e", "f"]
         assert diff.released == Quarantined()
+    finally:
+        diff.close()
+
+
+async def test_an_empty_chunk_does_not_end_the_source(tmp_path: Path) -> None:
+    """A chunk left empty (every id in it skipped by the id rules) is passed over:
+    the chunks after it are still read."""
+    diff = await diff_of([["a"], [], ["b"], [], ["c"]], [["c", "d"]], tmp_path)
+    try:
+        assert (diff.distinct, diff.adds, diff.removes) == (3, 2, 1)
+        assert everything(diff, "add") == ["a", "b"]
     finally:
         diff.close()
 
@@ -272,6 +284,16 @@ def test_partition_count_grows_with_the_larger_side() -> None:
     assert [syncd.diff.partitions_for(ids) for ids in (0, 1, keyed)] == [1, 1, 1]
     assert syncd.diff.partitions_for(keyed + 1) == math.ceil((keyed + 1) / size)
     assert syncd.diff.partitions_for(10 * keyed) == 10 * keyed // size
+
+
+def test_a_key_is_both_seeded_hashes_side_by_side() -> None:
+    """An id's 128-bit key holds its two 64-bit hashes whole (the first above the
+    second), so two ids share a key only if both hashes collide."""
+    ids = column("a\nb\n日本\n" + "x" * 100)
+    seeds = (3, 2**63 - 5)
+    high, low = (ids.hash(seed).to_list() for seed in seeds)
+    expected = [(first << 64) | second for first, second in zip(high, low, strict=True)]
+    assert syncd.diff._Keyer(seeds).keys(ids).to_list() == expected
 
 
 def test_partitioning_keeps_every_copy_of_an_id_in_one_partition(tmp_path: Path) -> None:
@@ -621,6 +643,21 @@ async def test_the_digest_is_the_count_and_the_sums_of_both_seeded_hashes(
     for cut in (1, 7, len(ids)):
         chunked = [ids[i : i + cut] for i in range(0, len(ids), cut)]
         assert (await digest_of(chunked, tmp_path, stored)).digest == expected
+
+
+async def test_a_plan_of_exactly_sorted_whole_ids_is_one_sorted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to SORTED_WHOLE ids, the bound included, are written sorted as a whole,
+    even when their spill file is read back in many blocks."""
+    monkeypatch.setattr(syncd.diff, "SORTED_WHOLE", 60)
+    monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)
+    new = [f"n{i:03}" for i in range(60)]
+    diff = await diff_of([new[::-1]], [], tmp_path)
+    try:
+        assert everything(diff, "add") == new
+    finally:
+        diff.close()
 
 
 async def test_a_large_plan_is_written_block_by_block_each_block_sorted(
