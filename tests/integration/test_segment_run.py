@@ -148,9 +148,10 @@ async def test_repeated_source_ids_are_counted_as_collapsed_and_stored(
     column: str | None,
 ) -> None:
     """Without a transform, an id the source gives twice is sent once and counted as
-    collapsed, whether the source hands over text or values; the count is stored."""
+    collapsed (one the id rules refuse is skipped, not collapsed), whether the source
+    hands over text or values; the count is stored."""
     monkeypatch.setattr(file_source, "CHUNK_SIZE", 2)
-    ids = ["a@x.io", "b@x.io", "a@x.io", "c@x.io", "a@x.io"]
+    ids = ["a@x.io", "b@x.io", "a@x.io", "c@x.io", "a@x.io", "x" * 101]  # and one too long
     path = harness.source(NAME, ["id", *ids] if column else ids)
     source: dict[str, Any] = {"type": "file", "path": str(path)}
     if column:
@@ -158,7 +159,7 @@ async def test_repeated_source_ids_are_counted_as_collapsed_and_stored(
     settings = harness.settings([{"name": NAME, "source": source}])
     outcome = await harness.sync_one(settings)
     assert (outcome.result, outcome.added, outcome.collapsed) == ("synced", 3, 2)
-    assert outcome.transform_examples == []
+    assert (outcome.skipped.count, outcome.transform_examples) == (1, [])
     state = await (await store_of(runtime_of, settings)).get(NAME)
     assert state is not None
     assert state.collapsed == 2
