@@ -193,12 +193,14 @@ async def test_a_changed_transform_is_noted_only_against_a_successful_run(
 
 async def test_an_empty_source_is_warned_of_only_against_members(harness: Harness) -> None:
     """A source that gives no ids while WalkMe holds members looks like a half-loaded
-    table: the run says so. A new segment's empty source is no such sign."""
+    table: the run says so. A new segment's empty source is no such sign (here its
+    only id is refused by the id rules: skipped, and nothing collapsed)."""
     settings = harness.settings([harness.mapping(NAME, make_ids(3), max_remove_fraction=1.0)])
     with structlog.testing.capture_logs() as logs:
         assert (await harness.sync_one(settings)).result == "synced"
-        empty = harness.settings([harness.mapping("Empty", [])])
-        assert (await harness.sync_one(empty)).result == "synced"
+        empty = harness.settings([harness.mapping("Empty", ["x" * 101])])
+        created = await harness.sync_one(empty)
+    assert (created.result, created.skipped.count, created.collapsed) == ("synced", 1, 0)
     assert events(logs, "segment.source_empty") == []
 
     harness.source(NAME, [])
@@ -446,6 +448,24 @@ async def test_a_pending_batch_of_a_segment_to_rebuild_is_dropped_not_replayed(
     assert await store.pending_batch(NAME) is None
 
 
+async def test_a_mapping_pointed_at_another_segment_rebuilds_it_with_every_id(
+    harness: Harness,
+) -> None:
+    """A segment GUID set in the mapping after syncs to another segment: that one is
+    rebuilt with ``override`` and every source id, not the difference against the
+    snapshot of the segment synced before."""
+    ids = make_ids(4)
+    settings = harness.settings([harness.mapping(NAME, ids)])
+    assert (await harness.sync_one(settings)).result == "synced"
+    other = await seed_segment(harness.sandbox, "Elsewhere", ["stale@x.io"])
+    moved = harness.settings([harness.mapping(NAME, [*ids, "new@x.io"], segment_guid=other)])
+    harness.sandbox.clear_requests()
+    outcome = await harness.sync_one(moved)
+    assert (outcome.result, outcome.added) == ("synced", 5)
+    assert [(r.action, r.n_ids) for r in segment_requests(harness.sandbox)] == [("override", 5)]
+    assert harness.sandbox.members(other) == {*ids, "new@x.io"}
+
+
 async def test_a_quarantined_id_gone_from_the_source_is_released(
     make_harness: HarnessFactory, runtime_of: RuntimeFactory
 ) -> None:
@@ -455,7 +475,8 @@ async def test_a_quarantined_id_gone_from_the_source_is_released(
     settings = harness.settings([harness.mapping(NAME, ["a@x.io", "bad@x.io"])])
     assert (await harness.sync_one(settings)).quarantined == 1
     harness.source(NAME, ["a@x.io", "bad@x.io", "b@x.io"])
-    assert (await harness.sync_one(settings)).added == 1
+    second = await harness.sync_one(settings)
+    assert (second.added, second.quarantined) == (1, 0)  # the refused id is not sent again
     store = await store_of(runtime_of, settings)
     assert await store.quarantined(NAME) == Quarantined(add=frozenset({"bad@x.io"}))
     assert (await harness.sync_changed(settings, NAME, ["a@x.io", "b@x.io"])).result == "synced"
