@@ -186,6 +186,8 @@ async def test_a_changed_transform_is_noted_only_against_a_successful_run(
         again = await harness.sync_one(lowered)
     assert (again.result, again.unchanged, again.previous_transform) == ("synced", False, None)
     assert events(logs, "segment.transform_changed") == []
+    upper = harness.settings([harness.mapping(NAME, ids, transform=["upper"])])
+    assert (await dry_run(runtime_of, upper)).previous_transform == ["lower"]
 
     other = harness.settings([harness.mapping("Other", ids, transform=["lower"])])
     assert (await harness.sync_one(other)).previous_transform is None
