@@ -430,6 +430,27 @@ async def test_force_applies_a_plan_the_guard_holds(
 # -- pending batches, quarantine, a segment deleted in WalkMe -------------------------------
 
 
+async def test_a_pending_batch_is_replayed_first_and_says_so(
+    harness: Harness, runtime_of: RuntimeFactory
+) -> None:
+    """A batch whose answer was lost is sent again before the diff, and the run says
+    which action and how many ids it replays."""
+    ids = make_ids(4)
+    settings = harness.settings([harness.mapping(NAME, ids)])
+    assert (await harness.sync_one(settings)).result == "synced"
+    await (await store_of(runtime_of, settings)).begin_batch(NAME, "remove", ids[:2])
+    harness.sandbox.clear_requests()
+    with structlog.testing.capture_logs() as logs:
+        outcome = await harness.sync_one(settings)
+    assert (outcome.result, outcome.added, outcome.removed) == ("synced", 2, 2)
+    [line] = events(logs, "segment.replaying")
+    assert (line["action"], line["ids"]) == ("remove", 2)
+    assert [(r.action, r.n_ids) for r in segment_requests(harness.sandbox)] == [
+        ("remove", 2),
+        ("add", 2),
+    ]
+
+
 async def test_a_pending_batch_of_a_segment_to_rebuild_is_dropped_not_replayed(
     harness: Harness, runtime_of: RuntimeFactory
 ) -> None:
