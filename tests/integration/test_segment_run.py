@@ -171,7 +171,7 @@ async def test_a_changed_transform_is_noted_only_against_a_successful_run(
     """A first run (even one with a transform) has nothing to differ from; after a
     synced run, other steps are noted with the old ones, in the dry run and the run;
     once synced with the new steps, nothing is noted."""
-    ids = ["A@x.io", "b@x.io"]
+    ids = ["A@x.io", "b@x.io", "Ann Lee@x.io"]
     first = await harness.sync_one(harness.settings([harness.mapping(NAME, ids)]))
     assert (first.result, first.previous_transform) == ("synced", None)
     lowered = harness.settings([harness.mapping(NAME, ids, transform=["lower"])])
@@ -179,6 +179,9 @@ async def test_a_changed_transform_is_noted_only_against_a_successful_run(
     with structlog.testing.capture_logs() as logs:
         changed = await harness.sync_one(lowered)
     assert (changed.result, changed.previous_transform) == ("synced", [])
+    # The file's text is cut into its lines (not at blanks) for the transform.
+    lowered_ids = {"a@x.io", "b@x.io", "ann lee@x.io"}
+    assert harness.sandbox.members(harness.guid(NAME)) == lowered_ids
     [line] = events(logs, "segment.transform_changed")
     assert (line["old_transform"], line["transform"]) == ([], ["lower"])
     harness.source(NAME, [*ids, "c@x.io"])  # new bytes: the run reads them
@@ -254,19 +257,27 @@ async def test_an_unchanged_source_reports_the_last_runs_counts(
     assert harness.sandbox.requests == []
 
 
-async def test_a_fingerprint_that_hangs_fails_the_run_naming_the_source(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+async def hangs(self: FileSource) -> str | None:
+    await asyncio.Event().wait()
+    return None
+
+
+async def read_hangs(self: FileSource) -> AsyncIterator[Chunk]:
+    yield await hangs(self) or ""
+
+
+@pytest.mark.parametrize(
+    ("step", "stuck"), [("fingerprint", hangs), ("chunks", read_hangs)], ids=["check", "read"]
+)
+async def test_a_source_that_hangs_fails_the_run_naming_the_source(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, step: str, stuck: object
 ) -> None:
-    """The source's cheap check is bounded like its read: one that never answers
-    fails the run within SYNCD_SOURCE_TIMEOUT, naming the source."""
+    """The source's cheap check and its read are bounded alike: one that never
+    answers fails the run after SYNCD_SOURCE_TIMEOUT, naming the source."""
     settings = harness.settings([harness.mapping(NAME, make_ids(2))], source_timeout=0.3)
     assert (await harness.sync_one(settings)).result == "synced"
-
-    async def hangs(self: FileSource) -> str | None:
-        await asyncio.Event().wait()
-        return None
-
-    monkeypatch.setattr(FileSource, "fingerprint", hangs)
+    harness.source(NAME, make_ids(3))  # new bytes: past the check, the file is read
+    monkeypatch.setattr(FileSource, step, stuck)
     outcome = await harness.sync_one(settings)
     described = FileSource(harness.folder / f"{NAME}.txt").describe()
     assert (outcome.result, outcome.error) == (
