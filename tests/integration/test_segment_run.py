@@ -353,6 +353,18 @@ async def test_a_segment_asked_for_while_its_source_is_read_runs_again(
     assert [run.result for run in await store.history(NAME, 10)] == ["synced", "synced"]
 
 
+async def test_a_run_counts_every_walkme_request_it_made(harness: Harness) -> None:
+    """The outcome's request count includes the token and the list that found the
+    segment to adopt, as well as the batch: every call WalkMe saw from the run."""
+    await seed_segment(harness.sandbox, NAME, ["stale@x.io"])
+    settings = harness.settings([harness.mapping(NAME, make_ids(3))])
+    harness.sandbox.clear_requests()
+    outcome = await harness.sync_one(settings)
+    kinds = [r.kind for r in harness.sandbox.requests]
+    assert kinds == ["token", "list", "update"]
+    assert (outcome.result, outcome.requests) == ("synced", len(kinds))
+
+
 async def test_a_run_reports_how_long_it_took(harness: Harness) -> None:
     """The outcome's duration is the run's own, in seconds to the millisecond: within
     the time the caller waited for it."""
