@@ -6,6 +6,7 @@ batch of a rebuilt segment, and how a run that goes wrong ends."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 import structlog
 
 from syncd import metrics
-from syncd.diff import Quarantined
+from syncd.diff import SPILL_PREFIX, Quarantined
 from syncd.engine.control import Interrupted
 from syncd.engine.guard import Hold
 from syncd.engine.outcome import Outcome, Plan
@@ -150,7 +151,8 @@ async def test_repeated_source_ids_are_counted_as_collapsed_and_stored(
     """Without a transform, an id the source gives twice is sent once and counted as
     collapsed (one the id rules refuse is skipped, not collapsed), whether the source
     hands over text or values; the count is stored."""
-    monkeypatch.setattr(file_source, "CHUNK_SIZE", 2)
+    monkeypatch.setattr(file_source, "CHUNK_SIZE", 2)  # values: two a chunk
+    monkeypatch.setattr(file_source, "BLOCK_BYTES", 16)  # text: a few lines a chunk
     ids = ["a@x.io", "b@x.io", "a@x.io", "c@x.io", "a@x.io", "x" * 101]  # and one too long
     path = harness.source(NAME, ["id", *ids] if column else ids)
     source: dict[str, Any] = {"type": "file", "path": str(path)}
@@ -200,7 +202,7 @@ async def test_an_empty_source_is_warned_of_only_against_members(harness: Harnes
     """A source that gives no ids while WalkMe holds members looks like a half-loaded
     table: the run says so. A new segment's empty source is no such sign (here its
     only id is refused by the id rules: skipped, and nothing collapsed)."""
-    settings = harness.settings([harness.mapping(NAME, make_ids(3), max_remove_fraction=1.0)])
+    settings = harness.settings([harness.mapping(NAME, make_ids(1), max_remove_fraction=1.0)])
     with structlog.testing.capture_logs() as logs:
         assert (await harness.sync_one(settings)).result == "synced"
         empty = harness.settings([harness.mapping("Empty", ["x" * 101])])
@@ -211,13 +213,13 @@ async def test_an_empty_source_is_warned_of_only_against_members(harness: Harnes
     harness.source(NAME, [])
     with structlog.testing.capture_logs() as logs:
         outcome = await harness.sync_one(settings)
-    assert (outcome.result, outcome.removed) == ("synced", 3)
-    [line] = events(logs, "segment.source_empty")
+    assert (outcome.result, outcome.removed) == ("synced", 1)
+    [line] = events(logs, "segment.source_empty")  # a single member is enough
     path = harness.folder / f"{NAME}.txt"
     assert (line["source"], line["source_ids"], line["snapshot_members"]) == (
         FileSource(path).describe(),
         0,
-        3,
+        1,
     )
 
 
@@ -363,6 +365,29 @@ async def test_a_run_counts_every_walkme_request_it_made(harness: Harness) -> No
     kinds = [r.kind for r in harness.sandbox.requests]
     assert kinds == ["token", "list", "update"]
     assert (outcome.result, outcome.requests) == ("synced", len(kinds))
+
+
+async def test_a_run_spills_into_the_work_directory_and_clears_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the source is read, its ids are spilled under SYNCD_WORK_DIR (a folder
+    named for this process); once the run is done, nothing is left there."""
+    work = harness.folder / "work"
+    work.mkdir()
+    settings = harness.settings([harness.mapping(NAME, make_ids(3))], work_dir=str(work))
+    read = FileSource.chunks
+    spills: list[list[str]] = []
+
+    async def watched(self: FileSource) -> AsyncIterator[Chunk]:
+        spills.append([folder.name for folder in work.iterdir()])
+        async for chunk in read(self):
+            yield chunk
+
+    monkeypatch.setattr(FileSource, "chunks", watched)
+    assert (await harness.sync_one(settings)).result == "synced"
+    [[spill]] = spills
+    assert spill.startswith(f"{SPILL_PREFIX}{os.getpid()}-")
+    assert list(work.iterdir()) == []
 
 
 async def test_a_run_reports_how_long_it_took(harness: Harness) -> None:
