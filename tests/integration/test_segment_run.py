@@ -1,7 +1,9 @@
 """One segment run (``SegmentRun``) in this process, against the sandbox and a SQLite
-state store: the dry run's plan, what a run reports (transform examples, collapsed
-and skipped ids, the shortcuts' counts), the removal guard's settings, the pending
-batch of a rebuilt segment, and how a run that goes wrong ends."""
+state store: the dry run's plan; what a run reports and stores (transform examples,
+collapsed and skipped ids, the shortcuts' counts, requests, duration, gauges, the
+notices); the removal guard's limits and ``--force``; pending batches, quarantine
+and a segment deleted or moved in WalkMe; spill files; and how a run that goes wrong
+ends."""
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from syncd.state.runs import RunLog
 from tests.integration.conftest import RuntimeFactory
 from tests.support.harness import Harness, HarnessFactory, seed_segment, segment_requests
 from tests.support.ids import make_ids
+from tests.support.logs import named
 from tests.support.receiver import NotifyReceiver
 from tests.support.waiting import wait_until_async
 
@@ -52,10 +55,6 @@ async def forced(runtime_of: RuntimeFactory, settings: Settings) -> Outcome:
 async def store_of(runtime_of: RuntimeFactory, settings: Settings) -> StateStore:
     """The state store of ``settings``, opened beside the runs' own."""
     return (await runtime_of(settings)).store
-
-
-def events(logs: list[Any], event: str) -> list[Any]:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 # -- the dry run -------------------------------------------------------------------------
@@ -184,13 +183,13 @@ async def test_a_changed_transform_is_noted_only_against_a_successful_run(
     # The file's text is cut into its lines (not at blanks) for the transform.
     lowered_ids = {"a@x.io", "b@x.io", "ann lee@x.io"}
     assert harness.sandbox.members(harness.guid(NAME)) == lowered_ids
-    [line] = events(logs, "segment.transform_changed")
+    [line] = named(logs, "segment.transform_changed")
     assert (line["old_transform"], line["transform"]) == ([], ["lower"])
     harness.source(NAME, [*ids, "c@x.io"])  # new bytes: the run reads them
     with structlog.testing.capture_logs() as logs:
         again = await harness.sync_one(lowered)
     assert (again.result, again.unchanged, again.previous_transform) == ("synced", False, None)
-    assert events(logs, "segment.transform_changed") == []
+    assert named(logs, "segment.transform_changed") == []
     upper = harness.settings([harness.mapping(NAME, ids, transform=["upper"])])
     assert (await dry_run(runtime_of, upper)).previous_transform == ["lower"]
 
@@ -208,13 +207,13 @@ async def test_an_empty_source_is_warned_of_only_against_members(harness: Harnes
         empty = harness.settings([harness.mapping("Empty", ["x" * 101])])
         created = await harness.sync_one(empty)
     assert (created.result, created.skipped.count, created.collapsed) == ("synced", 1, 0)
-    assert events(logs, "segment.source_empty") == []
+    assert named(logs, "segment.source_empty") == []
 
     harness.source(NAME, [])
     with structlog.testing.capture_logs() as logs:
         outcome = await harness.sync_one(settings)
     assert (outcome.result, outcome.removed) == ("synced", 1)
-    [line] = events(logs, "segment.source_empty")  # a single member is enough
+    [line] = named(logs, "segment.source_empty")  # a single member is enough
     path = harness.folder / f"{NAME}.txt"
     assert (line["source"], line["source_ids"], line["snapshot_members"]) == (
         FileSource(path).describe(),
@@ -248,7 +247,7 @@ async def test_an_unchanged_source_reports_the_last_runs_counts(
         again = await harness.sync_one(settings)
     assert (again.result, again.unchanged, again.requests) == ("synced", True, 0)
     assert (again.skipped, again.collapsed) == (first.skipped, 1)
-    assert events(logs, "segment.source_empty") == []  # nothing compared: no false alarm
+    assert named(logs, "segment.source_empty") == []  # nothing compared: no false alarm
     assert again.source_digest == first.source_digest
     assert again.source_fingerprint is not None
     assert (again.source_fingerprint == first.source_fingerprint) is not reordered
@@ -351,7 +350,7 @@ async def test_a_segment_asked_for_while_its_source_is_read_runs_again(
     monkeypatch.setattr(FileSource, "chunks", asked_for_while_read)
     with structlog.testing.capture_logs() as logs:
         assert (await harness.sync_one(settings)).result == "synced"
-    assert len(events(logs, "segment.rerun")) == 1
+    assert len(named(logs, "segment.rerun")) == 1
     assert [run.result for run in await store.history(NAME, 10)] == ["synced", "synced"]
 
 
@@ -491,7 +490,7 @@ async def test_a_pending_batch_is_replayed_first_and_says_so(
     with structlog.testing.capture_logs() as logs:
         outcome = await harness.sync_one(settings)
     assert (outcome.result, outcome.added, outcome.removed) == ("synced", 2, 2)
-    [line] = events(logs, "segment.replaying")
+    [line] = named(logs, "segment.replaying")
     assert (line["action"], line["ids"]) == ("remove", 2)
     assert [(r.action, r.n_ids) for r in segment_requests(harness.sandbox)] == [
         ("remove", 2),
@@ -569,7 +568,7 @@ async def test_a_segment_walkme_keeps_answering_404_for_fails_the_run(harness: H
         'WalkMe answered 404 for update: {"error": "scripted_404"}',
     )
     assert [(r.kind, r.status) for r in segment_requests(harness.sandbox)] == [("update", 404)] * 2
-    assert len(events(logs, "segment.recreating")) == 1
+    assert len(named(logs, "segment.recreating")) == 1
 
 
 # -- how a run that goes wrong ends -----------------------------------------------------------
@@ -610,7 +609,7 @@ async def test_a_failure_while_reading_fails_only_that_run_and_is_stored(
         outcome = await harness.sync_one(settings)
     assert (outcome.result, outcome.error, outcome.interrupted) == ("failed", error, interrupted)
     bug = isinstance(raised, RuntimeError)
-    assert len(events(logs, "segment.internal_error")) == int(bug)
+    assert len(named(logs, "segment.internal_error")) == int(bug)
     assert segment_requests(harness.sandbox) == []
     [run] = await (await store_of(runtime_of, settings)).history(NAME, 10)
     assert (run.result, run.error) == ("failed", error)
@@ -633,7 +632,7 @@ async def test_a_value_that_is_no_id_fails_the_run_naming_the_source(
     assert outcome.result == "failed"
     assert outcome.error is not None
     assert outcome.error.startswith(FileSource(harness.folder / f"{NAME}.txt").describe() + ": ")
-    assert events(logs, "segment.internal_error") == []
+    assert named(logs, "segment.internal_error") == []
 
 
 async def test_a_store_that_cannot_close_the_run_fails_it(
