@@ -275,11 +275,11 @@ async def test_a_source_that_hangs_fails_the_run_naming_the_source(
 ) -> None:
     """The source's cheap check and its read are bounded alike: one that never
     answers fails the run after SYNCD_SOURCE_TIMEOUT, naming the source."""
-    settings = harness.settings([harness.mapping(NAME, make_ids(2))], source_timeout=0.3)
-    assert (await harness.sync_one(settings)).result == "synced"
+    mapping = harness.mapping(NAME, make_ids(2))
+    assert (await harness.sync_one(harness.settings([mapping]))).result == "synced"
     harness.source(NAME, make_ids(3))  # new bytes: past the check, the file is read
     monkeypatch.setattr(FileSource, step, stuck)
-    outcome = await harness.sync_one(settings)
+    outcome = await harness.sync_one(harness.settings([mapping], source_timeout=0.3))
     described = FileSource(harness.folder / f"{NAME}.txt").describe()
     assert (outcome.result, outcome.error) == (
         "failed",
