@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # A run ends with one of these; a run skipped (another holder has the lease) is one line.
@@ -68,3 +69,9 @@ def count_events(events: list[dict[str, Any]], event: str, **fields: Any) -> int
         for e in events
         if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
     )
+
+
+def named(events: Iterable[Mapping[str, Any]], event: str) -> list[Mapping[str, Any]]:
+    """The ``events`` (parsed log lines, or structlog's captured entries) that are
+    ``event``, in order."""
+    return [e for e in events if e.get("event") == event]

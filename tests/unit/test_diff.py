@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 import syncd.diff
 from syncd.diff import Diff, Kind, Quarantined, compute_diff
 from syncd.ids import MAX_ID_LENGTH, IdText, SkippedIds, clean_ids
+from syncd.idtext import column
 
 
 async def chunks(*parts: Iterable[str]) -> AsyncIterator[IdText]:
@@ -62,6 +63,17 @@ async def test_adds_removes_and_distinct(tmp_path: Path) -> None:
         assert sorted(everything(diff, "add")) == ["a", "b"]
         assert sorted(everything(diff, "remove")) == ["e", "f"]
         assert diff.released == Quarantined()
+    finally:
+        diff.close()
+
+
+async def test_an_empty_chunk_does_not_end_the_source(tmp_path: Path) -> None:
+    """A chunk left empty (every id in it skipped by the id rules) is passed over:
+    the chunks after it are still read."""
+    diff = await diff_of([["a"], [], ["b"], [], ["c"]], [["c", "d"]], tmp_path)
+    try:
+        assert (diff.distinct, diff.adds, diff.removes) == (3, 2, 1)
+        assert everything(diff, "add") == ["a", "b"]
     finally:
         diff.close()
 
@@ -274,6 +286,16 @@ def test_partition_count_grows_with_the_larger_side() -> None:
     assert syncd.diff.partitions_for(10 * keyed) == 10 * keyed // size
 
 
+def test_a_key_is_both_seeded_hashes_side_by_side() -> None:
+    """An id's 128-bit key holds its two 64-bit hashes whole (the first above the
+    second), so two ids share a key only if both hashes collide."""
+    ids = column("a\nb\n日本\n" + "x" * 100)
+    seeds = (3, 2**63 - 5)
+    high, low = (ids.hash(seed).to_list() for seed in seeds)
+    expected = [(first << 64) | second for first, second in zip(high, low, strict=True)]
+    assert syncd.diff._Keyer(seeds).keys(ids).to_list() == expected
+
+
 def test_partitioning_keeps_every_copy_of_an_id_in_one_partition(tmp_path: Path) -> None:
     """Each id lands in exactly one partition file, with all its copies, so a partition
     is compared alone; the spill file and the partition files are removed."""
@@ -338,6 +360,24 @@ async def test_ids_read_back_whole_across_read_blocks(
     try:
         assert sorted(everything(diff, "add")) == sorted(set(ids) - {"b"})
         assert everything(diff, "remove") == ["gone"]
+    finally:
+        diff.close()
+
+
+async def test_ids_picked_from_spill_files_read_in_many_blocks_are_the_right_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sides keyed whole are read back from their spill files a block at a time:
+    each block is matched to its own stretch of the comparison, so the ids picked
+    from every block (adds from the source's, removes from the snapshot's) are
+    exactly the ones that differ."""
+    monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)  # 8 ids of 4 characters a block
+    old = [f"o{i:03}" for i in range(60)]
+    source = [member if i % 3 == 0 else f"n{i:03}" for i, member in enumerate(old)]
+    diff = await diff_of([source[:25], source[25:]], [old[:30], old[30:]], tmp_path)
+    try:
+        assert everything(diff, "add") == sorted(set(source) - set(old))
+        assert everything(diff, "remove") == sorted(set(old) - set(source))
     finally:
         diff.close()
 
@@ -584,6 +624,40 @@ async def test_a_digest_of_other_seeds_or_another_polars_is_not_trusted(tmp_path
     assert fresh.digest != first.digest  # seeds drawn anew without a stored digest
     assert repr(syncd.diff.SourceDigest(first.digest)) == "SourceDigest(...)"
     assert first.digest not in repr(first)
+
+
+async def test_the_digest_is_the_count_and_the_sums_of_both_seeded_hashes(
+    tmp_path: Path,
+) -> None:
+    """The digest holds the seeds it was given, the ids' count (repeats included) and
+    each seeded hash's sum modulo 2^64 (carried across the halves it is summed in),
+    however the ids were cut into chunks: the same ids give it in any later run."""
+    import polars as pl
+
+    ids = [f"user-{i}" for i in range(300)] + ["user-7", "日本", "🎉"]
+    seeds = (11, 2**63 - 25)
+    stored = f"set1:{pl.__version__}:{seeds[0]}:{seeds[1]}:0:0:0"
+    sums = [sum(pl.Series(ids).hash(seed).to_list()) % (1 << 64) for seed in seeds]
+    assert all(total.bit_length() > 60 for total in sums)  # the high halves carry
+    expected = f"set1:{pl.__version__}:{seeds[0]}:{seeds[1]}:{len(ids)}:{sums[0]}:{sums[1]}"
+    for cut in (1, 7, len(ids)):
+        chunked = [ids[i : i + cut] for i in range(0, len(ids), cut)]
+        assert (await digest_of(chunked, tmp_path, stored)).digest == expected
+
+
+async def test_a_plan_of_exactly_sorted_whole_ids_is_one_sorted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to SORTED_WHOLE ids, the bound included, are written sorted as a whole,
+    even when their spill file is read back in many blocks."""
+    monkeypatch.setattr(syncd.diff, "SORTED_WHOLE", 60)
+    monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)
+    new = [f"n{i:03}" for i in range(60)]
+    diff = await diff_of([new[::-1]], [], tmp_path)
+    try:
+        assert everything(diff, "add") == new
+    finally:
+        diff.close()
 
 
 async def test_a_large_plan_is_written_block_by_block_each_block_sorted(
