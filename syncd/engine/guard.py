@@ -24,12 +24,22 @@ def hold_for(
     source_ids: int,
     max_remove_fraction: float,
     guard_min_members: int,
+    rebuild: bool = False,
 ) -> Hold | None:
-    """A Hold when an update plan must not be sent unasked, else None."""
+    """A Hold when a plan must not be sent unasked, else None. A ``rebuild`` (an
+    adopted or reset segment, sent with override) replaces members WalkMe cannot
+    show: only an empty source is known to remove them all."""
     fraction, snapshot = max_remove_fraction, snapshot_members
     if fraction >= 1.0:
         return None
-    if source_ids == 0 and snapshot > 0:
+    if rebuild:
+        if source_ids > 0:
+            return None
+        reason = (
+            "the source returned no ids, and rebuilding the segment (adopted or reset;"
+            " WalkMe cannot show what it holds) would empty it"
+        )
+    elif source_ids == 0 and snapshot > 0:
         reason = f"the source returned no ids while WalkMe holds {snapshot} members"
     elif snapshot >= guard_min_members and removes > fraction * snapshot:
         reason = (

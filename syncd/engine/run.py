@@ -159,12 +159,17 @@ class SegmentRun:
                 if diff.unchanged:
                     outcome.collapsed, outcome.unchanged = begun.collapsed, True
                     break
+                # Resolved first: a first sync may find the segment in WalkMe and
+                # rebuild it, which the guard must see.
+                guid, mode = await self._resolver.resolve(
+                    mapping, self._system, self.control.tally
+                )
                 outcome.hold = None if force else self._hold(diff, state, mode)
                 if outcome.hold is not None:
                     outcome.result, outcome.error = "held", outcome.hold.reason
                     return
                 await store.release_quarantine(mapping.name, diff.released)
-                await self._send(diff)
+                await self._delivery(guid).send_diff(diff, mode, self._settings.batch_size)
                 break
             except WalkMeNotFound:
                 if attempt == 2:
@@ -307,8 +312,8 @@ class SegmentRun:
         return clean_ids(transform.apply(texts, outcome.skipped.add), outcome.skipped)
 
     def _hold(self, diff: Diff, state: SegmentState | None, mode: Mode) -> Hold | None:
-        """The removal guard's verdict on an update; a create or rebuild removes nothing."""
-        if mode != "update":
+        """The removal guard's verdict on an update or a rebuild; a create removes nothing."""
+        if mode == "create":
             return None
         fraction = self._mapping.max_remove_fraction
         return hold_for(
@@ -319,11 +324,8 @@ class SegmentRun:
                 fraction if fraction is not None else self._settings.max_remove_fraction
             ),
             guard_min_members=self._settings.guard_min_members,
+            rebuild=mode == "override",
         )
-
-    async def _send(self, diff: Diff) -> None:
-        guid, mode = await self._resolver.resolve(self._mapping, self._system, self.control.tally)
-        await self._delivery(guid).send_diff(diff, mode, self._settings.batch_size)
 
     def _delivery(self, guid: str | None) -> BatchDelivery:
         return BatchDelivery(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+from syncd.app import open_runtime
+from syncd.engine import Outcome
 from syncd.sandbox import RequestRecord
 from syncd.settings import Settings
 from tests.support.harness import (
@@ -17,6 +21,10 @@ from tests.support.ids import make_ids
 from tests.support.processes import run_cli_async
 
 STALE = ["stale1@example.com", "stale2@example.com", "user0000001@example.com"]
+REBUILD_HELD = (
+    "the source returned no ids, and rebuilding the segment (adopted or reset;"
+    " WalkMe cannot show what it holds) would empty it"
+)
 
 
 async def _sync_rebuilding(harness: Harness, settings: Settings) -> list[RequestRecord]:
@@ -148,3 +156,43 @@ async def test_reset_of_unknown_segment_is_a_config_error(harness: Harness) -> N
     assert code == 2
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+async def _runs(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Outcome]:
+    async with open_runtime(settings, settings.mappings()) as runtime:
+        return await runtime.engine.sync_all(dry_run=dry_run, force=force)
+
+
+@pytest.mark.parametrize("how", ["found by name", "segment_guid", "reset"])
+async def test_an_empty_source_never_rebuilds_a_segment_into_nothing(
+    harness: Harness, how: str
+) -> None:
+    """Adopting a segment (or rebuilding one after a reset) replaces members WalkMe
+    cannot show: from a source with no ids that would empty it. The removal guard
+    holds it, the dry run says so, and only ``--force`` sends it."""
+    sandbox = harness.sandbox
+    guid = await seed_segment(sandbox, "Existing", STALE)
+    extra = {"segment_guid": guid} if how == "segment_guid" else {}
+    settings = harness.settings([harness.mapping("Existing", [], **extra)])
+    held_members = set(STALE)
+    if how == "reset":
+        synced = await harness.sync_changed(settings, "Existing", ["kept@example.com"])
+        assert synced.result == "synced", synced.error
+        async with open_runtime(settings, settings.mappings()) as runtime:
+            assert await runtime.store.reset("Existing")
+        harness.source("Existing", [])
+        held_members = {"kept@example.com"}
+    sandbox.clear_requests()
+    for _ in range(2):  # held, and held again while the source stays empty
+        [outcome] = await _runs(settings)
+        assert (outcome.result, outcome.error) == ("held", REBUILD_HELD)
+        assert [r for r in segment_requests(sandbox) if r.kind == "update"] == []
+        assert sandbox.members(guid) == held_members
+    [planned] = await _runs(settings, dry_run=True)
+    assert planned.plan is not None
+    assert planned.plan.held is not None
+    assert planned.plan.held.reason == REBUILD_HELD
+    [forced] = await _runs(settings, force=True)
+    assert forced.result == "synced", forced.error
+    assert sandbox.members(guid) == set()
+    assert sandbox.count("create") == 0

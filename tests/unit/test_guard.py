@@ -51,3 +51,34 @@ def test_an_empty_source_against_one_member_is_held() -> None:
 
 def test_a_segment_of_exactly_guard_min_members_is_guarded() -> None:
     assert held(removes=51, snapshot=100, source_ids=49) is not None
+
+
+@pytest.mark.parametrize(
+    ("source_ids", "fraction", "is_held"),
+    [(0, 0.5, True), (1, 0.5, False), (0, 1.0, False)],
+    ids=["empty source", "one id", "guard off"],
+)
+def test_a_rebuild_is_held_only_from_an_empty_source(
+    source_ids: int, fraction: float, is_held: bool
+) -> None:
+    """A rebuild (override of an adopted or reset segment) replaces members WalkMe
+    cannot show: only an empty source is known to empty it, and a fraction of 1 still
+    switches the guard off."""
+    hold = hold_for(
+        removes=0,
+        snapshot_members=0,
+        source_ids=source_ids,
+        max_remove_fraction=fraction,
+        guard_min_members=100,
+        rebuild=True,
+    )
+    assert (hold is not None) == is_held
+    if hold is not None:
+        assert hold == Hold(
+            "the source returned no ids, and rebuilding the segment (adopted or reset;"
+            " WalkMe cannot show what it holds) would empty it",
+            0,
+            0,
+            0,
+            0.5,
+        )
