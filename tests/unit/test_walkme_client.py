@@ -216,16 +216,18 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def make_client(
-    fake: FakeWalkMe,
+    fake: FakeWalkMe | str,
     session: aiohttp.ClientSession,
     *,
     attempts: int = 4,
     max_wait: float = 0.02,
 ) -> WalkMeClient:
+    """A client of the fake, or of any server at a URL, waiting at most ``max_wait``."""
+    url = fake if isinstance(fake, str) else fake.url
     return WalkMeClient(
         session,
-        api_url=fake.url,
-        token_url=fake.url + TOKEN_PATH,
+        api_url=url,
+        token_url=url + TOKEN_PATH,
         client_id=CLIENT_ID,
         client_secret=SecretStr(SECRET),
         attempts=attempts,
@@ -575,15 +577,7 @@ async def test_connection_refused_is_unavailable(session: aiohttp.ClientSession)
     await probe.start_server()
     url = str(probe.make_url("")).rstrip("/")
     await probe.close()
-    client = WalkMeClient(
-        session,
-        api_url=url,
-        token_url=url + TOKEN_PATH,
-        client_id=CLIENT_ID,
-        client_secret=SecretStr(SECRET),
-        attempts=2,
-        max_wait=0.01,
-    )
+    client = make_client(url, session, attempts=2, max_wait=0.01)
     with pytest.raises(WalkMeUnavailable):
         await client.access_token()
 
@@ -1723,16 +1717,7 @@ async def test_a_json_answer_without_a_content_type_is_an_acknowledgement(
     )
     server = BareHttpServer(answer)
     async with server as url:
-        client = WalkMeClient(
-            session,
-            api_url=url,
-            token_url=url + TOKEN_PATH,
-            client_id=CLIENT_ID,
-            client_secret=SecretStr(SECRET),
-            attempts=2,
-            max_wait=0.02,
-        )
-        await client.update_segment(SYSTEM, GUID, "add", ["a"])
+        await make_client(url, session, attempts=2).update_segment(SYSTEM, GUID, "add", ["a"])
     assert server.requests == 2  # the token, then the update: neither retried
 
 
