@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -16,7 +16,7 @@ import structlog
 
 from syncd.engine.lifecycle import SegmentInUse, SegmentLifecycle
 from syncd.engine.mappings import BrokenMapping, MappingSet
-from syncd.engine.resolve import SegmentResolver, first_batch_mode
+from syncd.engine.resolve import Mode, SegmentResolver, first_batch_mode
 from syncd.ids import SkippedIds
 from syncd.sandbox import SANDBOX_SYSTEM_GUID
 from syncd.settings import SegmentMapping
@@ -27,6 +27,19 @@ from tests.support.harness import Harness, delete_segment, seed_segment
 
 GUID = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
 OTHER_GUID = "11111111-2222-4333-8444-555555555555"
+
+
+async def resolve(
+    store: StateStore,
+    client: WalkMeClient,
+    mapping: SegmentMapping,
+    configured: Sequence[str] = ("vip",),
+    tally: Counter[str] | None = None,
+) -> tuple[str | None, Mode]:
+    """The resolver's answer for ``mapping`` with ``configured`` mappings."""
+    return await SegmentResolver(store, client, configured).resolve(
+        mapping, SANDBOX_SYSTEM_GUID, Counter() if tally is None else tally
+    )
 
 
 async def opened(
@@ -88,9 +101,7 @@ async def test_a_mapping_naming_its_segment_guid_adopts_it_and_rebuilds(
     )
     await known(store, "vip", GUID)
     with structlog.testing.capture_logs() as logs:
-        found = await SegmentResolver(store, client, ["vip"]).resolve(
-            mapping, SANDBOX_SYSTEM_GUID, Counter()
-        )
+        found = await resolve(store, client, mapping)
     assert found == (OTHER_GUID, "override")
     stored = await store.get("vip")
     assert stored is not None
@@ -120,9 +131,7 @@ async def test_a_known_segment_is_used_as_it_is(
     await known(store, "vip", GUID)
     if needs_override:
         await store.reset("vip")
-    found = await SegmentResolver(store, client, ["vip"]).resolve(
-        mapping, SANDBOX_SYSTEM_GUID, Counter()
-    )
+    found = await resolve(store, client, mapping)
     assert found == (GUID, "override" if needs_override else "update")
     assert harness.sandbox.requests == []
 
@@ -137,9 +146,7 @@ async def test_a_segment_found_in_walkme_is_adopted_and_rebuilt(
     await known(store, "vip", external_id=external_id)
     tally: Counter[str] = Counter()
     with structlog.testing.capture_logs() as logs:
-        found = await SegmentResolver(store, client, ["vip"]).resolve(
-            mapping, SANDBOX_SYSTEM_GUID, tally
-        )
+        found = await resolve(store, client, mapping, tally=tally)
     assert found == (guid, "override")
     assert tally == Counter({"token": 1, "list": 1})
     stored = await store.get("vip")
@@ -164,9 +171,7 @@ async def test_a_segment_found_by_external_id_not_by_name(
         harness, runtime_of, harness.mapping("vip", external_id="ext-1")
     )
     await known(store, "vip", external_id="ext-1")
-    found = await SegmentResolver(store, client, ["vip"]).resolve(
-        mapping, SANDBOX_SYSTEM_GUID, Counter()
-    )
+    found = await resolve(store, client, mapping)
     assert found == (guid, "override")
 
 
@@ -177,9 +182,7 @@ async def test_a_segment_another_mapping_owns_is_never_adopted(
     store, client, [mapping] = await opened(harness, runtime_of)
     await known(store, "vip")
     await known(store, "old", guid)  # an orphan that wrote to it
-    found = await SegmentResolver(store, client, ["vip"]).resolve(
-        mapping, SANDBOX_SYSTEM_GUID, Counter()
-    )
+    found = await resolve(store, client, mapping)
     assert found == (None, "create")
     stored = await store.get("vip")
     assert stored is not None
@@ -191,9 +194,7 @@ async def test_a_segment_walkme_does_not_have_is_created(
 ) -> None:
     store, client, [mapping] = await opened(harness, runtime_of)
     await known(store, "vip")
-    found = await SegmentResolver(store, client, ["vip"]).resolve(
-        mapping, SANDBOX_SYSTEM_GUID, Counter()
-    )
+    found = await resolve(store, client, mapping)
     assert found == (None, "create")
 
 
@@ -207,9 +208,7 @@ async def test_a_rename_keeping_the_external_id_is_noticed(
     await known(store, "old name", OTHER_GUID, external_id="ext-1")
     await known(store, "unrelated", GUID, external_id="ext-2")
     with structlog.testing.capture_logs() as logs:
-        await SegmentResolver(store, client, ["new name"]).resolve(
-            mapping, SANDBOX_SYSTEM_GUID, Counter()
-        )
+        await resolve(store, client, mapping, configured=["new name"])
     assert [e for e in logs if e["event"] == "segment.renamed"] == [
         {
             "event": "segment.renamed",
@@ -234,9 +233,7 @@ async def test_no_rename_is_noticed_when(
     await known(store, "other", OTHER_GUID, external_id="ext-1")
     configured = ["vip", "other"] if why == "still configured" else ["vip"]
     with structlog.testing.capture_logs() as logs:
-        await SegmentResolver(store, client, configured).resolve(
-            mapping, SANDBOX_SYSTEM_GUID, Counter()
-        )
+        await resolve(store, client, mapping, configured=configured)
     assert [e for e in logs if e["event"] == "segment.renamed"] == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import os
@@ -29,15 +30,21 @@ async def chunks(*parts: Iterable[str]) -> AsyncIterator[IdText]:
         yield IdText.of(list(part))
 
 
-async def diff_of(
+@contextlib.asynccontextmanager
+async def diffed(
     source: list[list[str]],
     snapshot: list[list[str]],
     work_dir: Path,
     quarantined: Quarantined | None = None,
-) -> Diff:
-    return await compute_diff(
+) -> AsyncIterator[Diff]:
+    """The diff of ``source`` against ``snapshot`` (chunks of ids), closed after use."""
+    diff = await compute_diff(
         chunks(*source), chunks(*snapshot), quarantined or Quarantined(), work_dir
     )
+    try:
+        yield diff
+    finally:
+        diff.close()
 
 
 def leftovers(folder: Path) -> list[Path]:
@@ -56,63 +63,47 @@ def summary(diff: Diff) -> tuple[set[str], set[str], int, int, int, Quarantined]
 
 
 async def test_adds_removes_and_distinct(tmp_path: Path) -> None:
-    diff = await diff_of([["a", "b", "c"], ["d"], []], [["c", "d", "e"], ["f"]], tmp_path)
-    try:
+    async with diffed([["a", "b", "c"], ["d"], []], [["c", "d", "e"], ["f"]], tmp_path) as diff:
         assert (diff.distinct, diff.adds, diff.removes) == (4, 2, 2)
         assert (diff.count("add"), diff.count("remove")) == (2, 2)
         assert sorted(everything(diff, "add")) == ["a", "b"]
         assert sorted(everything(diff, "remove")) == ["e", "f"]
         assert diff.released == Quarantined()
-    finally:
-        diff.close()
 
 
 async def test_an_empty_chunk_does_not_end_the_source(tmp_path: Path) -> None:
     """A chunk left empty (every id in it skipped by the id rules) is passed over:
     the chunks after it are still read."""
-    diff = await diff_of([["a"], [], ["b"], [], ["c"]], [["c", "d"]], tmp_path)
-    try:
+    async with diffed([["a"], [], ["b"], [], ["c"]], [["c", "d"]], tmp_path) as diff:
         assert (diff.distinct, diff.adds, diff.removes) == (3, 2, 1)
         assert everything(diff, "add") == ["a", "b"]
-    finally:
-        diff.close()
 
 
 async def test_nothing_to_do(tmp_path: Path) -> None:
-    diff = await diff_of([["a", "b"]], [["b", "a"]], tmp_path)
-    try:
+    async with diffed([["a", "b"]], [["b", "a"]], tmp_path) as diff:
         assert (diff.distinct, diff.adds, diff.removes) == (2, 0, 0)
         assert list(diff.batches("add", 3)) == []
         assert list(diff.batches("remove", 3)) == []
         assert diff.examples("add", 5) == []
-    finally:
-        diff.close()
 
 
 async def test_empty_source_removes_everything(tmp_path: Path) -> None:
-    diff = await diff_of([], [["a", "b"]], tmp_path)
-    try:
+    async with diffed([], [["a", "b"]], tmp_path) as diff:
         assert (diff.distinct, diff.adds, diff.removes) == (0, 0, 2)
         assert sorted(everything(diff, "remove")) == ["a", "b"]
-    finally:
-        diff.close()
 
 
 async def test_duplicates_in_the_source_count_once(tmp_path: Path) -> None:
-    diff = await diff_of([["a", "a", "b"], ["b", "a"], ["c", "c"]], [["c"]], tmp_path)
-    try:
+    async with diffed([["a", "a", "b"], ["b", "a"], ["c", "c"]], [["c"]], tmp_path) as diff:
         assert (diff.distinct, diff.adds, diff.removes) == (3, 2, 0)
         assert sorted(everything(diff, "add")) == ["a", "b"]
-    finally:
-        diff.close()
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 10, 11, 1000])
 async def test_batches_cover_exactly_the_ids(tmp_path: Path, size: int) -> None:
     new = [f"n{i}" for i in range(10)]
     old = [f"o{i}" for i in range(7)]
-    diff = await diff_of([new[:6], new[6:]], [old], tmp_path)
-    try:
+    async with diffed([new[:6], new[6:]], [old], tmp_path) as diff:
         sides: list[tuple[Kind, list[str]]] = [("add", new), ("remove", old)]
         for kind, expected in sides:
             batches = list(diff.batches(kind, size))
@@ -122,30 +113,22 @@ async def test_batches_cover_exactly_the_ids(tmp_path: Path, size: int) -> None:
             assert len(batches) == math.ceil(len(expected) / size)
         # Read twice, the same batches (the engine reads them once, a dry run again).
         assert list(diff.batches("add", size)) == list(diff.batches("add", size))
-    finally:
-        diff.close()
 
 
 async def test_counts_tell_adds_from_removes(tmp_path: Path) -> None:
     """``count`` answers for the kind asked: three adds and one remove are not swapped."""
-    diff = await diff_of([["a", "b", "c", "keep"]], [["keep", "gone"]], tmp_path)
-    try:
+    async with diffed([["a", "b", "c", "keep"]], [["keep", "gone"]], tmp_path) as diff:
         assert (diff.count("add"), diff.count("remove")) == (3, 1)
-    finally:
-        diff.close()
 
 
 async def test_examples(tmp_path: Path) -> None:
-    diff = await diff_of([["a", "b", "c", "d"]], [["x", "y"]], tmp_path)
-    try:
+    async with diffed([["a", "b", "c", "d"]], [["x", "y"]], tmp_path) as diff:
         examples = diff.examples("add", 2)
         assert len(examples) == 2
         assert set(examples) <= {"a", "b", "c", "d"}
         assert sorted(diff.examples("add", 10)) == ["a", "b", "c", "d"]
         assert sorted(diff.examples("remove", 10)) == ["x", "y"]
         assert len(diff.examples("remove", 1)) == 1
-    finally:
-        diff.close()
 
 
 # -- quarantine --------------------------------------------------------------------------
@@ -153,59 +136,44 @@ async def test_examples(tmp_path: Path) -> None:
 
 async def test_quarantined_add_stays_out_while_in_the_source(tmp_path: Path) -> None:
     held = Quarantined(add=frozenset({"bad", "also-bad"}))
-    diff = await diff_of([["bad", "good", "also-bad"]], [["old"]], tmp_path, held)
-    try:
+    async with diffed([["bad", "good", "also-bad"]], [["old"]], tmp_path, held) as diff:
         assert sorted(everything(diff, "add")) == ["good"]
         assert diff.adds == 1
         assert diff.distinct == 3  # still counted as source ids
         assert diff.released == Quarantined()
-    finally:
-        diff.close()
 
 
 async def test_quarantined_add_released_when_gone_from_the_source(tmp_path: Path) -> None:
     held = Quarantined(add=frozenset({"bad", "still-bad"}))
-    diff = await diff_of([["good", "still-bad"]], [], tmp_path, held)
-    try:
+    async with diffed([["good", "still-bad"]], [], tmp_path, held) as diff:
         assert sorted(everything(diff, "add")) == ["good"]
         assert diff.released == Quarantined(add=frozenset({"bad"}))
-    finally:
-        diff.close()
 
 
 async def test_quarantined_remove_stays_out_while_gone(tmp_path: Path) -> None:
     held = Quarantined(remove=frozenset({"stuck"}))
-    diff = await diff_of([["kept"]], [["kept", "stuck", "gone"]], tmp_path, held)
-    try:
+    async with diffed([["kept"]], [["kept", "stuck", "gone"]], tmp_path, held) as diff:
         assert sorted(everything(diff, "remove")) == ["gone"]
         assert diff.removes == 1
         assert diff.released == Quarantined()
-    finally:
-        diff.close()
 
 
 async def test_quarantined_remove_released_when_back_in_the_source(tmp_path: Path) -> None:
     held = Quarantined(remove=frozenset({"stuck", "other"}))
-    diff = await diff_of([["kept", "stuck"]], [["kept", "stuck", "other"]], tmp_path, held)
-    try:
+    async with diffed([["kept", "stuck"]], [["kept", "stuck", "other"]], tmp_path, held) as diff:
         assert everything(diff, "remove") == []
         assert everything(diff, "add") == []  # in the snapshot already
         assert diff.released == Quarantined(remove=frozenset({"stuck"}))
-    finally:
-        diff.close()
 
 
 async def test_quarantine_of_both_kinds_together(tmp_path: Path) -> None:
     held = Quarantined(add=frozenset({"a1", "a2"}), remove=frozenset({"r1", "r2"}))
     source = [["a1", "new", "r2", "same"]]
     snapshot = [["r1", "r2", "same", "old"]]
-    diff = await diff_of(source, snapshot, tmp_path, held)
-    try:
+    async with diffed(source, snapshot, tmp_path, held) as diff:
         assert sorted(everything(diff, "add")) == ["new"]
         assert sorted(everything(diff, "remove")) == ["old"]
         assert diff.released == Quarantined(add=frozenset({"a2"}), remove=frozenset({"r2"}))
-    finally:
-        diff.close()
 
 
 # -- partitions and the work directory ------------------------------------------------------
@@ -242,25 +210,26 @@ async def test_many_partitions_give_the_same_diff(
     source = [new[i : i + 13] + new[:3] for i in range(0, len(new), 13)]  # with duplicates
     snapshot = [old[i : i + 17] for i in range(0, len(old), 17)]
 
-    whole = await diff_of(source, snapshot, tmp_path, held)
-    parts = count_partitions(monkeypatch)
-    partition_tiny(monkeypatch, keyed=20, partition=7)
-    split = await diff_of(source, snapshot, tmp_path, held)
-    assert len(parts) == 2
-    assert min(parts) > 10  # both sides were cut into many partitions
-    try:
-        assert summary(split) == summary(whole)
-        assert summary(whole)[0] == set(new) - set(old) - {"user-5"}
-        assert summary(whole)[1] == set(old) - set(new) - {"user-200"}
-        assert split.distinct == whole.distinct == len(set(new))
-        assert split.released == whole.released
-        for size in (1, 5, 1000):
-            batches = list(split.batches("add", size))
-            assert all(len(batch) <= size for batch in batches)
-            assert len(batches) == math.ceil(split.adds / size)
-    finally:
-        whole.close()
-        split.close()
+    async with diffed(source, snapshot, tmp_path, held) as whole:
+        parts = count_partitions(monkeypatch)
+        partition_tiny(monkeypatch, keyed=20, partition=7)
+        async with diffed(source, snapshot, tmp_path, held) as split:
+            assert len(parts) == 2
+            assert min(parts) > 10  # both sides were cut into many partitions
+            assert_same_plan(split, whole, new, old)
+
+
+def assert_same_plan(split: Diff, whole: Diff, new: list[str], old: list[str]) -> None:
+    """A partitioned diff plans what the whole one does."""
+    assert summary(split) == summary(whole)
+    assert summary(whole)[0] == set(new) - set(old) - {"user-5"}
+    assert summary(whole)[1] == set(old) - set(new) - {"user-200"}
+    assert split.distinct == whole.distinct == len(set(new))
+    assert split.released == whole.released
+    for size in (1, 5, 1000):
+        batches = list(split.batches("add", size))
+        assert all(len(batch) <= size for batch in batches)
+        assert len(batches) == math.ceil(split.adds / size)
 
 
 async def test_partitions_decided_by_the_larger_side(
@@ -269,13 +238,10 @@ async def test_partitions_decided_by_the_larger_side(
     partition_tiny(monkeypatch, keyed=10, partition=3)
     parts = count_partitions(monkeypatch)
     old = [f"o{i}" for i in range(40)]
-    diff = await diff_of([["o1", "new"]], [old[:20], old[20:]], tmp_path)
-    try:
+    async with diffed([["o1", "new"]], [old[:20], old[20:]], tmp_path) as diff:
         assert parts == [14, 14]
         assert sorted(everything(diff, "add")) == ["new"]
         assert sorted(everything(diff, "remove")) == sorted(set(old) - {"o1"})
-    finally:
-        diff.close()
 
 
 def test_partition_count_grows_with_the_larger_side() -> None:
@@ -322,12 +288,9 @@ async def test_a_side_that_can_be_keyed_whole_is_not_partitioned(
     """``KEYED_IN_MEMORY`` ids on the larger side are compared as one partition."""
     partition_tiny(monkeypatch, keyed=4, partition=1)
     parts = count_partitions(monkeypatch)
-    diff = await diff_of([["a", "b"], ["c", "d"]], [["d"]], tmp_path)
-    try:
+    async with diffed([["a", "b"], ["c", "d"]], [["d"]], tmp_path) as diff:
         assert parts == []
         assert sorted(everything(diff, "add")) == ["a", "b", "c"]
-    finally:
-        diff.close()
 
 
 async def test_ids_come_out_sorted(tmp_path: Path) -> None:
@@ -335,12 +298,9 @@ async def test_ids_come_out_sorted(tmp_path: Path) -> None:
     index), whatever order the source gave them in."""
     new = [f"n{i:03}" for i in range(60)]
     old = [f"o{i:03}" for i in range(60)]
-    diff = await diff_of([[n] for n in new[::-1]], [[o] for o in old[::-1]], tmp_path)
-    try:
+    async with diffed([[n] for n in new[::-1]], [[o] for o in old[::-1]], tmp_path) as diff:
         assert everything(diff, "add") == new
         assert everything(diff, "remove") == old
-    finally:
-        diff.close()
 
 
 async def test_ids_read_back_whole_across_read_blocks(
@@ -356,12 +316,9 @@ async def test_ids_read_back_whole_across_read_blocks(
     assert [member for block in blocks for member in block] == ids
     assert len(blocks) > 3
     partition_tiny(monkeypatch, keyed=2, partition=2)
-    diff = await diff_of([ids[:3], ids[3:]], [["b", "gone"]], tmp_path)
-    try:
+    async with diffed([ids[:3], ids[3:]], [["b", "gone"]], tmp_path) as diff:
         assert sorted(everything(diff, "add")) == sorted(set(ids) - {"b"})
         assert everything(diff, "remove") == ["gone"]
-    finally:
-        diff.close()
 
 
 async def test_ids_picked_from_spill_files_read_in_many_blocks_are_the_right_ones(
@@ -374,26 +331,20 @@ async def test_ids_picked_from_spill_files_read_in_many_blocks_are_the_right_one
     monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)  # 8 ids of 4 characters a block
     old = [f"o{i:03}" for i in range(60)]
     source = [member if i % 3 == 0 else f"n{i:03}" for i, member in enumerate(old)]
-    diff = await diff_of([source[:25], source[25:]], [old[:30], old[30:]], tmp_path)
-    try:
+    async with diffed([source[:25], source[25:]], [old[:30], old[30:]], tmp_path) as diff:
         assert everything(diff, "add") == sorted(set(source) - set(old))
         assert everything(diff, "remove") == sorted(set(old) - set(source))
-    finally:
-        diff.close()
 
 
 async def test_work_directory_is_named_for_this_process(tmp_path: Path) -> None:
     """The spill folder carries the prefix and this pid, so a later start can tell a
     dead process's spill from a live one's and remove it."""
-    diff = await diff_of([["a"]], [["b"]], tmp_path)
-    try:
+    async with diffed([["a"]], [["b"]], tmp_path) as diff:
         assert diff.workdir.name.startswith(f"{syncd.diff.SPILL_PREFIX}{os.getpid()}-")
-    finally:
-        diff.close()
 
 
 async def test_close_removes_the_work_directory(tmp_path: Path) -> None:
-    diff = await diff_of([["a"]], [["b"]], tmp_path)
+    diff = await compute_diff(chunks(["a"]), chunks(["b"]), Quarantined(), tmp_path)
     assert diff.workdir.parent == tmp_path
     assert diff.workdir.is_dir()
     diff.close()
@@ -653,11 +604,8 @@ async def test_a_plan_of_exactly_sorted_whole_ids_is_one_sorted_run(
     monkeypatch.setattr(syncd.diff, "SORTED_WHOLE", 60)
     monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)
     new = [f"n{i:03}" for i in range(60)]
-    diff = await diff_of([new[::-1]], [], tmp_path)
-    try:
+    async with diffed([new[::-1]], [], tmp_path) as diff:
         assert everything(diff, "add") == new
-    finally:
-        diff.close()
 
 
 async def test_a_large_plan_is_written_block_by_block_each_block_sorted(
@@ -668,12 +616,9 @@ async def test_a_large_plan_is_written_block_by_block_each_block_sorted(
     monkeypatch.setattr(syncd.diff, "SORTED_WHOLE", 5)
     monkeypatch.setattr(syncd.diff, "READ_BYTES", 40)
     new = [f"n{i:03}" for i in range(60)]
-    diff = await diff_of([new[::-1]], [], tmp_path)
-    try:
+    async with diffed([new[::-1]], [], tmp_path) as diff:
         written = everything(diff, "add")
         assert sorted(written) == new
         assert written != new  # not one sorted run...
         runs = sum(1 for a, b in itertools.pairwise(written) if b < a) + 1
         assert 1 < runs < len(new) // 3  # ...but a few long ones, block by block
-    finally:
-        diff.close()
