@@ -233,6 +233,8 @@ def next_action(
         if wanted:
             batches = "" if mode == "create" else " (override, then add)"
             return "add", f"the next run {how}{batches} with it"
+        if held is not None:  # a rebuild from a source with no ids
+            return "held", f"the removal guard holds the plan that {how}: {held}"
         return "nothing", f"the next run {how} without it: it is not in the source"
     replay = ""
     if pending is not None and (in_pending or pending.action in ("create", "override")):

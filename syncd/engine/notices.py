@@ -161,7 +161,8 @@ class _Message:
         assert hold is not None  # a held run has the guard's verdict
         text = (
             f"is held by the removal guard, nothing was sent: {_slack_text(hold.reason)}"
-            f" (source {hold.source_ids} ids, WalkMe {hold.snapshot_members} members)."
+            # What syncd delivered: an adopted segment's members WalkMe cannot show.
+            f" (source {hold.source_ids} ids, {hold.snapshot_members} members delivered)."
             " Check the source; if the removals are right, apply them once:"
         )
         facts = {

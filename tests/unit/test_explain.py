@@ -83,3 +83,22 @@ def test_quarantine_comes_before_the_guard() -> None:
     found, why = quarantined_and_held("update")
     assert found == "quarantined"
     assert "400 invalid user id" in why
+
+
+def test_a_rebuild_held_for_its_empty_source_is_told_as_held() -> None:
+    """A rebuild the removal guard holds (its source has no ids) sends nothing: the
+    verdict is the hold, not a rebuild without the id."""
+    found, why = next_action(
+        wanted=False,
+        member=True,
+        mode="override",
+        pending=None,
+        in_pending=False,
+        quarantine=[],
+        held="the source returned no ids",
+        error=None,
+    )
+    assert (found, why) == (
+        "held",
+        "the removal guard holds the plan that rebuilds the segment: the source returned no ids",
+    )

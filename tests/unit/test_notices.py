@@ -193,6 +193,7 @@ async def test_held_message_gives_the_numbers_and_the_force_command() -> None:
     )
     assert facts["max_remove_fraction"] == 0.5
     assert "900 of 1000 members would be removed" in notice.body["text"]
+    assert "(source 100 ids, 1000 members delivered)" in notice.body["text"]
     assert "`syncd sync --segment 'Trial users' --force`" in notice.body["text"]
 
 
