@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from syncd.app import open_runtime
-from syncd.engine import Outcome
 from syncd.sandbox import RequestRecord
 from syncd.settings import Settings
 from tests.support.harness import (
@@ -19,6 +17,7 @@ from tests.support.harness import (
 )
 from tests.support.ids import make_ids
 from tests.support.processes import run_cli_async
+from tests.support.stores import with_store
 
 STALE = ["stale1@example.com", "stale2@example.com", "user0000001@example.com"]
 REBUILD_HELD = (
@@ -158,11 +157,6 @@ async def test_reset_of_unknown_segment_is_a_config_error(harness: Harness) -> N
     assert "Traceback" not in err
 
 
-async def _runs(settings: Settings, *, dry_run: bool = False, force: bool = False) -> list[Outcome]:
-    async with open_runtime(settings, settings.mappings()) as runtime:
-        return await runtime.engine.sync_all(dry_run=dry_run, force=force)
-
-
 @pytest.mark.parametrize("how", ["found by name", "segment_guid", "reset"])
 async def test_an_empty_source_never_rebuilds_a_segment_into_nothing(
     harness: Harness, how: str
@@ -178,21 +172,20 @@ async def test_an_empty_source_never_rebuilds_a_segment_into_nothing(
     if how == "reset":
         synced = await harness.sync_changed(settings, "Existing", ["kept@example.com"])
         assert synced.result == "synced", synced.error
-        async with open_runtime(settings, settings.mappings()) as runtime:
-            assert await runtime.store.reset("Existing")
+        await with_store(harness.state_url, lambda store: store.reset("Existing"))
         harness.source("Existing", [])
         held_members = {"kept@example.com"}
     sandbox.clear_requests()
     for _ in range(2):  # held, and held again while the source stays empty
-        [outcome] = await _runs(settings)
+        [outcome] = await harness.sync(settings)
         assert (outcome.result, outcome.error) == ("held", REBUILD_HELD)
         assert [r for r in segment_requests(sandbox) if r.kind == "update"] == []
         assert sandbox.members(guid) == held_members
-    [planned] = await _runs(settings, dry_run=True)
+    [planned] = await harness.sync(settings, dry_run=True)
     assert planned.plan is not None
     assert planned.plan.held is not None
     assert planned.plan.held.reason == REBUILD_HELD
-    [forced] = await _runs(settings, force=True)
+    [forced] = await harness.sync(settings, force=True)
     assert forced.result == "synced", forced.error
     assert sandbox.members(guid) == set()
     assert sandbox.count("create") == 0

@@ -38,17 +38,15 @@ from tests.support.waiting import wait_until_async
 NAME = "Run"
 
 
-async def dry_run(runtime_of: RuntimeFactory, settings: Settings) -> Outcome:
+async def dry_run(harness: Harness, settings: Settings) -> Outcome:
     """``syncd sync --dry-run`` of the one mapping, in this process."""
-    runtime = await runtime_of(settings)
-    [outcome] = await runtime.engine.sync_all(dry_run=True)
+    [outcome] = await harness.sync(settings, dry_run=True)
     return outcome
 
 
-async def forced(runtime_of: RuntimeFactory, settings: Settings) -> Outcome:
+async def forced(harness: Harness, settings: Settings) -> Outcome:
     """``syncd sync --segment NAME --force``, in this process."""
-    runtime = await runtime_of(settings)
-    [outcome] = await runtime.engine.sync_all([NAME], force=True)
+    [outcome] = await harness.sync(settings, [NAME], force=True)
     return outcome
 
 
@@ -70,7 +68,7 @@ async def test_a_dry_run_of_a_new_segment_plans_a_create_and_stores_nothing(
     work = harness.folder / "work"
     work.mkdir()
     settings = harness.settings([harness.mapping(NAME, [*ids[::-1], ids[0]])], work_dir=str(work))
-    outcome = await dry_run(runtime_of, settings)
+    outcome = await dry_run(harness, settings)
     assert (outcome.result, outcome.error) == ("planned", None)
     assert outcome.plan == Plan(
         mode="create",
@@ -99,7 +97,7 @@ async def test_a_dry_run_of_an_update_names_the_guards_hold_and_changes_nothing(
     harness.source(NAME, [*ids[100:], *new])
     harness.sandbox.clear_requests()
 
-    outcome = await dry_run(runtime_of, settings)
+    outcome = await dry_run(harness, settings)
     assert outcome.result == "planned"
     reason = "100 of 150 members would be removed (67%, more than max_remove_fraction 0.5)"
     assert outcome.plan == Plan(
@@ -167,7 +165,7 @@ async def test_repeated_source_ids_are_counted_as_collapsed_and_stored(
 
 
 async def test_a_changed_transform_is_noted_only_against_a_successful_run(
-    harness: Harness, runtime_of: RuntimeFactory
+    harness: Harness,
 ) -> None:
     """A first run (even one with a transform) has nothing to differ from; after a
     synced run, other steps are noted with the old ones, in the dry run and the run;
@@ -176,7 +174,7 @@ async def test_a_changed_transform_is_noted_only_against_a_successful_run(
     first = await harness.sync_one(harness.settings([harness.mapping(NAME, ids)]))
     assert (first.result, first.previous_transform) == ("synced", None)
     lowered = harness.settings([harness.mapping(NAME, ids, transform=["lower"])])
-    assert (await dry_run(runtime_of, lowered)).previous_transform == []
+    assert (await dry_run(harness, lowered)).previous_transform == []
     with structlog.testing.capture_logs() as logs:
         changed = await harness.sync_one(lowered)
     assert (changed.result, changed.previous_transform) == ("synced", [])
@@ -191,7 +189,7 @@ async def test_a_changed_transform_is_noted_only_against_a_successful_run(
     assert (again.result, again.unchanged, again.previous_transform) == ("synced", False, None)
     assert named(logs, "segment.transform_changed") == []
     upper = harness.settings([harness.mapping(NAME, ids, transform=["upper"])])
-    assert (await dry_run(runtime_of, upper)).previous_transform == ["lower"]
+    assert (await dry_run(harness, upper)).previous_transform == ["lower"]
 
     other = harness.settings([harness.mapping("Other", ids, transform=["lower"])])
     assert (await harness.sync_one(other)).previous_transform is None
@@ -469,7 +467,7 @@ async def test_force_applies_a_plan_the_guard_holds(
     assert state is not None
     assert (state.last_result, state.members) == ("held", 3)
     assert list(work.iterdir()) == []  # the held plan's spill files are gone
-    outcome = await forced(runtime_of, settings)
+    outcome = await forced(harness, settings)
     assert (outcome.result, outcome.hold, outcome.removed) == ("synced", None, 3)
     assert harness.sandbox.members(harness.guid(NAME)) == set()
 

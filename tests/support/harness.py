@@ -114,9 +114,18 @@ class Harness:
             self.sandbox.url, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, **values
         )
 
-    async def sync(self, settings: Settings, names: Sequence[str] | None = None) -> list[Outcome]:
+    async def sync(
+        self,
+        settings: Settings,
+        names: Sequence[str] | None = None,
+        *,
+        dry_run: bool = False,
+        force: bool = False,
+    ) -> list[Outcome]:
+        """``syncd sync`` in this process: every mapping, or ``names``; ``dry_run``
+        and ``force`` as the command's flags."""
         async with open_runtime(settings, settings.mappings()) as runtime:
-            return await runtime.engine.sync_all(names)
+            return await runtime.engine.sync_all(names, dry_run=dry_run, force=force)
 
     async def sync_one(self, settings: Settings) -> Outcome:
         outcomes = await self.sync(settings)
