@@ -13,7 +13,7 @@ import random
 
 from tests.support.chaos import ScenarioFactory
 from tests.support.ids import make_ids
-from tests.support.logs import parse_events
+from tests.support.logs import named, parse_events
 
 SEED = 5_150
 BATCH = 25_000
@@ -38,10 +38,10 @@ def test_rejected_ids_are_quarantined_and_the_rest_delivered(
     assert scenario.quarantined("Picky") == bad
 
     events = parse_events(result.stderr)
-    lines = [e for e in events if e["event"] == "segment.quarantined"]
+    lines = named(events, "segment.quarantined")
     assert sum(e["count"] for e in lines) == len(bad)
     assert all(e["walkme_answer"] for e in lines)
-    (ending,) = [e for e in events if e["event"] == "segment.synced"]
+    (ending,) = named(events, "segment.synced")
     assert ending["quarantined"] == len(bad)
 
     row = scenario.status(env)["Picky"]
@@ -94,9 +94,9 @@ def test_400_not_about_ids_fails_the_run_and_quarantines_no_good_id(
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     events = parse_events(result.stderr)
-    (ending,) = [e for e in events if e["event"] == "segment.failed"]
+    (ending,) = named(events, "segment.failed")
     assert "chaos-lock-7731" in ending["error"], ending
-    rejected = [e for e in events if e["event"] == "walkme.rejected"]
+    rejected = named(events, "walkme.rejected")
     assert rejected
     assert all("chaos-lock-7731" in e["body"] for e in rejected)
     quarantined = scenario.quarantined("Locked")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.chaos import CLIENT_SECRET, ScenarioFactory
 from tests.support.ids import make_ids
-from tests.support.logs import parse_events
+from tests.support.logs import named, parse_events
 
 SEED = 404
 
@@ -97,7 +97,7 @@ def test_bad_sources_fail_alone_and_the_others_sync(make_scenario: ScenarioFacto
     assert rows["Controls"]["skipped"] == 4
     assert len(rows["Controls"]["skipped_examples"]) == 4
     assert all("control character" in x for x in rows["Controls"]["skipped_examples"])
-    skipped = [e for e in events if e["event"] == "segment.ids_skipped"]
+    skipped = named(events, "segment.ids_skipped")
     assert [e["segment"] for e in skipped] == ["Controls"]
 
     # Each bad source failed its own segment with a message naming the file.

@@ -23,7 +23,7 @@ from tests.support.harness import (
     segment_requests,
 )
 from tests.support.ids import make_ids, write_ids
-from tests.support.logs import parse_log_lines, run_endings
+from tests.support.logs import named, parse_log_lines, run_endings
 from tests.support.net import free_port
 from tests.support.processes import REPO_ROOT, base_env, run_cli
 from tests.support.waiting import wait_until
@@ -350,10 +350,10 @@ def test_a_run_that_cannot_connect_names_host_port_and_cause(tmp_path: Path) -> 
 
     assert result.returncode == 1, result.stdout + result.stderr
     events = parse_log_lines(result.stderr)
-    retries = [e for e in events if e["event"] == "walkme.retry"]
+    retries = named(events, "walkme.retry")
     assert [e["reason"] for e in retries] == ["connection error"], retries
     assert f"127.0.0.1:{port}: Connection refused" in retries[0]["error"]
-    failed = [e for e in events if e["event"] == "segment.failed"]
+    failed = named(events, "segment.failed")
     assert len(failed) == 1, events
     assert f"cannot connect to 127.0.0.1:{port}: Connection refused" in failed[0]["error"]
 

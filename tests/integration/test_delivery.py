@@ -27,6 +27,7 @@ from syncd.walkme import WalkMeError, WalkMeNotFound, WalkMeRejected, create_key
 from tests.integration.conftest import RuntimeFactory
 from tests.support.harness import Harness, HarnessFactory, seed_segment
 from tests.support.ids import make_ids
+from tests.support.logs import named
 
 NAME = "vip"
 HOLDER = "rig-host:1:aaaaaa-run-1"
@@ -169,7 +170,7 @@ async def test_a_created_segment_gets_its_first_batch_then_adds(rig: RigFactory)
     assert (run.added, run.requests) == (5, 3)
     assert r.proofs == [0, 1, 2]  # before each of the three sends
     assert r.control.tally == Counter({"token": 1, "create": 1, "update": 2})
-    assert [e for e in logs if e["event"] == "segment.created"] == [
+    assert named(logs, "segment.created") == [
         {"event": "segment.created", "segment_guid": guid, "log_level": "info"}
     ]
 
@@ -253,7 +254,7 @@ async def test_rejected_ids_are_found_by_bisection_and_quarantined(rig: RigFacto
     assert (r.outcome.added, r.outcome.quarantined) == (6, 2)
     quarantined = await r.store.quarantined(NAME)
     assert (quarantined.add, quarantined.remove) == (frozenset(bad), frozenset())
-    [line] = [e for e in logs if e["event"] == "segment.quarantined"]
+    [line] = named(logs, "segment.quarantined")
     assert line["action"] == "add"
     assert line["count"] == 2
     assert line["ids"] == bad
@@ -390,7 +391,7 @@ async def test_a_create_whose_key_is_taken_adopts_that_segment_and_rebuilds_it(
     state = await r.store.get(NAME)
     assert state is not None
     assert (state.segment_guid, state.origin, state.members) == (guid, "created", 2)
-    assert [e for e in logs if e["event"] == "segment.adopted"] == [
+    assert named(logs, "segment.adopted") == [
         {"event": "segment.adopted", "segment_guid": guid, "by": "create key", "log_level": "info"}
     ]
 
@@ -638,7 +639,7 @@ async def test_a_refusal_without_a_body_is_quarantined_with_the_status(rig: RigF
         await send(r, "update", ids, [], 2)
     [(member, _, reason)] = await r.store.quarantine_examples(NAME, 10)
     assert (member, reason) == (ids[1], "WalkMe answered 400 to update: ")
-    [line] = [e for e in logs if e["event"] == "segment.quarantined"]
+    [line] = named(logs, "segment.quarantined")
     assert (line["walkme_answer"], line["first_answer"]) == (reason, "")
 
 
@@ -650,5 +651,5 @@ async def test_the_quarantine_log_line_keeps_300_characters_of_each_answer(
     r.harness.sandbox.script(400, times=2, body="x" * 400)  # both ids, then the first
     with structlog.testing.capture_logs() as logs:
         await send(r, "update", make_ids(2), [], 2)
-    [line] = [e for e in logs if e["event"] == "segment.quarantined"]
+    [line] = named(logs, "segment.quarantined")
     assert (line["first_answer"], line["walkme_answer"]) == ("x" * 300, "x" * 300)

@@ -19,7 +19,7 @@ from syncd.engine import IN_USE_INTERVALS
 from syncd.sandbox import Faults, WalkMeSandbox
 from tests.support.harness import cli_env, delete_segment, seed_segment
 from tests.support.ids import file_mapping, make_ids
-from tests.support.logs import parse_log_lines
+from tests.support.logs import named, parse_log_lines
 from tests.support.net import free_port
 from tests.support.processes import DaemonProcess, run_cli
 
@@ -71,7 +71,7 @@ def test_orphan_is_logged_listed_and_pruned_only_with_yes(
     env = env_for(live_sandbox, tmp_path, [keep])
     recent = {**env, "SYNCD_SCHEDULE": "10m"}
     events = parse_log_lines(sync_ok(recent))
-    assert not [e for e in events if e["event"] == "segment.orphaned"]
+    assert not named(events, "segment.orphaned")
     kept = run_cli("prune", "--yes", env=recent)
     assert kept.returncode == 0, kept.stderr
     assert "keep   'Drop'" in kept.stdout
@@ -81,7 +81,7 @@ def test_orphan_is_logged_listed_and_pruned_only_with_yes(
     # Once that window has passed, a run reports it and leaves it in WalkMe.
     wait_out_in_use_window()
     events = parse_log_lines(sync_ok(env))
-    orphaned = [e for e in events if e["event"] == "segment.orphaned"]
+    orphaned = named(events, "segment.orphaned")
     assert [(e["segment"], e["members"]) for e in orphaned] == [("Drop", 20)]
     assert orphaned[0]["segment_guid"]
     assert orphaned[0]["since"]
@@ -171,7 +171,7 @@ def test_renamed_mapping_keeping_external_id_is_recognised(
     env = env_for(live_sandbox, tmp_path, [file_mapping(tmp_path, "New", ids, external_id="e-1")])
     first = run_cli("sync", env=env)
     events = parse_log_lines(first.stderr)
-    renamed = [e for e in events if e["event"] == "segment.renamed"]
+    renamed = named(events, "segment.renamed")
     assert renamed, first.stdout
     assert renamed[0]["old_segment"] == "Old"
     assert renamed[0]["old_segment_guid"] == old_guid

@@ -19,7 +19,7 @@ import pytest
 from syncd.sandbox import Faults, WalkMeSandbox
 from tests.support.harness import cli_env, parse_status, status_rows
 from tests.support.ids import make_ids, write_ids
-from tests.support.logs import parse_log_lines, run_endings
+from tests.support.logs import named, parse_log_lines, run_endings
 from tests.support.net import free_port
 from tests.support.postgres import (
     admin_connection,
@@ -144,7 +144,7 @@ def test_daemon_starts_and_serves_with_bad_stored_heap_rows(
         assert response.status == 200
     assert daemon.terminate(30) == 0
     events = parse_log_lines(daemon.output())
-    cycles = [e for e in events if e["event"] == "cycle.finished"]
+    cycles = named(events, "cycle.finished")
     assert all(c["failed"] == len(BAD_HEAP_NAMES) and c["synced"] == 1 for c in cycles)
     assert daemon.count("segment.failed") >= 2 * len(BAD_HEAP_NAMES)
     run_endings(events)
@@ -167,7 +167,7 @@ def test_state_errors_taking_a_lease_fail_the_segment_and_finish_the_cycle(
     daemon.wait_for("cycle.finished", count=2, timeout=30)
     assert daemon.terminate(30) == 0
     events = parse_log_lines(daemon.output())
-    failures = [e for e in events if e["event"] == "segment.failed"]
+    failures = named(events, "segment.failed")
     assert len(failures) >= 2
     assert all(e["segment"] == "Leased" and "leases" in e["error"] for e in failures)
     assert all(c["failed"] == 1 for c in events if c["event"] == "cycle.finished")

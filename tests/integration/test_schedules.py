@@ -14,7 +14,7 @@ from syncd.sandbox import WalkMeSandbox
 from syncd.state import StateStore
 from tests.support.harness import cli_env, status_rows
 from tests.support.ids import file_mapping, make_ids
-from tests.support.logs import parse_log_lines, run_endings
+from tests.support.logs import named, parse_log_lines, run_endings
 from tests.support.net import fetch_text, free_port
 from tests.support.processes import DaemonProcess, run_cli
 from tests.support.stores import with_store
@@ -91,13 +91,13 @@ def test_each_segment_runs_on_its_own_schedule(
     assert runs["Fast broken"] >= 4
     # The others ran once, at start: their next run is an hour or a night away.
     assert (runs["Nightly"], runs["Hourly"], runs["Hourly broken"]) == (1, 1, 1)
-    cycles = [e for e in events if e["event"] == "cycle.finished"]
+    cycles = named(events, "cycle.finished")
     by_schedule = {e["schedule"]: e for e in cycles}
     assert (by_schedule["1h"]["segments"], by_schedule["1h"]["failed"]) == (2, 1)
     assert (by_schedule[NIGHTLY]["segments"], by_schedule[NIGHTLY]["synced"]) == (1, 1)
     assert all(e["segments"] == 2 for e in cycles if e["schedule"] == "1s")
     assert [e["schedule"] for e in cycles].count("1s") >= 4
-    [started_line] = [e for e in events if e["event"] == "daemon.started"]
+    [started_line] = named(events, "daemon.started")
     assert started_line["schedules"] == ["1h", "1s", NIGHTLY]
     # No daemon: nothing will run them, so status shows no next run.
     assert all(row["next_run"] is None for row in status_rows(env).values())

@@ -24,6 +24,7 @@ from syncd.state import SegmentState, StateStore
 from syncd.walkme import WalkMeClient
 from tests.integration.conftest import RuntimeFactory
 from tests.support.harness import Harness, delete_segment, seed_segment
+from tests.support.logs import named
 
 GUID = "0b7e6f1c-2d3a-4b5c-9d8e-7f6a5b4c3d2e"
 OTHER_GUID = "11111111-2222-4333-8444-555555555555"
@@ -209,7 +210,7 @@ async def test_a_rename_keeping_the_external_id_is_noticed(
     await known(store, "unrelated", GUID, external_id="ext-2")
     with structlog.testing.capture_logs() as logs:
         await resolve(store, client, mapping, configured=["new name"])
-    assert [e for e in logs if e["event"] == "segment.renamed"] == [
+    assert named(logs, "segment.renamed") == [
         {
             "event": "segment.renamed",
             "old_segment": "old name",
@@ -234,7 +235,7 @@ async def test_no_rename_is_noticed_when(
     configured = ["vip", "other"] if why == "still configured" else ["vip"]
     with structlog.testing.capture_logs() as logs:
         await resolve(store, client, mapping, configured=configured)
-    assert [e for e in logs if e["event"] == "segment.renamed"] == []
+    assert named(logs, "segment.renamed") == []
 
 
 # -- the lifecycle --------------------------------------------------------------------------

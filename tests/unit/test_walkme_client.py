@@ -38,6 +38,7 @@ from syncd.walkme import (
     WalkMeUnavailable,
     create_key,
 )
+from tests.support.logs import named
 from tests.support.net import BareHttpServer
 
 SYSTEM = "5a1d0c2e-3b4f-4e6a-8c7d-9e0f1a2b3c4d"
@@ -1270,7 +1271,7 @@ async def test_token_refresh_is_logged_and_counted(
     with structlog.testing.capture_logs() as logs:
         await make_client(fake, session).access_token()
     assert sample("syncd_walkme_token_refreshes_total") == before + 1
-    assert [e for e in logs if e["event"] == "walkme.token_refreshed"] == [
+    assert named(logs, "walkme.token_refreshed") == [
         {"event": "walkme.token_refreshed", "expires_in": 120.0, "log_level": "info"}
     ]
 
@@ -1375,7 +1376,7 @@ async def test_each_retry_is_logged_and_counted_by_its_reason(
         await client.create_segment(SYSTEM, "new", "ext-1", ["a"])
         fake.cut_short, fake.cut_how = 1, "length"
         await client.update_segment(SYSTEM, GUID, "add", ["a"])
-    retries = [e for e in logs if e["event"] == "walkme.retry"]
+    retries = named(logs, "walkme.retry")
     assert [(e["reason"], e["status"], e["retry"]) for e in retries] == [
         ("token endpoint unavailable", 503, 1),
         ("throttled", 429, 1),
@@ -1412,7 +1413,7 @@ async def test_a_refusal_is_logged_with_its_kind_status_and_body(
     fake.script.append(Reply(400, body="bad id"))
     with structlog.testing.capture_logs() as logs, pytest.raises(WalkMeRejected):
         await make_client(fake, session).update_segment(SYSTEM, GUID, "add", ["a"])
-    assert [e for e in logs if e["event"] == "walkme.rejected"] == [
+    assert named(logs, "walkme.rejected") == [
         {
             "event": "walkme.rejected",
             "kind": "update",
